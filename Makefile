@@ -1,0 +1,40 @@
+# One-command workflows on a fresh clone; every target installs what it needs first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+CACHE ?= caches/default
+TOKENS ?= 3000000
+# glibc returns big per-step buffers to the OS and faults them back in (REFERENCE.md): keep them.
+export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+
+.PHONY: setup cache tiny-model test test-fast bench clean
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a plain requirement would pull a multi-GB CUDA build on a CPU machine.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+cache: setup
+	$(BIN)/pipeline cache --tokens $(TOKENS) --out $(CACHE) --resume
+
+tiny-model: setup
+	$(BIN)/python -m cache_writer.train_tiny_model
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_writer.py
+
+clean:
+	rm -rf $(VENV) caches .pytest_cache

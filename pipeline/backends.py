@@ -1,0 +1,235 @@
+"""The two on-disk backends of a cache: Zarr v3 arrays and Arrow IPC stream files.
+
+A backend stores *tables*: a directory (`hooks/<hook>/<split>`, `tokens/<split>/rows`, ...) holding
+one entry per shard. A table has named columns; a 2-D column is a fixed-size row vector. Writes go
+to a temporary name; the writer renames them when the whole shard is ready (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CacheFormatError, PipelineError
+from pipeline.manifest import atomic_write_bytes
+
+BACKENDS = ("zarr", "arrow")
+COMPRESSIONS = (None, "zstd", "blosc")
+TMP_SUFFIX = ".tmp"
+# Compressed Zarr shards are split into chunks of this many rows so readers decode only what they use.
+COMPRESSED_CHUNK_ROWS = 4096
+
+
+def check_backend(backend: str, compression: str | None) -> None:
+    if backend not in BACKENDS:
+        raise PipelineError(f"unknown cache format {backend!r}; use one of: {', '.join(BACKENDS)}")
+    if compression not in COMPRESSIONS:
+        raise PipelineError(f"unknown compression {compression!r}; use one of: none, zstd, blosc")
+    if compression and backend != "zarr":
+        raise PipelineError("compression is only available with --format zarr (Arrow shards stay memory-mappable)")
+
+
+def shard_entry_name(backend: str, shard: str) -> str:
+    """The file or directory name of a shard inside a table directory."""
+    return f"{shard}.arrow" if backend == "arrow" else shard
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def stage_table(backend: str, root: Path, table: str, shard: str, columns: dict[str, np.ndarray],
+                compression: str | None = None) -> tuple[Path, Path]:
+    """Write one shard of a table under a temporary name; return (temporary path, final path)."""
+    final = root / table / shard_entry_name(backend, shard)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if backend == "zarr":
+        _write_zarr(tmp, columns, compression)
+    else:
+        _write_arrow(tmp, columns)
+    return tmp, final
+
+
+def _stack_columns(columns: dict[str, np.ndarray]) -> np.ndarray:
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    # Several 1-D columns of one dtype are stored as one (rows, n_columns) array (e.g. token rows).
+    return np.stack(list(columns.values()), axis=1)
+
+
+def _write_zarr(path: Path, columns: dict[str, np.ndarray], compression: str | None) -> None:
+    import zarr
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    array = np.ascontiguousarray(_stack_columns(columns))
+    if compression is None:
+        # One chunk per shard: the chunk file is the raw little-endian array, memory-mappable as is.
+        chunks, compressors = array.shape, None
+    else:
+        chunks = (min(COMPRESSED_CHUNK_ROWS, max(1, array.shape[0])),) + array.shape[1:]
+        compressors = ZstdCodec(level=3) if compression == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    z = zarr.create_array(
+        store=str(path), shape=array.shape, chunks=chunks, dtype=array.dtype,
+        compressors=compressors, filters=None, fill_value=0,
+        attributes={"columns": list(columns)},
+    )
+    z[...] = array
+    for f in _files_under(path):
+        _fsync_file(f)
+
+
+def _arrow_schema(columns: dict[str, np.ndarray]):
+    from datasets import Features, List, Value
+
+    features = {}
+    for name, col in columns.items():
+        value = Value(col.dtype.name)
+        features[name] = List(value, length=col.shape[1]) if col.ndim == 2 else value
+    return Features(features)
+
+
+def _arrow_table(columns: dict[str, np.ndarray]):
+    import pyarrow as pa
+
+    features = _arrow_schema(columns)
+    arrays = []
+    for col in columns.values():
+        if col.ndim == 2:
+            flat = pa.array(np.ascontiguousarray(col).reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, col.shape[1]))
+        else:
+            arrays.append(pa.array(col))
+    return pa.Table.from_arrays(arrays, schema=features.arrow_schema), features
+
+
+def _write_arrow(path: Path, columns: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+
+    table, _ = _arrow_table(columns)
+    with open(path, "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_table_index(backend: str, root: Path, table: str, shards: list[str],
+                      columns: dict[str, np.ndarray]) -> None:
+    """Arrow: rewrite the `datasets` index (state.json, dataset_info.json) to list committed shards.
+
+    This is what lets `datasets.load_from_disk(CACHE/hooks/<hook>/train)` open one hook alone.
+    """
+    if backend != "arrow":
+        return
+    directory = root / table
+    directory.mkdir(parents=True, exist_ok=True)
+    features = _arrow_schema(columns)
+    info = {"citation": "", "description": "", "features": features.to_dict(), "homepage": "", "license": ""}
+    state = {
+        "_data_files": [{"filename": shard_entry_name(backend, s)} for s in shards],
+        "_fingerprint": f"cache-{len(shards)}",
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    atomic_write_bytes(directory / "dataset_info.json", json.dumps(info, indent=2).encode())
+    atomic_write_bytes(directory / "state.json", json.dumps(state, indent=2).encode())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def files_of_entry(path: Path) -> list[Path]:
+    """Every file a shard entry (an Arrow file or a Zarr array directory) consists of."""
+    return _files_under(path)
+
+
+def remove_entry(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def read_table(backend: str, root: Path, table: str, shard: str, column: str, rows: int | None = None) -> np.ndarray:
+    """One column of one shard as a numpy array, memory-mapped where the storage allows it."""
+    path = root / table / shard_entry_name(backend, shard)
+    if not path.exists():
+        raise CacheFormatError(f"shard {table}/{shard} is missing from {root}; run `pipeline verify {root}`")
+    array = _read_zarr(path, column) if backend == "zarr" else _read_arrow(path, column)
+    if rows is not None and array.shape[0] != rows:
+        raise CacheFormatError(
+            f"shard {table}/{shard} holds {array.shape[0]} rows, the manifest says {rows}; "
+            f"the shard is truncated or corrupt (run `pipeline verify {root}`)"
+        )
+    return array
+
+
+def zarr_array_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "zarr.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheFormatError(f"{path}/zarr.json is unreadable ({e}); the shard is corrupt") from None
+
+
+def _read_zarr(path: Path, column: str) -> np.ndarray:
+    meta = zarr_array_meta(path)
+    shape = tuple(meta["shape"])
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    codecs = [c["name"] for c in meta["codecs"]]
+    chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    columns = meta.get("attributes", {}).get("columns", [column])
+    if codecs == ["bytes"] and chunk_shape == shape:
+        chunk = path / "c" / "/".join("0" * len(shape))
+        expected = int(np.prod(shape)) * dtype.itemsize
+        size = chunk.stat().st_size if chunk.exists() else -1
+        if size != expected:
+            raise CacheFormatError(
+                f"shard {path} is truncated or corrupt: chunk file has {size} bytes, expected {expected}"
+            )
+        array = np.memmap(chunk, dtype=dtype, mode="r", shape=shape) if expected else np.zeros(shape, dtype)
+    else:
+        import zarr
+
+        array = zarr.open_array(str(path), mode="r")[...]
+    if len(columns) > 1:
+        array = array[:, columns.index(column)]
+    return array
+
+
+def _read_arrow(path: Path, column: str) -> np.ndarray:
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path), "r")
+        table = pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CacheFormatError(f"shard {path} is truncated or corrupt ({e})") from None
+    col = table.column(column)
+    if col.num_chunks != 1:
+        col = pa.concat_arrays(col.chunks)
+    else:
+        col = col.chunk(0)
+    if pa.types.is_fixed_size_list(col.type):
+        values = col.values.to_numpy(zero_copy_only=True)
+        return values.reshape(len(col), col.type.list_size)
+    return col.to_numpy(zero_copy_only=True)

@@ -1,0 +1,117 @@
+"""The command line: `pipeline cache | pretokenize | info | verify` (`python -m pipeline` too).
+
+Each command imports its stage lazily, so `pipeline info` never loads a model.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from pipeline.errors import PipelineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cache language-model activations once; train many sparse autoencoders from them.")
+
+
+@app.command()
+def cache(
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory to write."),
+    model: Optional[str] = typer.Option(None, help="'tiny', a TransformerLens name, a HF checkpoint dir, or hf:ID."),
+    hook: Optional[List[str]] = typer.Option(None, "--hook", help="Hook name or module path (repeatable)."),
+    dataset: Optional[str] = typer.Option(None, help="'stdlib' (default), a local path, or a HF dataset id."),
+    dataset_split: Optional[str] = typer.Option(None, help="Split of the source dataset."),
+    column: Optional[str] = typer.Option(None, help="Text or token-id column."),
+    tokenizer: Optional[str] = typer.Option(None, help="'bytes' or a HF tokenizer; default: the model's."),
+    context_size: Optional[int] = typer.Option(None, help="Tokens per packed sequence."),
+    tokens: Optional[int] = typer.Option(None, help="Token positions to run through the model."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass."),
+    eval_fraction: Optional[float] = typer.Option(None, help="Fraction of documents held out as 'eval'."),
+    exclude_special_tokens: Optional[bool] = typer.Option(None, "--exclude-special-tokens/--keep-special-tokens",
+                                                          help="Skip BOS/separator positions (default: skip)."),
+    positions: Optional[str] = typer.Option(None, help="Keep positions START:END of each sequence."),
+    dtype: Optional[str] = typer.Option(None, help="Stored dtype: float32, float16, bfloat16."),
+    model_dtype: Optional[str] = typer.Option(None, help="dtype the model runs in."),
+    format: Optional[str] = typer.Option(None, "--format", help="zarr or arrow."),
+    compression: Optional[str] = typer.Option(None, help="Zarr only: zstd or blosc (default none)."),
+    shard_mb: Optional[float] = typer.Option(None, help="Target MiB per hook shard."),
+    shuffle: Optional[bool] = typer.Option(None, "--shuffle/--no-shuffle", help="Shuffle rows on disk."),
+    seed: Optional[int] = typer.Option(None, help="Shuffle seed."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    model_kwargs: Optional[str] = typer.Option(None, help="Model loading options: JSON or k=v,k=v."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a HF model's own code."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue or extend the cache in --out."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the cache in --out."),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
+) -> None:
+    """Stage 1: run a model once over a dataset and write hook activations to a cache."""
+    from cache_writer.run import CacheConfig, run_cache
+    from pipeline.config import build_config, parse_kwargs
+
+    overrides = dict(locals())
+    overrides.pop("config")
+    overrides["hooks"] = overrides.pop("hook") or None
+    overrides["model_kwargs"] = parse_kwargs(model_kwargs)
+    if overrides.get("compression") in ("none", "None"):
+        overrides["compression"] = None
+    cfg = build_config(CacheConfig, config, overrides, section="cache")
+    manifest = run_cache(cfg, command=" ".join(["pipeline"] + sys.argv[1:]))
+    rows = {s: v["rows"] for s, v in manifest["splits"].items()}
+    typer.echo(f"wrote {cfg.out}: {rows['train']:,} train rows, {rows['eval']:,} eval rows, "
+               f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
+
+
+@app.command()
+def pretokenize(
+    out: str = typer.Option(..., "--out", "-o", help="datasets directory to write."),
+    dataset: Optional[str] = typer.Option(None, help="'stdlib' (default), a local path, or a HF dataset id."),
+    dataset_split: str = typer.Option("train", help="Split of the source dataset."),
+    column: Optional[str] = typer.Option(None, help="Text column."),
+    tokenizer: str = typer.Option("bytes", help="'bytes' or a HF tokenizer name/path."),
+    context_size: int = typer.Option(128, help="Tokens per packed sequence."),
+    eval_fraction: float = typer.Option(0.05, help="Fraction of documents held out as 'eval'."),
+    max_sequences: Optional[int] = typer.Option(None, help="Stop after this many sequences."),
+) -> None:
+    """Tokenize and pack a dataset once into a `datasets` directory (`input_ids`, `split`)."""
+    from cache_writer.pretokenize import pretokenize as run
+
+    n = run(out, dataset, dataset_split, column, tokenizer, context_size, eval_fraction, max_sequences)
+    typer.echo(f"wrote {out}: {n:,} sequences of {context_size} tokens")
+
+
+@app.command()
+def info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
+    """Show a cache's manifest as tables."""
+    from pipeline.verify import render_info
+
+    render_info(path)
+
+
+@app.command()
+def verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
+    """Check every shard against its checksum and size; name any bad one."""
+    from pipeline.verify import verify_cache
+
+    problems, manifest = verify_cache(path)
+    n = sum(len(s["shards"]) for s in manifest["splits"].values())
+    rows = sum(s["rows"] for s in manifest["splits"].values())
+    if problems:
+        for p in problems:
+            typer.echo(f"BAD {p}", err=True)
+        raise typer.Exit(1)
+    state = "complete" if manifest["complete"] else "incomplete (resumable with --resume)"
+    typer.echo(f"OK {path}: {n} shards, {rows:,} rows verified; {state}")
+
+
+def main() -> None:
+    try:
+        app()
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Config dataclasses from TOML files, with command-line values on top."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.errors import PipelineError
+
+T = TypeVar("T")
+
+
+def load_toml(path: str | Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PipelineError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def build_config(cls: type[T], config_file: str | Path | None, overrides: dict[str, Any],
+                 section: str | None = None) -> T:
+    """`cls` from the TOML file (its `[section]` table if present), then non-None overrides."""
+    data: dict[str, Any] = {}
+    if config_file:
+        data = load_toml(config_file)
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise PipelineError(
+                f"unknown field(s) {', '.join(unknown)} in {config_file}; valid fields: {', '.join(sorted(names))}"
+            )
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**data)
+
+
+def parse_kwargs(spec: str | None) -> dict[str, Any] | None:
+    """'{"a": 1}' (JSON) or 'a=1,b=false' (values read as JSON where they parse) -> dict."""
+    if not spec:
+        return None
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            return json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"--model-kwargs is not valid JSON: {e}") from None
+    out: dict[str, Any] = {}
+    for item in spec.split(","):
+        if "=" not in item:
+            raise PipelineError(f"--model-kwargs item {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
