@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 CACHE ?= caches/default
-TOKENS ?= 3000000
+TOKENS ?= 2000000
 # glibc returns big per-step buffers to the OS and faults them back in (REFERENCE.md): keep them.
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296

@@ -47,10 +47,10 @@ def cache(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:
     """Stage 1: run a model once over a dataset and write hook activations to a cache."""
+    overrides = dict(locals())  # first, before any import adds names
     from cache_writer.run import CacheConfig, run_cache
     from pipeline.config import build_config, parse_kwargs
 
-    overrides = dict(locals())
     overrides.pop("config")
     overrides["hooks"] = overrides.pop("hook") or None
     overrides["model_kwargs"] = parse_kwargs(model_kwargs)

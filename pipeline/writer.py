@@ -400,6 +400,9 @@ class CacheWriter:
                     if any(p.rows for p in self._pending.values()):
                         self._commit(final=True)
                     if payload:
+                        # The last group may end on a short step, whether or not it filled a shard:
+                        # extending the cache redoes it, so extension equals one longer run.
+                        self.manifest["progress"]["final_partial"] = self.manifest["progress"]["groups"] > 0
                         self.manifest["complete"] = True
                         write_manifest(self.path, self.manifest)
                     return
@@ -516,12 +519,13 @@ def _new_block_stats(d: int) -> dict:
 
 
 def _accumulate_stats(st: dict, x: torch.Tensor) -> None:
-    xf = x.to(torch.float64)
-    norms = xf.norm(dim=1)
+    # A block's sums in float32 (fast, and exact enough over one block), the running totals in float64.
+    xf = x.to(torch.float32)
+    norms = torch.linalg.vector_norm(xf, dim=1)
     st["count"] += xf.shape[0]
-    st["sum"] += xf.sum(0).numpy()
-    st["sum_norm"] += float(norms.sum())
-    st["sum_sq_norm"] += float((norms * norms).sum())
+    st["sum"] += xf.sum(0, dtype=torch.float64).numpy()
+    st["sum_norm"] += float(norms.sum(dtype=torch.float64))
+    st["sum_sq_norm"] += float((norms * norms).sum(dtype=torch.float64))
 
 
 def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:

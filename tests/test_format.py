@@ -120,7 +120,7 @@ def test_shuffle_on_disk_and_statistics(tmp_path):
     stats = m["hooks"][hook]["stats"]
     assert stats["count"] == x.shape[0]
     np.testing.assert_allclose(stats["mean"], x.mean(0).numpy(), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(stats["mean_norm"], x.norm(dim=1).mean().item(), rtol=1e-9)
+    np.testing.assert_allclose(stats["mean_norm"], x.norm(dim=1).mean().item(), rtol=1e-6)
     assert n["hooks"][hook]["stats"]["count"] == stats["count"]
 
 

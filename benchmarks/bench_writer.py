@@ -1,0 +1,112 @@
+"""Cache-writer throughput against its limit, the model's forward pass alone, in one run.
+
+    python benchmarks/bench_writer.py [--model tiny|gpt2-small-random] [--device cpu|cuda]
+                                      [--tokens N] [--format zarr|arrow] [--dtype float32]
+
+Both passes see the same token batches (the stdlib corpus, packed the same way). The writer pass is
+the whole `pipeline cache` path: tokenize and pack, forward, select rows, convert, shuffle, write,
+checksum, commit. Ratio = writer tokens/s / forward-only tokens/s (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+
+import torch
+
+from cache_writer.byte_tokenizer import ByteTokenizer
+from cache_writer.model_adapter import adapter_from_hooked_transformer, load_model
+from cache_writer.run import CacheConfig, run_cache, special_ids
+from cache_writer.text_source import iter_sequences, open_documents
+
+
+def gpt2_small_random(device: str):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", device=device,
+                                  seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg).eval()
+    return adapter_from_hooked_transformer(model, "gpt2-small-random", tokenizer=ByteTokenizer())
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--hook", default=None)
+    ap.add_argument("--format", default="zarr")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model-dtype", default="float32")
+    ap.add_argument("--out", default=None, help="directory for the benchmark cache (default: a temp dir)")
+    args = ap.parse_args()
+
+    if args.model == "gpt2-small-random":
+        adapter = gpt2_small_random(args.device)
+        if args.model_dtype != "float32":
+            adapter.model.to(getattr(torch, args.model_dtype))
+        hook = args.hook or "blocks.6.hook_resid_post"
+    else:
+        adapter = load_model(args.model, device=args.device, dtype=args.model_dtype)
+        hook = args.hook or f"blocks.{(adapter.model.cfg.n_layers - 1) // 2}.hook_resid_post"
+
+    # The same batches for both passes: pack the corpus once here.
+    tok = adapter.tokenizer
+    bos, sep, _ = special_ids(tok)
+    n_seq = args.tokens // args.context_size
+    seqs = [s for _, s in itertools.islice(
+        iter_sequences(open_documents(None), tok, args.context_size, 0.05, bos, sep), n_seq)]
+    batches = [torch.tensor(seqs[i:i + args.batch_size]) for i in range(0, len(seqs), args.batch_size)]
+
+    adapter.run(batches[0], [hook])  # warm-up (kernels, allocator)
+    sync(args.device)
+    t0 = time.perf_counter()
+    for b in batches:
+        adapter.run(b, [hook])
+    sync(args.device)
+    forward_s = time.perf_counter() - t0
+    tokens = len(seqs) * args.context_size
+
+    root = args.out or tempfile.mkdtemp(prefix="bench_writer_")
+    out = os.path.join(root, "cache")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = CacheConfig(out=out, model=args.model, hooks=[hook], tokens=tokens, batch_size=args.batch_size,
+                      context_size=args.context_size, format=args.format, dtype=args.dtype, device=args.device)
+    t0 = time.perf_counter()
+    m = run_cache(cfg, command="bench_writer", progress=False, adapter=adapter)
+    sync(args.device)
+    writer_s = time.perf_counter() - t0
+    written = sum(f["bytes"] for s in m["splits"].values() for sh in s["shards"] for f in sh["files"].values())
+    if not args.out:
+        shutil.rmtree(root, ignore_errors=True)
+
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
+    print(f"model={adapter.name} device={args.device} hook={hook} d={adapter.hook_dims([hook])[hook]} "
+          f"format={args.format} dtype={args.dtype} tokens={tokens:,} batch={args.batch_size}x{args.context_size} "
+          f"torch_threads={torch.get_num_threads()} MALLOC_MMAP_THRESHOLD_={malloc} "
+          f"cpu={platform.processor() or platform.machine()}")
+    print(f"forward alone : {tokens / forward_s:12,.0f} tok/s  ({forward_s:.2f} s)")
+    print(f"writer (all)  : {tokens / writer_s:12,.0f} tok/s  ({writer_s:.2f} s, {written / 2**20:,.0f} MiB written, "
+          f"{written / 2**20 / writer_s:,.0f} MiB/s)")
+    print(f"ratio writer/forward = {forward_s / writer_s:.3f}  (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""SAE activation-cache pipeline."""

@@ -1,0 +1,226 @@
+"""Stage 1: run a language model once over a text dataset and write the chosen hooks to a cache."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cache_writer.model_adapter import ModelAdapter, load_model
+from cache_writer.text_source import iter_sequences, open_documents
+from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST_FILE, read_manifest
+from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
+
+
+@dataclass
+class CacheConfig:
+    """Everything `pipeline cache` takes; every field is a command-line option and a TOML key."""
+
+    out: str = "caches/default"
+    """Cache directory to write."""
+    model: str = "tiny"
+    """'tiny' (shipped), a TransformerLens model name, a local HF checkpoint dir, or 'hf:<id>'."""
+    hooks: list[str] = field(default_factory=list)
+    """Hook names (TransformerLens) or module paths (HF); default: the middle layer's residual stream."""
+    dataset: str | None = None
+    """None/'stdlib' (embedded corpus), a local datasets dir or text files, or a HF dataset id."""
+    dataset_split: str = "train"
+    """Split of the source dataset to read."""
+    column: str | None = None
+    """Text or token column; default 'text', else 'input_ids'/'tokens'."""
+    tokenizer: str | None = None
+    """'bytes' or a HF tokenizer name/path; default: the model's own."""
+    context_size: int = 128
+    """Tokens per packed sequence."""
+    tokens: int = 2_000_000
+    """Token positions to run through the model (sequences x context size), both splits."""
+    batch_size: int = 32
+    """Sequences per forward pass (part of the layout a resume must match)."""
+    eval_fraction: float = 0.05
+    """Fraction of documents held out, whole, as the eval split."""
+    exclude_special_tokens: bool = True
+    """Store no rows for BOS/separator/special-token positions (their activations are outliers)."""
+    positions: str | None = None
+    """Keep only positions START:END of each sequence (Python slice, e.g. '1:64')."""
+    dtype: str = "float32"
+    """Stored dtype: float32, float16, bfloat16."""
+    model_dtype: str = "float32"
+    """dtype the model runs in."""
+    format: str = "zarr"
+    """'zarr' or 'arrow'."""
+    compression: str | None = None
+    """Zarr only: None, 'zstd' or 'blosc'."""
+    shard_mb: float = 256.0
+    """Target MiB per hook shard."""
+    shuffle: bool = True
+    """Shuffle rows within each shard before writing."""
+    seed: int = 0
+    """Seed of the on-disk shuffle."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
+    model_kwargs: dict = field(default_factory=dict)
+    """Loading options passed to the model (e.g. center_writing_weights=False)."""
+    trust_remote_code: bool = False
+    """Allow a Hugging Face model's own code to run (only if you trust it)."""
+    resume: bool = False
+    """Continue an interrupted cache, or extend a complete one to more --tokens."""
+    overwrite: bool = False
+    """Replace an existing cache in --out."""
+
+
+def default_hook(adapter: ModelAdapter) -> str:
+    if adapter.kind != "transformer_lens":
+        raise PipelineError("name a hook (--hook MODULE.PATH) for a Hugging Face model, e.g. transformer.h.3")
+    return f"blocks.{(adapter.model.cfg.n_layers - 1) // 2}.hook_resid_post"
+
+
+def parse_positions(spec: str | None, context_size: int) -> slice:
+    if not spec:
+        return slice(None)
+    try:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) != 2:
+            raise ValueError
+    except ValueError:
+        raise PipelineError(f"--positions {spec!r} is not START:END (e.g. 1:64)") from None
+    return slice(*parts)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_tokenizer(cfg: CacheConfig, adapter: ModelAdapter):
+    if cfg.tokenizer:
+        from cache_writer.pretokenize import load_named_tokenizer
+
+        return load_named_tokenizer(cfg.tokenizer)
+    if adapter.tokenizer is None:
+        raise PipelineError(f"model {adapter.name!r} has no tokenizer; pass --tokenizer NAME (or 'bytes')")
+    return adapter.tokenizer
+
+
+def special_ids(tokenizer) -> tuple[int | None, int | None, set[int]]:
+    """(BOS, separator, ids whose positions are not cached) for a tokenizer, as SAELens packs."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    sep = bos if bos is not None else eos
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) | {i for i in (bos, eos, sep) if i is not None}
+    return bos, sep, special
+
+
+def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = True,
+              adapter: ModelAdapter | None = None) -> dict:
+    """Write (or resume, or extend) a cache; returns its manifest. `adapter` replaces cfg.model."""
+    out = Path(cfg.out)
+    n_target = math.ceil(cfg.tokens / cfg.context_size)
+    if cfg.resume and (out / MANIFEST_FILE).exists():
+        m = read_manifest(out)
+        if m["complete"] and m["progress"]["units"] >= n_target:
+            print(f"{out} is complete with {m['progress']['units']} sequences; nothing to do")
+            return m
+    device = resolve_device(cfg.device)
+    if adapter is None:
+        adapter = load_model(cfg.model, device=device, dtype=cfg.model_dtype, model_kwargs=cfg.model_kwargs,
+                             trust_remote_code=cfg.trust_remote_code)
+    hooks = list(cfg.hooks) or [default_hook(adapter)]
+    adapter.check_hooks(hooks)
+    if adapter.n_ctx is not None and cfg.context_size > adapter.n_ctx:
+        raise PipelineError(
+            f"--context-size {cfg.context_size} is above model {adapter.name}'s context of {adapter.n_ctx}; "
+            f"use --context-size {adapter.n_ctx} or less"
+        )
+    tokenizer = load_tokenizer(cfg, adapter)
+    bos, sep, special = special_ids(tokenizer)
+    source = open_documents(cfg.dataset, cfg.column, cfg.dataset_split)
+    dims = adapter.hook_dims(hooks)
+    pos_slice = parse_positions(cfg.positions, cfg.context_size)
+    source_config = {
+        "model": {k: adapter.info.get(k) for k in ("name", "config_hash", "dtype", "kwargs", "weights_xxh3_64")},
+        "dataset": {k: source.provenance.get(k) for k in ("name", "split", "revision")},
+        "column": source.column, "tokenizer": getattr(tokenizer, "name_or_path", getattr(tokenizer, "name", None)),
+        "context_size": cfg.context_size, "batch_size": cfg.batch_size, "eval_fraction": cfg.eval_fraction,
+        "exclude_special_tokens": cfg.exclude_special_tokens, "positions": cfg.positions,
+        "packing": {"bos_token_id": bos, "separator_token_id": sep, "rule": "SAELens concat_and_batch_sequences"},
+    }
+    provenance = {
+        "model": adapter.info, "tokenizer": source_config["tokenizer"], "dataset": source.provenance,
+        "context_size": cfg.context_size, "packing": source_config["packing"],
+        "command": command or " ".join(sys.argv), "cache_config": {k: v for k, v in asdict(cfg).items()},
+    }
+    writer = CacheWriter(
+        out, dims,
+        WriterConfig(format=cfg.format, dtype=cfg.dtype, compression=cfg.compression, shard_mb=cfg.shard_mb,
+                     shuffle=cfg.shuffle, seed=cfg.seed),
+        source_config=source_config, provenance=provenance, has_tokens=True,
+        resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size,
+    )
+    sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
+    done = writer.resume_units
+    sequences = itertools.islice(sequences, done, None)
+    special_t = torch.tensor(sorted(special), dtype=torch.long) if cfg.exclude_special_tokens else None
+    bar = _progress_bar(n_target * cfg.context_size, done * cfg.context_size, progress)
+    try:
+        while done < n_target:
+            batch = list(itertools.islice(sequences, min(cfg.batch_size, n_target - done)))
+            if not batch:
+                print(f"the dataset ended after {done * cfg.context_size:,} tokens (asked for {cfg.tokens:,})")
+                break
+            splits = [s for s, _ in batch]
+            tokens = torch.tensor([t for _, t in batch], dtype=torch.long)
+            acts = adapter.run(tokens, hooks)
+            writer.put(_blocks(tokens, splits, acts, pos_slice, special_t))
+            done += len(batch)
+            bar.update(len(batch) * cfg.context_size)
+    except KeyboardInterrupt:
+        writer.abort()
+        bar.close()
+        m = read_manifest(out)
+        raise PipelineError(
+            f"interrupted: {sum(len(s['shards']) for s in m['splits'].values())} committed shards in {out} are "
+            "intact; rerun with --resume to continue"
+        ) from None
+    except BaseException:
+        writer.abort()
+        bar.close()
+        raise
+    bar.close()
+    return writer.close(complete=True)
+
+
+def _blocks(tokens: torch.Tensor, splits: list[str], acts: dict[str, torch.Tensor], pos_slice: slice,
+            special: torch.Tensor | None) -> list[ActivationBlock]:
+    """Split one forward batch into per-split blocks of kept positions, in (sequence, position) order."""
+    b, t = tokens.shape
+    keep = torch.zeros(b, t, dtype=torch.bool)
+    keep[:, pos_slice] = True
+    if special is not None:
+        keep &= ~torch.isin(tokens, special)
+    blocks = []
+    for split in ("train", "eval"):
+        idx = torch.tensor([i for i, s in enumerate(splits) if s == split], dtype=torch.long)
+        if len(idx) == 0:
+            continue
+        sub_keep = keep[idx]
+        seq, pos = sub_keep.nonzero(as_tuple=True)
+        dev_keep = sub_keep.to(next(iter(acts.values())).device)
+        dev_idx = idx.to(dev_keep.device)
+        blocks.append(ActivationBlock(
+            acts={h: a[dev_idx][dev_keep] for h, a in acts.items()}, split=split,
+            token_ids=tokens[idx][sub_keep], sequence=seq, position=pos, sequences=tokens[idx], units=len(idx),
+        ))
+    return blocks
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled,
+                desc="caching", smoothing=0.1, dynamic_ncols=True)

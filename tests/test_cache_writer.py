@@ -1,0 +1,240 @@
+"""Stage 1 on language models: stored rows equal a fresh forward pass; resume; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_writer.run import CacheConfig, run_cache
+from cache_writer.tiny_model import load_tiny_model
+from pipeline.errors import PipelineError
+from pipeline.manifest import read_manifest
+from pipeline.reader import Cache
+from pipeline.verify import verify_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "blocks.0.hook_resid_post"
+TOL = {"float32": dict(atol=1e-4, rtol=1e-4), "float16": dict(atol=2e-2, rtol=2e-3),
+       "bfloat16": dict(atol=1e-1, rtol=1e-2)}
+
+
+def cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300, **kwargs)
+    if check and out.returncode != 0:
+        raise AssertionError(out.stderr[-2000:])
+    return out
+
+
+def sample_rows(cache: Cache, split: str, n: int, seed: int = 0):
+    """Random (shard, row) picks with their token rows and the split-wide sequences table."""
+    sequences = np.concatenate([cache.sequences(split, i) for i in range(len(cache.shards(split)))])
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(n):
+        shard = int(rng.integers(len(cache.shards(split))))
+        row = int(rng.integers(cache.shards(split)[shard]["rows"]))
+        picks.append((shard, row, cache.tokens(split, shard)[row]))
+    return picks, sequences
+
+
+def assert_rows_match_model(path: Path, hooks: list[str], n: int = 24) -> None:
+    cache = Cache(path)
+    model = load_tiny_model()
+    for split in ("train", "eval"):
+        picks, sequences = sample_rows(cache, split, n)
+        for shard, row, (tok, seq, pos) in picks:
+            assert sequences[seq, pos] == tok
+            _, acts = model.run_with_cache(torch.tensor(sequences[seq][None], dtype=torch.long))
+            for hook in hooks:
+                want = acts[hook][0, pos].flatten()
+                got = cache.activations_tensor(hook, split, shard)[row].float()
+                torch.testing.assert_close(got, want.to(got.dtype if cache.dtype != "float32" else want.dtype).float(),
+                                           **TOL[cache.dtype])
+
+
+@pytest.mark.parametrize("fmt,dtype", [("zarr", "float32"), ("arrow", "float32"), ("zarr", "bfloat16"),
+                                       ("arrow", "float16")])
+def test_rows_equal_run_with_cache(tmp_path, fmt, dtype):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=12_000, hooks=hooks, format=fmt, dtype=dtype,
+                              shard_mb=0.5, eval_fraction=0.2), progress=False)
+    assert m["complete"] and verify_cache(tmp_path / "c")[0] == []
+    assert m["splits"]["train"]["rows"] > 0 and m["splits"]["eval"]["rows"] > 0
+    assert m["provenance"]["dataset"]["revision"]["python_version"]
+    assert_rows_match_model(tmp_path / "c", hooks)
+
+
+def test_cli_default_command_and_info(tmp_path):
+    out = cli("cache", "--model", "tiny", "--tokens", "20000", "--format", "zarr", "--out", str(tmp_path / "c"))
+    assert "wrote" in out.stdout
+    m = read_manifest(tmp_path / "c")
+    assert list(m["hooks"]) == [HOOK]  # the middle layer's residual stream by default
+    assert m["hooks"][HOOK]["shape"] == [128]
+    assert m["progress"]["units"] * 128 >= 20000
+    # BOS positions hold no rows by default
+    t = Cache(tmp_path / "c").tokens("train", 0)
+    assert (t[:, 0] != 256).all() and (t[:, 2] > 0).all()
+    info = cli("info", str(tmp_path / "c"))
+    assert HOOK in info.stdout and "train" in info.stdout
+    assert cli("verify", str(tmp_path / "c")).stdout.startswith("OK")
+
+
+def test_attention_hooks_flattened_and_per_head(tmp_path):
+    hooks = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_z:2"]
+    run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=4000, hooks=hooks, eval_fraction=0.0), progress=False)
+    cache = Cache(tmp_path / "c")
+    assert cache.hooks == {"blocks.1.attn.hook_z": 128, "blocks.1.attn.hook_z:2": 32}
+    flat = cache.activations_tensor("blocks.1.attn.hook_z", "train", 0)
+    head = cache.activations_tensor("blocks.1.attn.hook_z:2", "train", 0)
+    torch.testing.assert_close(flat[:, 64:96], head)  # head 2 of 4, d_head 32
+    model = load_tiny_model()
+    seqs = cache.sequences("train", 0)
+    tok, seq, pos = cache.tokens("train", 0)[5]
+    _, acts = model.run_with_cache(torch.tensor(seqs[seq][None], dtype=torch.long))
+    torch.testing.assert_close(flat[5], acts["blocks.1.attn.hook_z"][0, pos].flatten(), atol=1e-4, rtol=1e-4)
+
+
+def test_hugging_face_module_path(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=48, n_layer=3, n_head=4))
+    model.save_pretrained(tmp_path / "gpt2-tiny")
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tmp_path / "gpt2-tiny"), tokenizer="bytes",
+                          hooks=["transformer.h.1"], context_size=64, tokens=3000, eval_fraction=0.0),
+              progress=False)
+    cache = Cache(tmp_path / "c")
+    assert cache.hooks == {"transformer.h.1": 48}
+    picks, sequences = sample_rows(cache, "train", 10)
+    model.eval()
+    for shard, row, (tok, seq, pos) in picks:
+        with torch.no_grad():
+            hidden = model(torch.tensor(sequences[seq][None], dtype=torch.long), output_hidden_states=True).hidden_states
+        # hidden_states[i + 1] is the output of block i
+        torch.testing.assert_close(cache.activations_tensor("transformer.h.1", "train", shard)[row],
+                                   hidden[2][0, pos], atol=1e-4, rtol=1e-4)
+
+
+def _rows_by_key(path: Path) -> dict:
+    cache = Cache(path)
+    out = {}
+    for split in ("train", "eval"):
+        for i in range(len(cache.shards(split))):
+            out[(split, i)] = (cache.tokens(split, i).copy(), cache.activations(HOOK, split, i).copy(),
+                               cache.sequences(split, i).copy())
+    return out
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    ra, rb = _rows_by_key(a), _rows_by_key(b)
+    assert ra.keys() == rb.keys()
+    for key in ra:
+        for x, y in zip(ra[key], rb[key]):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    args = ["cache", "--tokens", "160000", "--shard-mb", "1", "--batch-size", "16"]
+    cli(*args, "--out", str(tmp_path / "ref"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(tmp_path / "c")], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a few shard groups are committed
+        try:
+            if json.loads((tmp_path / "c" / "manifest.json").read_text())["progress"]["groups"] >= 3:
+                break
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    m = read_manifest(tmp_path / "c")
+    assert not m["complete"] and m["progress"]["groups"] >= 3
+    assert m["progress"]["units"] < read_manifest(tmp_path / "ref")["progress"]["units"]
+    assert verify_cache(tmp_path / "c")[0] == []
+    cli(*args, "--out", str(tmp_path / "c"), "--resume")
+    assert read_manifest(tmp_path / "c")["complete"]
+    _assert_same_cache(tmp_path / "ref", tmp_path / "c")
+
+
+def test_extend_complete_cache(tmp_path):
+    base = dict(shard_mb=0.25, batch_size=8)
+    run_cache(CacheConfig(out=str(tmp_path / "ref"), tokens=30_000, **base), progress=False)
+    run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=13_000, **base), progress=False)
+    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=30_000, resume=True, **base), progress=False)
+    assert m["complete"]
+    _assert_same_cache(tmp_path / "ref", tmp_path / "c")
+    ref_stats = read_manifest(tmp_path / "ref")["hooks"][HOOK]["stats"]
+    np.testing.assert_allclose(m["hooks"][HOOK]["stats"]["mean"], ref_stats["mean"], rtol=1e-9, atol=1e-9)
+
+
+def test_text_files_and_pretokenized_dataset(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 8)
+    m = run_cache(CacheConfig(out=str(tmp_path / "c"), dataset=str(docs), tokens=4000, eval_fraction=0.1),
+                  progress=False)
+    assert m["provenance"]["dataset"]["name"] == str(docs.resolve()) and m["splits"]["train"]["rows"] > 0
+    seqs = Cache(tmp_path / "c").sequences("train", 0)
+    assert bytes(int(t) for t in seqs[0][1:40] if t != 256).decode().startswith("document")
+    cli("pretokenize", "--dataset", str(docs), "--out", str(tmp_path / "pre"), "--context-size", "128",
+        "--eval-fraction", "0.1")
+    m2 = run_cache(CacheConfig(out=str(tmp_path / "c2"), dataset=str(tmp_path / "pre"), tokens=4000,
+                               eval_fraction=0.1), progress=False)
+    assert m2["config"]["source"]["column"] == "input_ids"
+    # the same sequences, split the same way, whether tokenized on the fly or once ahead
+    np.testing.assert_array_equal(Cache(tmp_path / "c").sequences("train", 0), Cache(tmp_path / "c2").sequences("train", 0))
+    assert m2["splits"]["eval"]["sequences"] == m["splits"]["eval"]["sequences"]
+
+
+# ----------------------------------------------------------------- bad input, one line each
+
+
+def test_unknown_hook_lists_nearest(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown hook 'blocks.0.hook_resid_pots'; nearest valid hooks: "
+                                            r"blocks.0.hook_resid_post"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), hooks=["blocks.0.hook_resid_pots"]), progress=False)
+    out = cli("cache", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "d"), check=False)
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown hook") and len(out.stderr.splitlines()) == 1
+
+
+def test_unknown_model(tmp_path):
+    with pytest.raises(PipelineError, match=r"unknown model 'gtp2'.*did you mean: .*gpt2"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), model="gtp2"), progress=False)
+
+
+def test_missing_dataset_column(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["some text"] * 4}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(PipelineError, match=r"has no 'text', 'input_ids' or 'tokens' column \(it has: body\); "
+                                            r"name one with --column"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), dataset=str(tmp_path / "ds")), progress=False)
+    with pytest.raises(PipelineError, match=r"has no column 'content'; its columns are: body"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), dataset=str(tmp_path / "ds"), column="content"),
+                  progress=False)
+
+
+def test_context_size_above_model(tmp_path):
+    with pytest.raises(PipelineError, match=r"--context-size 512 is above model tiny's context of 256"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), context_size=512), progress=False)
+
+
+def test_resume_with_different_config_names_field(tmp_path):
+    run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=2000), progress=False)
+    with pytest.raises(PipelineError, match=r"config differs \(source.context_size: cache 128, now 64\)"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=4000, context_size=64, resume=True), progress=False)
