@@ -39,6 +39,25 @@ def gpt2_small_random(device: str):
     return adapter_from_hooked_transformer(model, "gpt2-small-random", tokenizer=ByteTokenizer())
 
 
+def raw_write_seconds(root: str, nbytes: int, file_bytes: int = 256 << 20) -> float:
+    """The disk's limit: write `nbytes` of incompressible data in fsynced files, as the writer does."""
+    block = os.urandom(min(file_bytes, max(nbytes, 1)))
+    path = os.path.join(root, "raw")
+    os.makedirs(path, exist_ok=True)
+    t0 = time.perf_counter()
+    left, i = nbytes, 0
+    while left > 0:
+        with open(os.path.join(path, f"f{i}"), "wb") as f:
+            f.write(block[: min(left, len(block))])
+            f.flush()
+            os.fsync(f.fileno())
+        left -= len(block)
+        i += 1
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(path, ignore_errors=True)
+    return seconds
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -89,11 +108,14 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cfg = CacheConfig(out=out, model=args.model, hooks=[hook], tokens=tokens, batch_size=args.batch_size,
                       context_size=args.context_size, format=args.format, dtype=args.dtype, device=args.device)
+    timings: dict = {}
     t0 = time.perf_counter()
-    m = run_cache(cfg, command="bench_writer", progress=False, adapter=adapter)
+    m = run_cache(cfg, command="bench_writer", progress=False, adapter=adapter, timings=timings)
     sync(args.device)
     writer_s = time.perf_counter() - t0
     written = sum(f["bytes"] for s in m["splits"].values() for sh in s["shards"] for f in sh["files"].values())
+    shutil.rmtree(out, ignore_errors=True)
+    disk_s = raw_write_seconds(root, written)
     if not args.out:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -105,7 +127,11 @@ def main() -> None:
     print(f"forward alone : {tokens / forward_s:12,.0f} tok/s  ({forward_s:.2f} s)")
     print(f"writer (all)  : {tokens / writer_s:12,.0f} tok/s  ({writer_s:.2f} s, {written / 2**20:,.0f} MiB written, "
           f"{written / 2**20 / writer_s:,.0f} MiB/s)")
-    print(f"ratio writer/forward = {forward_s / writer_s:.3f}  (goal >= 0.9)")
+    print(f"disk alone    : {tokens / disk_s:12,.0f} tok/s  ({written / 2**20 / disk_s:,.0f} MiB/s: the same bytes, "
+          "256 MiB files, written and fsynced)")
+    print("writer stages : " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(timings.items())))
+    print(f"ratio writer/forward = {forward_s / writer_s:.3f}  (goal >= 0.9); "
+          f"writer/min(forward, disk) = {max(forward_s, disk_s) / writer_s:.3f}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cache_writer.model_adapter import ModelAdapter, load_model
@@ -117,8 +119,12 @@ def special_ids(tokenizer) -> tuple[int | None, int | None, set[int]]:
 
 
 def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = True,
-              adapter: ModelAdapter | None = None) -> dict:
-    """Write (or resume, or extend) a cache; returns its manifest. `adapter` replaces cfg.model."""
+              adapter: ModelAdapter | None = None, timings: dict | None = None) -> dict:
+    """Write (or resume, or extend) a cache; returns its manifest.
+
+    `adapter` replaces cfg.model (a model already in memory); `timings`, if given, receives the
+    seconds spent per stage (tokenize, forward, and the writer's convert/commit/wait).
+    """
     out = Path(cfg.out)
     n_target = math.ceil(cfg.tokens / cfg.context_size)
     if cfg.resume and (out / MANIFEST_FILE).exists():
@@ -165,18 +171,24 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
     sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
     done = writer.resume_units
     sequences = itertools.islice(sequences, done, None)
-    special_t = torch.tensor(sorted(special), dtype=torch.long) if cfg.exclude_special_tokens else None
+    special_ids_np = np.array(sorted(special), dtype=np.int64) if cfg.exclude_special_tokens else None
     bar = _progress_bar(n_target * cfg.context_size, done * cfg.context_size, progress)
+    clock = {"tokenize": 0.0, "forward": 0.0}
     try:
         while done < n_target:
+            t0 = time.perf_counter()
             batch = list(itertools.islice(sequences, min(cfg.batch_size, n_target - done)))
             if not batch:
                 print(f"the dataset ended after {done * cfg.context_size:,} tokens (asked for {cfg.tokens:,})")
                 break
             splits = [s for s, _ in batch]
-            tokens = torch.tensor([t for _, t in batch], dtype=torch.long)
-            acts = adapter.run(tokens, hooks)
-            writer.put(_blocks(tokens, splits, acts, pos_slice, special_t))
+            tokens = np.array([t for _, t in batch], dtype=np.int64)
+            t1 = time.perf_counter()
+            blocks = _blocks(tokens, splits, adapter.run(torch.from_numpy(tokens), hooks), pos_slice, special_ids_np)
+            t2 = time.perf_counter()
+            writer.put(blocks)
+            clock["tokenize"] += t1 - t0
+            clock["forward"] += t2 - t1
             done += len(batch)
             bar.update(len(batch) * cfg.context_size)
     except KeyboardInterrupt:
@@ -192,29 +204,37 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         bar.close()
         raise
     bar.close()
-    return writer.close(complete=True)
+    manifest = writer.close(complete=True)
+    if timings is not None:
+        timings.update(clock, **writer.seconds)
+    return manifest
 
 
-def _blocks(tokens: torch.Tensor, splits: list[str], acts: dict[str, torch.Tensor], pos_slice: slice,
-            special: torch.Tensor | None) -> list[ActivationBlock]:
-    """Split one forward batch into per-split blocks of kept positions, in (sequence, position) order."""
+def _blocks(tokens: np.ndarray, splits: list[str], acts: dict[str, torch.Tensor], pos_slice: slice,
+            special: np.ndarray | None) -> list[ActivationBlock]:
+    """Split one forward batch into per-split blocks of kept positions, in (sequence, position) order.
+
+    The row selection is computed on the CPU and applied with `index_select` on the model's device,
+    so the producer never waits for the GPU (a boolean mask on the GPU would synchronise).
+    """
     b, t = tokens.shape
-    keep = torch.zeros(b, t, dtype=torch.bool)
+    keep = np.zeros((b, t), dtype=bool)
     keep[:, pos_slice] = True
     if special is not None:
-        keep &= ~torch.isin(tokens, special)
+        keep &= ~np.isin(tokens, special)
+    device = next(iter(acts.values())).device
+    flat_acts = {h: a.reshape(b * t, *a.shape[2:]) for h, a in acts.items()}
+    split_of = np.asarray(splits)
     blocks = []
     for split in ("train", "eval"):
-        idx = torch.tensor([i for i, s in enumerate(splits) if s == split], dtype=torch.long)
+        idx = np.flatnonzero(split_of == split)
         if len(idx) == 0:
             continue
-        sub_keep = keep[idx]
-        seq, pos = sub_keep.nonzero(as_tuple=True)
-        dev_keep = sub_keep.to(next(iter(acts.values())).device)
-        dev_idx = idx.to(dev_keep.device)
+        seq, pos = np.nonzero(keep[idx])
+        rows = torch.from_numpy(idx[seq] * t + pos).to(device)
         blocks.append(ActivationBlock(
-            acts={h: a[dev_idx][dev_keep] for h, a in acts.items()}, split=split,
-            token_ids=tokens[idx][sub_keep], sequence=seq, position=pos, sequences=tokens[idx], units=len(idx),
+            acts={h: a.index_select(0, rows) for h, a in flat_acts.items()}, split=split,
+            token_ids=tokens[idx[seq], pos], sequence=seq, position=pos, sequences=tokens[idx], units=len(idx),
         ))
     return blocks
 

@@ -8,6 +8,7 @@ is recorded as the dataset revision wherever the corpus is used.
 import hashlib
 import platform
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -70,3 +71,13 @@ def load_stdlib_dataset(split: str = "all", eval_fraction: float = 0.05) -> data
         texts.append(path.read_bytes().decode("utf-8", errors="replace"))
         paths.append(rel)
     return datasets.Dataset.from_dict({"text": texts, "path": paths})
+
+
+def _stdlib_rows() -> Iterator[dict]:
+    for rel, path in stdlib_files():
+        yield {"text": path.read_bytes().decode("utf-8", errors="replace"), "path": rel}
+
+
+def stream_stdlib_dataset() -> datasets.IterableDataset:
+    """All files as a lazily read IterableDataset (`text`, `path`): caching starts at once."""
+    return datasets.IterableDataset.from_generator(_stdlib_rows)

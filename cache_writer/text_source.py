@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cache_writer.packing import Packer
-from cache_writer.stdlib_corpus import STDLIB_DATASET_ID, is_heldout, load_stdlib_dataset, stdlib_revision
+from cache_writer.stdlib_corpus import STDLIB_DATASET_ID, is_heldout, stdlib_revision, stream_stdlib_dataset
 from pipeline.errors import PipelineError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
@@ -57,7 +57,7 @@ def _rows(dataset, column: str) -> Iterator[tuple[str, Any]]:
 def open_documents(dataset: str | None, column: str | None = None, split: str = "train") -> DocumentSource:
     """Open a document source by name: None/'stdlib', a local path, or a Hugging Face dataset id."""
     if dataset in (None, "", "stdlib", STDLIB_DATASET_ID):
-        ds = load_stdlib_dataset("all")  # both splits: the hash rule below holds files out
+        ds = stream_stdlib_dataset()  # both splits: the hash rule below holds files out
         docs = ((row["path"], row["text"]) for row in ds)
         prov = {"name": STDLIB_DATASET_ID, "split": "all", "revision": stdlib_revision()}
         return DocumentSource(docs, prov, "text", False)

@@ -48,10 +48,12 @@ def sample_rows(cache: Cache, split: str, n: int, seed: int = 0):
     return picks, sequences
 
 
-def assert_rows_match_model(path: Path, hooks: list[str], n: int = 24) -> None:
+def assert_rows_match_model(path: Path, hooks: list[str], n: int = 24, tol: dict | None = None) -> None:
     cache = Cache(path)
     model = load_tiny_model()
     for split in ("train", "eval"):
+        if not cache.shards(split):
+            continue
         picks, sequences = sample_rows(cache, split, n)
         for shard, row, (tok, seq, pos) in picks:
             assert sequences[seq, pos] == tok
@@ -60,7 +62,7 @@ def assert_rows_match_model(path: Path, hooks: list[str], n: int = 24) -> None:
                 want = acts[hook][0, pos].flatten()
                 got = cache.activations_tensor(hook, split, shard)[row].float()
                 torch.testing.assert_close(got, want.to(got.dtype if cache.dtype != "float32" else want.dtype).float(),
-                                           **TOL[cache.dtype])
+                                           **(tol or TOL[cache.dtype]))
 
 
 @pytest.mark.parametrize("fmt,dtype", [("zarr", "float32"), ("arrow", "float32"), ("zarr", "bfloat16"),
@@ -68,7 +70,7 @@ def assert_rows_match_model(path: Path, hooks: list[str], n: int = 24) -> None:
 def test_rows_equal_run_with_cache(tmp_path, fmt, dtype):
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
     m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=12_000, hooks=hooks, format=fmt, dtype=dtype,
-                              shard_mb=0.5, eval_fraction=0.2), progress=False)
+                              shard_mb=0.5, eval_fraction=0.5), progress=False)
     assert m["complete"] and verify_cache(tmp_path / "c")[0] == []
     assert m["splits"]["train"]["rows"] > 0 and m["splits"]["eval"]["rows"] > 0
     assert m["provenance"]["dataset"]["revision"]["python_version"]
@@ -178,7 +180,7 @@ def test_extend_complete_cache(tmp_path):
     assert m["complete"]
     _assert_same_cache(tmp_path / "ref", tmp_path / "c")
     ref_stats = read_manifest(tmp_path / "ref")["hooks"][HOOK]["stats"]
-    np.testing.assert_allclose(m["hooks"][HOOK]["stats"]["mean"], ref_stats["mean"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(m["hooks"][HOOK]["stats"]["mean"], ref_stats["mean"], rtol=1e-6, atol=1e-6)
 
 
 def test_text_files_and_pretokenized_dataset(tmp_path):
@@ -238,3 +240,22 @@ def test_resume_with_different_config_names_field(tmp_path):
     run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=2000), progress=False)
     with pytest.raises(PipelineError, match=r"config differs \(source.context_size: cache 128, now 64\)"):
         run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=4000, context_size=64, resume=True), progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_cache_equals_model_rows(tmp_path, dtype):
+    """On a GPU the writer copies blocks to pinned memory asynchronously; rows must still be right."""
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=20_000, hooks=hooks, device="cuda", dtype=dtype, eval_fraction=0.5,
+                              shard_mb=0.5, batch_size=16), progress=False)
+    assert m["complete"] and verify_cache(tmp_path / "c")[0] == []
+    # GPU kernels sum in another order than the CPU reference
+    assert_rows_match_model(tmp_path / "c", hooks, tol=dict(atol=2e-3, rtol=2e-3) if dtype == "float32" else None)
+    with pytest.raises(Exception, match="overflow float16"):
+        from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
+
+        w = CacheWriter(tmp_path / "o", {"h": 4}, WriterConfig(dtype="float16"))
+        w.put(ActivationBlock({"h": torch.full((2, 4), 1e6, device="cuda")}))
+        w.close()

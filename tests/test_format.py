@@ -119,7 +119,7 @@ def test_shuffle_on_disk_and_statistics(tmp_path):
     x = Cache(tmp_path / "s").read_split(hook).double()
     stats = m["hooks"][hook]["stats"]
     assert stats["count"] == x.shape[0]
-    np.testing.assert_allclose(stats["mean"], x.mean(0).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["mean"], x.mean(0).numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(stats["mean_norm"], x.norm(dim=1).mean().item(), rtol=1e-6)
     assert n["hooks"][hook]["stats"]["count"] == stats["count"]
 
@@ -185,7 +185,7 @@ def test_extend_complete_cache_equals_longer_run(tmp_path):
     sa = read_manifest(tmp_path / "long")["hooks"]["blocks.0.hook_resid_post"]["stats"]
     sb = read_manifest(tmp_path / "ext")["hooks"]["blocks.0.hook_resid_post"]["stats"]
     assert sa["count"] == sb["count"]
-    np.testing.assert_allclose(sa["mean"], sb["mean"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sa["mean"], sb["mean"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
