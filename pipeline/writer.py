@@ -60,8 +60,8 @@ class ActivationBlock:
     """(n_sequences, context_size) token ids of the whole contexts the rows come from."""
     units: int | None = None
     """Source units this block consumed (for resume); defaults to n_sequences, else rows."""
-    source_absmax: dict | None = None
-    """Set by the writer for GPU blocks: hook -> largest |x| before dtype conversion."""
+    device_stats: dict | None = None
+    """Set by the writer for GPU blocks: hook -> [rows, sum_norm, sum_sq_norm, non-finite, max |x|, sum...]."""
 
     @property
     def rows(self) -> int:
@@ -129,37 +129,43 @@ def check_disk_space(path: Path, needed: int) -> None:
         )
 
 
-def to_stored(x: Any, dtype: str, hook: str, stats: dict | None = None,
-              source_absmax: float | None = None) -> np.ndarray:
-    """Convert a block of one hook to the stored dtype, check it, and add it to `stats`.
+def _numpy_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor already in the stored dtype as the numpy array that is written (bf16 as uint16)."""
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
-    Only the dtype conversion runs in torch (on the block's device); the check and statistics run
-    in numpy, single-threaded, so this thread does not fight the model's forward pass for torch's
-    intra-op thread pool (that contention halved the forward's speed on a 2-core CPU).
+
+def _nonfinite_error(hook: str, bad: int, source_absmax: float, dtype: str) -> CacheWriteError:
+    if not np.isfinite(source_absmax):
+        return CacheWriteError(f"hook {hook} produced {bad} NaN/inf values; the model or input is broken")
+    return CacheWriteError(
+        f"hook {hook}: {bad} values overflow {dtype} (largest |x| = {source_absmax:.4g}); "
+        "write with --dtype float32 or bfloat16"
+    )
+
+
+def to_stored(x: Any, dtype: str, hook: str, stats: dict | None = None) -> np.ndarray:
+    """Convert a CPU block of one hook to the stored dtype, check it, and add it to `stats`.
+
+    Only the dtype conversion runs in torch; the check and statistics run in numpy,
+    single-threaded, so this thread does not fight the model's forward pass for torch's intra-op
+    thread pool (that contention halved the forward's speed on a 2-core CPU).
     """
     t = torch.as_tensor(x).detach()
     if t.ndim != 2:
         raise PipelineError(f"hook {hook}: a block must be (rows, d), got shape {tuple(t.shape)}")
-    converted = t.to(TORCH_DTYPES[dtype]).to("cpu").contiguous()
+    array = _numpy_stored(t.to(TORCH_DTYPES[dtype]).to("cpu").contiguous(), dtype)
     if dtype == "bfloat16":
-        array = converted.view(torch.int16).numpy().view(np.uint16)
         values = (array.astype(np.uint32) << 16).view(np.float32)
     else:
-        array = converted.numpy()
         values = array if dtype == "float32" else array.astype(np.float32)
     # One pass gives the statistics and the check: a NaN/inf anywhere makes its row's square sum
     # non-finite (a huge finite value can too; then the exact check below decides).
     sq = np.einsum("ij,ij->i", values, values)
     if not np.isfinite(sq).all() and not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())
-        if source_absmax is None:
-            source_absmax = float(t.to("cpu", torch.float32).abs().max())
-        if not np.isfinite(source_absmax):
-            raise CacheWriteError(f"hook {hook} produced {bad} NaN/inf values; the model or input is broken")
-        raise CacheWriteError(
-            f"hook {hook}: {bad} values overflow {dtype} (largest |x| = {source_absmax:.4g}); "
-            "write with --dtype float32 or bfloat16"
-        )
+        raise _nonfinite_error(hook, bad, float(t.to("cpu", torch.float32).abs().max()), dtype)
     if stats is not None:
         _accumulate_stats(stats, values, sq)
     return array
@@ -394,22 +400,31 @@ class CacheWriter:
     def _copy_to_host(self, block: ActivationBlock) -> ActivationBlock:
         """Start the GPU -> pinned host copies (in the stored dtype) without waiting for them.
 
-        The producer goes straight on to the next forward pass; the accumulator thread waits on
-        the step's CUDA event before it reads the rows.
+        The check and the statistics are computed on the GPU too, so the accumulator thread only
+        waits on the step's CUDA event and collects; the producer goes straight on to the next
+        forward pass.
         """
-        acts, absmax = {}, {}
+        acts, stats = {}, {}
         for hook, a in block.acts.items():
             if isinstance(a, torch.Tensor) and a.is_cuda:
                 a = a.detach()
-                # for the overflow message: the largest value before the conversion
-                if a.numel():
-                    absmax[hook] = torch.empty((), pin_memory=True).copy_(a.abs().amax(), non_blocking=True)
-                a = a.to(TORCH_DTYPES[self.config.dtype])
-                host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
-                host.copy_(a, non_blocking=True)
+                converted = a.to(TORCH_DTYPES[self.config.dtype])
+                x = converted.float()
+                sq = (x * x).sum(1)
+                summary = torch.stack([
+                    torch.tensor(float(x.shape[0]), device=a.device, dtype=torch.float64),
+                    sq.sqrt().sum(dtype=torch.float64), sq.sum(dtype=torch.float64),
+                    (~torch.isfinite(x)).sum().double(),
+                    a.abs().amax().double() if a.numel() else torch.zeros((), device=a.device, dtype=torch.float64),
+                ])
+                summary = torch.cat([summary, x.sum(0, dtype=torch.float64)])
+                stats[hook] = torch.empty(summary.shape, dtype=torch.float64, pin_memory=True)
+                stats[hook].copy_(summary, non_blocking=True)
+                host = torch.empty(converted.shape, dtype=converted.dtype, pin_memory=True)
+                host.copy_(converted, non_blocking=True)
                 a = host
             acts[hook] = a
-        return dataclasses.replace(block, acts=acts, source_absmax=absmax)
+        return dataclasses.replace(block, acts=acts, device_stats=stats)
 
     def close(self, complete: bool = True) -> dict:
         """Commit what is pending, mark the cache complete (or not), stop the threads; returns the manifest."""
@@ -549,9 +564,18 @@ class CacheWriter:
         p = pending[block.split]
         for hook, x in block.acts.items():
             stats = p.stats.setdefault(hook, _new_block_stats(self.hooks[hook]))
-            absmax = (block.source_absmax or {}).get(hook)
-            p.acts.setdefault(hook, []).append(to_stored(x, self.config.dtype, hook, stats,
-                                                         None if absmax is None else float(absmax)))
+            summary = (block.device_stats or {}).get(hook)
+            if summary is None:
+                p.acts.setdefault(hook, []).append(to_stored(x, self.config.dtype, hook, stats))
+                continue
+            v = summary.numpy()
+            if v[3] > 0:
+                raise _nonfinite_error(hook, int(v[3]), float(v[4]), self.config.dtype)
+            stats["count"] += int(v[0])
+            stats["sum_norm"] += float(v[1])
+            stats["sum_sq_norm"] += float(v[2])
+            stats["sum"] += v[5:]
+            p.acts.setdefault(hook, []).append(_numpy_stored(x, self.config.dtype))
         if self.has_tokens:
             seq = _as_int32(block.sequence) + p.n_sequences  # local -> index within this shard
             p.tokens.append(np.stack([_as_int32(block.token_ids), seq, _as_int32(block.position)], axis=1))

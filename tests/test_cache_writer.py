@@ -253,6 +253,12 @@ def test_gpu_cache_equals_model_rows(tmp_path, dtype):
     assert m["complete"] and verify_cache(tmp_path / "c")[0] == []
     # GPU kernels sum in another order than the CPU reference
     assert_rows_match_model(tmp_path / "c", hooks, tol=dict(atol=2e-3, rtol=2e-3) if dtype == "float32" else None)
+    # statistics computed on the GPU equal those of the stored rows
+    x = Cache(tmp_path / "c").read_split(hooks[0]).double()
+    stats = m["hooks"][hooks[0]]["stats"]
+    assert stats["count"] == x.shape[0]
+    np.testing.assert_allclose(stats["mean"], x.mean(0).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["mean_norm"], x.norm(dim=1).mean().item(), rtol=1e-5)
     with pytest.raises(Exception, match="overflow float16"):
         from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 
