@@ -12,8 +12,10 @@ atomically. Anything on disk that the manifest does not list is removed on resum
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import errno
+import os
 import queue
 import shutil
 import threading
@@ -218,6 +220,7 @@ class CacheWriter:
         self._commits: queue.Queue = queue.Queue(maxsize=1)  # one group in flight: memory <= 2 groups
         self._durable: queue.Queue = queue.Queue(maxsize=1)
         self._buffers: dict[str, np.ndarray] = {}  # the committer's reused shard buffers
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         m = self.manifest
         self._next = {  # the committer's view: where the next group goes (ahead of the manifest)
             "group": m["progress"]["groups"], "units": m["progress"]["units"],
@@ -434,6 +437,7 @@ class CacheWriter:
             self._thread.join()
             self._committer.join()
             self._syncer.join()
+            self._pool.shutdown()
         self._raise_if_failed()
         return self.manifest
 
@@ -445,6 +449,7 @@ class CacheWriter:
             self._thread.join()
             self._committer.join()
             self._syncer.join()
+            self._pool.shutdown()
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -691,13 +696,17 @@ class CacheWriter:
         buf = self._buffers.get(key)
         if buf is None or buf.shape[0] < rows or buf.shape[1:] != shape or buf.dtype != dtype:
             buf = self._buffers[key] = np.empty((int(rows * 1.1) + 1,) + shape, dtype)
-        out, start = buf[:rows], 0
-        for x in parts:
+        out = buf[:rows]
+        starts = np.cumsum([0] + [len(x) for x in parts[:-1]])
+
+        def copy(i: int) -> None:  # parts go to disjoint rows: safe in parallel (numpy drops the GIL)
+            x, start = parts[i], starts[i]
             if dest is None:
                 out[start:start + len(x)] = x
             else:
                 out[dest[start:start + len(x)]] = x
-            start += len(x)
+
+        list(self._pool.map(copy, range(len(parts))))
         return out
 
 
