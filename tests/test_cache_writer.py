@@ -265,3 +265,20 @@ def test_gpu_cache_equals_model_rows(tmp_path, dtype):
         w = CacheWriter(tmp_path / "o", {"h": 4}, WriterConfig(dtype="float16"))
         w.put(ActivationBlock({"h": torch.full((2, 4), 1e6, device="cuda")}))
         w.close()
+
+
+def test_positions_slice_and_toml_config(tmp_path):
+    cfg = tmp_path / "cache.toml"
+    cfg.write_text(f'[cache]\nout = "{tmp_path / "c"}"\ntokens = 3000\npositions = "4:20"\nformat = "arrow"\n'
+                   'exclude_special_tokens = false\n')
+    cli("cache", "--config", str(cfg), "--tokens", "2560")  # a flag overrides the file
+    m = read_manifest(tmp_path / "c")
+    assert m["backend"] == "arrow" and m["progress"]["units"] == 20
+    tok = Cache(tmp_path / "c").tokens("train", 0)
+    assert tok[:, 2].min() >= 4 and tok[:, 2].max() < 20
+    # every sequence keeps exactly positions 4..19
+    assert m["splits"]["train"]["rows"] + m["splits"]["eval"]["rows"] == 20 * 16
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cache]\ntokenz = 5\n')
+    out = cli("cache", "--config", str(bad), "--out", str(tmp_path / "d"), check=False)
+    assert out.returncode == 2 and "unknown field(s) tokenz" in out.stderr
