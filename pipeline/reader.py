@@ -28,6 +28,10 @@ class Cache:
             raise PipelineError(f"hook {hook!r} is not in cache {self.path}; it has: {', '.join(self.hooks)}")
         return hook
 
+    def hook_stats(self, hook: str) -> dict:
+        """Train-split statistics written with the cache: count, mean_norm, mean, ..."""
+        return self.manifest["hooks"][self.check_hook(hook)]["stats"]
+
     def shards(self, split: str = "train") -> list[dict]:
         if split not in SPLITS:
             raise PipelineError(f"unknown split {split!r}; use 'train' or 'eval'")

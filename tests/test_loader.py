@@ -1,0 +1,214 @@
+"""The shuffled, memory-mapped loader: exactly once, determinism, exact resume, ranks, dtypes, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import CacheFormatError, PipelineError
+from pipeline.loader import ActivationLoader
+from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
+
+
+def id_cache(path, rows: int = 3000, fmt: str = "zarr", dtype: str = "float32", seq_len: int = 50,
+             shuffle: bool = False, shard_mb: float = 0.01) -> None:
+    """Row i holds [i, sequence of i, 2i, 3i] (exact in bf16 for i < 256 only, so ids use float32);
+    hook 'double' is 2 x hook 'id', row for row."""
+    w = CacheWriter(path, {"id": 4, "double": 4}, WriterConfig(format=fmt, dtype=dtype, shard_mb=shard_mb,
+                                                               shuffle=shuffle))
+    for start in range(0, rows, 100):
+        i = torch.arange(start, min(start + 100, rows), dtype=torch.float64)
+        x = torch.stack([i, torch.div(i, seq_len, rounding_mode="floor"), 2 * i, 3 * i], dim=1).float()
+        if dtype == "bfloat16":  # keep values exact in bf16: small integers
+            x = torch.remainder(x, 256)
+        w.put(ActivationBlock({"id": x, "double": 2 * x}))
+    w.close()
+
+
+def ids(batches) -> list[int]:
+    return [int(v) for b in batches for v in (b if torch.is_tensor(b) else b["id"])[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_every_row_exactly_once(tmp_path, fmt):
+    id_cache(tmp_path / "c", fmt=fmt)
+    loader = ActivationLoader(tmp_path / "c", hooks="id", batch_size=64, block_rows=16, buffer_rows=256)
+    got = ids(loader)
+    assert sorted(got) == list(range(3000))
+    assert got != sorted(got)  # shuffled
+    assert loader.batches_per_epoch() == 47  # 46 full batches and the epoch's tail of 56 rows
+
+
+def test_ranks_partition_the_epoch(tmp_path):
+    id_cache(tmp_path / "c")
+    parts = [ids(ActivationLoader(tmp_path / "c", hooks="id", batch_size=32, block_rows=16, buffer_rows=128,
+                                  rank=r, world_size=3)) for r in range(3)]
+    assert sum(len(p) for p in parts) == 3000
+    assert sorted(sum(parts, [])) == list(range(3000))
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])
+
+
+def test_deterministic_from_seed_and_epoch(tmp_path):
+    id_cache(tmp_path / "c")
+    kw = dict(hooks="id", batch_size=64, block_rows=16, buffer_rows=256)
+    a = ActivationLoader(tmp_path / "c", seed=3, **kw)
+    first, second = ids(a), ids(a)  # two epochs
+    assert first == ids(ActivationLoader(tmp_path / "c", seed=3, **kw))
+    assert first != second and sorted(second) == list(range(3000))
+    assert first != ids(ActivationLoader(tmp_path / "c", seed=4, **kw))
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 20])
+def test_exact_resume_mid_epoch(tmp_path, stop_after):
+    id_cache(tmp_path / "c")
+    kw = dict(hooks=["id", "double"], batch_size=64, block_rows=16, buffer_rows=256, seed=1, tokens=7000)
+    straight = list(ActivationLoader(tmp_path / "c", **kw))
+    first = ActivationLoader(tmp_path / "c", **kw)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == stop_after:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # a checkpoint stores it as JSON
+    resumed = ActivationLoader(tmp_path / "c", **kw)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(straight)
+    for x, y in zip(head + tail, straight):
+        torch.testing.assert_close(x["id"], y["id"], rtol=0, atol=0)
+        torch.testing.assert_close(x["double"], y["double"], rtol=0, atol=0)
+    assert sum(len(b["id"]) for b in straight) == 7000  # the token budget spans epochs
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    id_cache(tmp_path / "c")
+    a = ActivationLoader(tmp_path / "c", hooks="id", batch_size=64)
+    b = ActivationLoader(tmp_path / "c", hooks="id", batch_size=32)
+    with pytest.raises(PipelineError, match="saved with batch_size=64, this loader has 32"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_hooks_aligned_and_dict(tmp_path):
+    id_cache(tmp_path / "c")
+    for batch in ActivationLoader(tmp_path / "c", batch_size=128):  # hooks=None, two hooks -> dict
+        assert set(batch) == {"id", "double"}
+        torch.testing.assert_close(batch["double"], 2 * batch["id"])
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dtypes(tmp_path, stored, out_dtype):
+    id_cache(tmp_path / "c", rows=1000, dtype=stored)
+    batches = list(ActivationLoader(tmp_path / "c", hooks="double", batch_size=100, dtype=out_dtype))
+    assert all(b.dtype == out_dtype for b in batches)
+    got = torch.cat(batches).float()
+    i = torch.arange(1000, dtype=torch.float32)
+    x = torch.stack([i, torch.div(i, 50, rounding_mode="floor"), 2 * i, 3 * i], 1)
+    want = 2 * (torch.remainder(x, 256) if stored == "bfloat16" else x)
+    want = want.to(getattr(torch, stored)).to(out_dtype).float()
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+
+
+def test_normalisation_scales_to_sqrt_d(tmp_path):
+    id_cache(tmp_path / "c", rows=2000)
+    loader = ActivationLoader(tmp_path / "c", hooks="id", batch_size=2000, normalize=True)
+    batch = next(iter(loader))
+    assert batch.norm(dim=1).mean().item() == pytest.approx(2.0, rel=1e-4)  # sqrt(4)
+    assert loader.scale["id"] == pytest.approx(2.0 / ActivationLoader(tmp_path / "c", hooks="id", batch_size=2000)
+                                               .source.hook_stats("id")["mean_norm"])
+
+
+def shuffle_quality(batch_seqs: list[np.ndarray], n_rows_per_seq: int) -> tuple[float, float]:
+    """(same-sequence pair rate / uniform's, mean distinct batches per sequence / uniform's)."""
+    n_batches = len(batch_seqs)
+    all_seqs = np.concatenate(batch_seqs)
+    n_seq = len(np.unique(all_seqs))
+    pairs = same = 0
+    for s in batch_seqs:
+        counts = np.bincount(s)
+        same += (counts * (counts - 1)).sum()
+        pairs += len(s) * (len(s) - 1)
+    rate = same / pairs
+    uniform_rate = (n_rows_per_seq - 1) / (len(all_seqs) - 1)
+    spread = np.mean([len({i for i, s in enumerate(batch_seqs) if q in s}) for q in range(0, n_seq, 7)])
+    uniform_spread = n_batches * (1 - (1 - 1 / n_batches) ** n_rows_per_seq)
+    del n_seq
+    return rate / uniform_rate, spread / uniform_spread
+
+
+def test_shuffle_quality_on_unshuffled_cache(tmp_path):
+    """Defaults on a cache written in sequence order (like `--no-shuffle`): 2,000 sequences of 127 rows."""
+    id_cache(tmp_path / "c", rows=254_000, seq_len=127, shuffle=False, shard_mb=1)
+    batches = [b[:, 1].numpy().astype(np.int64) for b in ActivationLoader(tmp_path / "c", hooks="id",
+                                                                          batch_size=4096)]
+    pair_factor, spread = shuffle_quality(batches, 127)
+    # Stated in the README: same-sequence pairs within 4x of a uniform shuffle's rate, and a
+    # sequence's tokens reach at least 40% as many distinct batches as uniformly.
+    assert pair_factor < 4.0, pair_factor
+    assert spread > 0.4, spread
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_not_a_cache(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file.txt").write_text("hi")
+    with pytest.raises(CacheFormatError, match="neither an activation cache of ours .* nor a SAELens"):
+        ActivationLoader(tmp_path / "x")
+
+
+def test_other_format_version(tmp_path):
+    id_cache(tmp_path / "c", rows=500)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    m["format_version"] = 2
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheFormatError, match="format version 2"):
+        ActivationLoader(tmp_path / "c")
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_truncated_shard_named(tmp_path, fmt):
+    id_cache(tmp_path / "c", rows=1000, fmt=fmt)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    shard = m["splits"]["train"]["shards"][1]
+    rel = max(shard["files"], key=lambda r: shard["files"][r]["bytes"])
+    f = tmp_path / "c" / rel
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CacheFormatError, match="shard-00001.* truncated or corrupt"):
+        ActivationLoader(tmp_path / "c", hooks=rel.split("/")[1], batch_size=100)
+
+
+def test_missing_hook_lists_hooks(tmp_path):
+    id_cache(tmp_path / "c", rows=500)
+    with pytest.raises(PipelineError, match=r"hook 'blocks.0.hook_resid_post' is not in cache .*; it has: id, double"):
+        ActivationLoader(tmp_path / "c", hooks="blocks.0.hook_resid_post")
+
+
+def test_batch_larger_than_split(tmp_path):
+    id_cache(tmp_path / "c", rows=500)
+    with pytest.raises(PipelineError, match=r"batch_size 4096 is larger than the train split \(500 rows\)"):
+        ActivationLoader(tmp_path / "c", batch_size=4096)
+
+
+def test_eval_split_of_a_language_model_cache(tmp_path):
+    from cache_writer.run import CacheConfig, run_cache
+
+    run_cache(CacheConfig(out=str(tmp_path / "lm"), tokens=6000, eval_fraction=0.5), progress=False)
+    loader = ActivationLoader(tmp_path / "lm", split="eval", batch_size=64)
+    rows = sum(len(b) for b in loader)
+    assert rows == json.loads((tmp_path / "lm" / "manifest.json").read_text())["splits"]["eval"]["rows"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_equal_cpu(tmp_path):
+    id_cache(tmp_path / "c")
+    cpu = list(ActivationLoader(tmp_path / "c", hooks="id", batch_size=64))
+    gpu = list(ActivationLoader(tmp_path / "c", hooks="id", batch_size=64, device="cuda"))
+    assert all(g.is_cuda for g in gpu)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
