@@ -233,12 +233,32 @@ def _read_arrow(path: Path, column: str) -> np.ndarray:
         table = pa.ipc.open_stream(source).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise CacheFormatError(f"shard {path} is truncated or corrupt ({e})") from None
-    col = table.column(column)
-    if col.num_chunks != 1:
-        col = pa.concat_arrays(col.chunks)
-    else:
-        col = col.chunk(0)
+    chunks = table.column(column).chunks
+    zero_copy = len(chunks) == 1
+    col = chunks[0] if zero_copy else pa.concat_arrays(chunks)
     if pa.types.is_fixed_size_list(col.type):
         values = col.values.to_numpy(zero_copy_only=True)
-        return values.reshape(len(col), col.type.list_size)
-    return col.to_numpy(zero_copy_only=True)
+        array = values.reshape(len(col), col.type.list_size).view(MappedRows)
+    else:
+        array = col.to_numpy(zero_copy_only=True).view(MappedRows)
+    # Where the rows lie in the file, so readers can ask the kernel to read ahead (posix_fadvise).
+    source.seek(0)
+    base = source.read_buffer(1).address if source.size() else 0
+    array.filename, array.file_offset = str(path), (array.ctypes.data - base) if zero_copy else None
+    return array
+
+
+class MappedRows(np.ndarray):
+    """A zero-copy view of rows in a memory-mapped file, with the file and byte offset of row 0."""
+
+    filename: str | None = None
+    file_offset: int | None = None
+
+
+def file_region(array) -> tuple[str, int] | None:
+    """(file, offset of row 0) for a memory-mapped shard array (np.memmap or Arrow), else None."""
+    if isinstance(array, np.memmap) and array.filename:
+        return array.filename, array.offset
+    if isinstance(array, MappedRows) and array.filename and array.file_offset is not None:
+        return array.filename, array.file_offset
+    return None

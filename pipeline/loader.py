@@ -15,8 +15,9 @@ a GPU) while the caller trains.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-import mmap
+import os
 import queue
 import threading
 import warnings
@@ -27,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.backends import file_region
 from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.manifest import MANIFEST_FILE
 
@@ -125,6 +127,9 @@ class ActivationLoader:
         # Open (and size-check) every shard now, so a truncated one is named before training starts.
         self._arrays = {h: [self.source.activations(h, split, i) for i in range(len(shards))] for h in self.hooks}
         self._stored = self.source.dtype
+        self._threads = max(1, min(4, os.cpu_count() or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="loader-copy")
+        self._regions = {h: [self._open_region(a) for a in arrs] for h, arrs in self._arrays.items()}
         if any(not isinstance(a, np.ndarray) for arrs in self._arrays.values() for a in arrs):
             warnings.warn(f"cache {self.path} is compressed: blocks are decoded by zarr, slower than "
                           "memory-mapped reads", stacklevel=2)
@@ -135,6 +140,26 @@ class ActivationLoader:
                 mean_norm = self.source.hook_stats(h)["mean_norm"]
                 self.scale[h] = math.sqrt(self.source.hooks[h]) / mean_norm
         self.state = LoaderState()
+
+    @staticmethod
+    def _open_region(array) -> tuple[int, int] | None:
+        region = file_region(array)
+        if region is None:
+            return None
+        return os.open(region[0], os.O_RDONLY), region[1]
+
+    def close(self) -> None:
+        """Release file descriptors and threads (also done when the loader is garbage collected)."""
+        for regions in getattr(self, "_regions", {}).values():
+            for r in regions:
+                if r is not None:
+                    os.close(r[0])
+        self._regions = {}
+        if hasattr(self, "_pool"):
+            self._pool.shutdown(wait=False)
+
+    def __del__(self) -> None:
+        self.close()
 
     # ----------------------------------------------------------------------------- the plan
 
@@ -179,40 +204,44 @@ class ActivationLoader:
     def _gather(self, hook: str, ids: np.ndarray) -> np.ndarray:
         """Rows by id, copied once from the memory-mapped shards into a new batch array.
 
-        Ids are grouped by shard (a stable sort keeps the permuted order inside each shard), so
-        each shard's rows land in their slice of the output with one `np.take`.
+        Ids are grouped by shard (a stable sort keeps the permuted order inside each shard), and
+        the copies are split over a few threads (numpy releases the GIL while it copies).
         """
         arrays = self._arrays[hook]
-        shard = ids >> 40
-        order = np.argsort(shard, kind="stable")
-        ids = ids[order]
+        ids = ids[np.argsort(ids >> 40, kind="stable")]
         shard, row = ids >> 40, ids & ((1 << 40) - 1)
         out = np.empty((len(ids), self.source.hooks[hook]), dtype=_np_dtype(arrays[0]))
         bounds = np.flatnonzero(np.diff(shard)) + 1
+        pieces = []
+        step = max(256, -(-len(ids) // self._threads))
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(ids)]):
-            a = arrays[int(shard[lo])]
+            pieces += [(int(shard[lo]), a, min(a + step, hi)) for a in range(lo, hi, step)]
+
+        def copy(piece: tuple[int, int, int]) -> None:
+            s, lo, hi = piece
+            a = arrays[s]
             if isinstance(a, np.ndarray):
                 np.take(a, row[lo:hi], axis=0, out=out[lo:hi])
             else:  # compressed zarr: decoded by zarr
                 out[lo:hi] = a.get_orthogonal_selection((row[lo:hi], slice(None)))
+
+        if len(pieces) == 1:
+            copy(pieces[0])
+        else:
+            list(self._pool.map(copy, pieces))
         return out
 
     def _prefetch_blocks(self, chunk: list) -> None:
-        """Ask the kernel to read the buffer's blocks ahead (sequential reads instead of page faults)."""
+        """Ask the kernel to read the buffer's blocks ahead: sequential reads instead of page faults."""
         for hook in self.hooks:
             arrays = self._arrays[hook]
             for s, start, stop in chunk:
-                a = arrays[s]
-                mm = getattr(a, "_mmap", None)
-                if mm is None:
+                region = self._regions[hook][s]
+                if region is None:
                     continue
-                row_bytes = a.strides[0]
-                lo = (start * row_bytes + a.offset) // mmap.PAGESIZE * mmap.PAGESIZE
-                length = stop * row_bytes + a.offset - lo
-                try:
-                    mm.madvise(mmap.MADV_WILLNEED, lo, length)
-                except (OSError, ValueError):
-                    return
+                fd, offset = region
+                row_bytes = arrays[s].strides[0]
+                os.posix_fadvise(fd, offset + start * row_bytes, (stop - start) * row_bytes, os.POSIX_FADV_WILLNEED)
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         """The epoch's batches after its first `skip` ones; skipped buffers are not read."""
