@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import threading
@@ -70,16 +71,19 @@ def rss_anon() -> int:
     return 0
 
 
-def loader_pass(path: Path, batch_size: int) -> tuple[float, int, int, int]:
+def loader_pass(path: Path, batch_size: int) -> tuple[float, int, int, int, int]:
     loader = ActivationLoader(path, hooks=HOOK, batch_size=batch_size)
     base, peak = rss_anon(), 0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, rows = time.perf_counter(), 0
     for i, batch in enumerate(loader):
         rows += batch.shape[0]
         if i % 8 == 0:
             peak = max(peak, rss_anon() - base)
+    seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     buffer_bytes = loader.buffer_rows * batch.shape[1] * 4
-    return time.perf_counter() - t0, rows, peak, buffer_bytes
+    return seconds, rows, peak, buffer_bytes, faults
 
 
 def datasets_pass(path: Path, batch_size: int) -> tuple[float, int]:
@@ -121,9 +125,10 @@ def main() -> None:
                     s, n = raw_read(files)
                     results[name] = (s, n)
                 elif name == "loader":
-                    s, n_rows, peak, buf = loader_pass(path, args.batch_size)
+                    s, n_rows, peak, buf, faults = loader_pass(path, args.batch_size)
                     results[name] = (s, n_rows * row_bytes)
-                    mem = f"peak RssAnon +{peak / 2**20:,.0f} MiB vs buffer {buf / 2**20:,.0f} MiB"
+                    mem = (f"peak RssAnon +{peak / 2**20:,.0f} MiB vs shuffle buffer {buf / 2**20:,.0f} MiB; "
+                           f"{faults:,} minor page faults = {faults * 4096 / (n_rows * row_bytes):.2f} per 4 KiB read")
                 else:
                     s, n_rows = datasets_pass(path, args.batch_size)
                     results[name] = (s, n_rows * row_bytes)
