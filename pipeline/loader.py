@@ -159,7 +159,10 @@ class ActivationLoader:
             self._pool.shutdown(wait=False)
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter shutdown, modules may already be gone
+            pass
 
     # ----------------------------------------------------------------------------- the plan
 
