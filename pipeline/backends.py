@@ -219,7 +219,8 @@ def _read_zarr(path: Path, column: str) -> np.ndarray:
     else:
         import zarr
 
-        array = zarr.open_array(str(path), mode="r")[...]
+        # Compressed: a lazy zarr array; slices decode only the chunks they touch.
+        array = zarr.open_array(str(path), mode="r")
     if len(columns) > 1:
         array = array[:, columns.index(column)]
     return array

@@ -282,3 +282,28 @@ def test_positions_slice_and_toml_config(tmp_path):
     bad.write_text('[cache]\ntokenz = 5\n')
     out = cli("cache", "--config", str(bad), "--out", str(tmp_path / "d"), check=False)
     assert out.returncode == 2 and "unknown field(s) tokenz" in out.stderr
+
+
+def test_forward_stops_after_last_hooked_layer(tmp_path):
+    from cache_writer.model_adapter import _tl_stop_layer, load_model
+
+    assert _tl_stop_layer(["blocks.0.hook_resid_post"], 2) == 1
+    assert _tl_stop_layer(["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre"], 4) == 2
+    assert _tl_stop_layer(["blocks.1.hook_resid_post"], 2) is None  # the last block: run it all
+    assert _tl_stop_layer(["ln_final.hook_normalized"], 2) is None
+    adapter = load_model("tiny")
+    called = []
+    handle = adapter.model.blocks[1].register_forward_hook(lambda *a: called.append(1))
+    adapter.run(torch.zeros(1, 4, dtype=torch.long), ["blocks.0.hook_resid_post"])
+    handle.remove()
+    assert called == []  # block 1 never ran
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=32, n_embd=16, n_layer=3, n_head=2)).save_pretrained(
+        tmp_path / "m")
+    hf = load_model(str(tmp_path / "m"))
+    ran = []
+    handle = hf.model.transformer.h[2].register_forward_hook(lambda *a: ran.append(1))
+    out = hf.run(torch.zeros(1, 4, dtype=torch.long), ["transformer.h.0"])
+    handle.remove()
+    assert ran == [] and out["transformer.h.0"].shape == (1, 4, 16)

@@ -327,3 +327,19 @@ def test_synthetic_source_without_tokens(tmp_path):
     assert m["splits"]["train"]["rows"] == 200 and not m["has_tokens"]
     got = Cache(tmp_path / "c").read_split("x")
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, data.tolist()))
+
+
+@pytest.mark.parametrize("compression", ["zstd", "blosc"])
+def test_compressed_zarr_round_trip(tmp_path, compression):
+    plain = write_synthetic(tmp_path / "p", 9, WriterConfig(shard_mb=0.002))
+    packed = write_synthetic(tmp_path / "z", 9, WriterConfig(shard_mb=0.002, compression=compression))
+    assert packed["compression"] == compression and verify_cache(tmp_path / "z")[0] == []
+    hook = next(iter(HOOKS))
+    for split in ("train", "eval"):
+        np.testing.assert_array_equal(Cache(tmp_path / "z").read_split(hook, split).numpy(),
+                                      Cache(tmp_path / "p").read_split(hook, split).numpy())
+        a, t, _ = independent_read(tmp_path / "z", hook, split)
+        np.testing.assert_array_equal(a, independent_read(tmp_path / "p", hook, split)[0])
+    assert plain["splits"]["train"]["rows"] == packed["splits"]["train"]["rows"]
+    with pytest.raises(PipelineError, match="compression is only available with --format zarr"):
+        CacheWriter(tmp_path / "a", HOOKS, WriterConfig(format="arrow", compression="zstd"))

@@ -212,3 +212,14 @@ def test_cuda_batches_equal_cpu(tmp_path):
     assert all(g.is_cuda for g in gpu)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
+
+
+def test_compressed_zarr_cache_loads_and_says_so(tmp_path):
+    w = CacheWriter(tmp_path / "c", {"id": 4}, WriterConfig(compression="zstd", shard_mb=0.01))
+    for start in range(0, 2000, 100):
+        i = torch.arange(start, start + 100, dtype=torch.float32)
+        w.put(ActivationBlock({"id": torch.stack([i, i, i, i], 1)}))
+    w.close()
+    with pytest.warns(UserWarning, match="is compressed: blocks are decoded by zarr"):
+        loader = ActivationLoader(tmp_path / "c", batch_size=128)
+    assert sorted(ids(loader)) == list(range(2000))
