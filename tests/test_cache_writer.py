@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import os
 import signal
 import subprocess
@@ -25,6 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
 TOL = {"float32": dict(atol=1e-4, rtol=1e-4), "float16": dict(atol=2e-2, rtol=2e-3),
        "bfloat16": dict(atol=1e-1, rtol=1e-2)}
+
+
+def small_corpus(root: Path) -> str:
+    """40 documents named so that the hash rule holds out doc01, doc06, doc10, ... at fraction 0.3,
+    whatever the Python version (their text is a slice of the stdlib's own sources)."""
+    from cache_writer.stdlib_corpus import stdlib_files
+
+    files = stdlib_files()
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (root / f"doc{i:02d}.py").write_bytes(files[i * 7][1].read_bytes()[:2000])
+    return str(root)
 
 
 def cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -70,10 +83,10 @@ def assert_rows_match_model(path: Path, hooks: list[str], n: int = 24, tol: dict
 def test_rows_equal_run_with_cache(tmp_path, fmt, dtype):
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
     m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=12_000, hooks=hooks, format=fmt, dtype=dtype,
-                              shard_mb=0.5, eval_fraction=0.5), progress=False)
+                              shard_mb=0.5, eval_fraction=0.3, dataset=small_corpus(tmp_path / "docs")),
+                  progress=False)
     assert m["complete"] and verify_cache(tmp_path / "c")[0] == []
     assert m["splits"]["train"]["rows"] > 0 and m["splits"]["eval"]["rows"] > 0
-    assert m["provenance"]["dataset"]["revision"]["python_version"]
     assert_rows_match_model(tmp_path / "c", hooks)
 
 
@@ -82,6 +95,8 @@ def test_cli_default_command_and_info(tmp_path):
     assert "wrote" in out.stdout
     m = read_manifest(tmp_path / "c")
     assert list(m["hooks"]) == [HOOK]  # the middle layer's residual stream by default
+    assert m["provenance"]["dataset"]["name"] == "python-stdlib"
+    assert m["provenance"]["dataset"]["revision"]["python_version"] == platform.python_version()
     assert m["hooks"][HOOK]["shape"] == [128]
     assert m["progress"]["units"] * 128 >= 20000
     # BOS positions hold no rows by default
@@ -248,7 +263,7 @@ def test_resume_with_different_config_names_field(tmp_path):
 def test_gpu_cache_equals_model_rows(tmp_path, dtype):
     """On a GPU the writer copies blocks to pinned memory asynchronously; rows must still be right."""
     hooks = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
-    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=20_000, hooks=hooks, device="cuda", dtype=dtype, eval_fraction=0.5,
+    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=20_000, hooks=hooks, device="cuda", dtype=dtype, eval_fraction=0.3, dataset=small_corpus(tmp_path / "docs"),
                               shard_mb=0.5, batch_size=16), progress=False)
     assert m["complete"] and verify_cache(tmp_path / "c")[0] == []
     # GPU kernels sum in another order than the CPU reference

@@ -197,7 +197,10 @@ def test_batch_larger_than_split(tmp_path):
 def test_eval_split_of_a_language_model_cache(tmp_path):
     from cache_writer.run import CacheConfig, run_cache
 
-    run_cache(CacheConfig(out=str(tmp_path / "lm"), tokens=6000, eval_fraction=0.5), progress=False)
+    from tests.test_cache_writer import small_corpus
+
+    run_cache(CacheConfig(out=str(tmp_path / "lm"), tokens=6000, eval_fraction=0.3,
+                          dataset=small_corpus(tmp_path / "docs")), progress=False)
     loader = ActivationLoader(tmp_path / "lm", split="eval", batch_size=64)
     rows = sum(len(b) for b in loader)
     assert rows == json.loads((tmp_path / "lm" / "manifest.json").read_text())["splits"]["eval"]["rows"]
