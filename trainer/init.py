@@ -1,0 +1,70 @@
+"""Initialisation shared by the architectures, per run of a stack.
+
+Each run draws its weights from its own `torch.Generator` seeded with that run's seed, so run r of a
+stack is bit-for-bit the single run (R = 1) with the same seed: stacking never changes a result.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+@torch.no_grad()
+def init_tied_weights_(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,
+                       seeds: Sequence[int], dec_init_norm: torch.Tensor) -> None:
+    """Fill `W_dec (R, d_sae, d_in)` with random rows of norm `dec_init_norm[r]`, set
+    `W_enc (R, d_in, d_sae)` to its per-run transpose and `b_enc` to 0, in place.
+
+    Tied init (W_enc = W_dec^T) is what Gao et al. 2024 and Anthropic's April 2024 update use: at
+    step 0 every latent reads the direction it writes, which cuts early dead latents."""
+    R, d_sae, d_in = W_dec.shape
+    if len(seeds) != R:
+        raise PipelineError(f"{len(seeds)} seeds for a stack of {R} runs; give one seed per run")
+    for r, seed in enumerate(seeds):
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        # Drawn on the CPU in float32 whatever the target device/dtype: the same seed gives the
+        # same SAE everywhere.
+        w = torch.randn(d_sae, d_in, generator=g, dtype=torch.float32)
+        w = w / w.norm(dim=-1, keepdim=True) * float(dec_init_norm[r])
+        W_dec[r].copy_(w)
+        W_enc[r].copy_(w.T)
+    b_enc.zero_()
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iters: int = 5, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld iterations for the geometric median of `points (..., n, d)`, batched over the
+    leading dimensions; starts from the mean. A few iterations are plenty for an initial `b_dec`."""
+    median = points.mean(dim=-2)
+    for _ in range(iters):
+        dist = (points - median.unsqueeze(-2)).norm(dim=-1).clamp_min(eps)  # (..., n)
+        w = 1.0 / dist
+        median = (w.unsqueeze(-1) * points).sum(dim=-2) / w.sum(dim=-1, keepdim=True)
+    return median
+
+
+@torch.no_grad()
+def init_b_dec_(b_dec: torch.Tensor, sample: torch.Tensor, method: str = "mean", iters: int = 5) -> None:
+    """Set `b_dec (R, d_in)` from a sample batch, in place: `sample (n, d_in)` is shared by every run,
+    `(R, n, d_in)` gives each run its own. `method` is "mean", "geometric_median" or "zeros".
+
+    Starting b_dec at the data's centre means the encoder sees centred inputs from step 0."""
+    R, d_in = b_dec.shape
+    if method == "zeros":
+        b_dec.zero_()
+        return
+    if sample.shape[-1] != d_in or sample.dim() not in (2, 3) or (sample.dim() == 3 and sample.shape[0] != R):
+        raise PipelineError(f"b_dec init sample has shape {tuple(sample.shape)}; expected (n, {d_in}) "
+                            f"or ({R}, n, {d_in})")
+    x = sample.to(device=b_dec.device, dtype=torch.float32)
+    if method == "mean":
+        centre = x.mean(dim=-2)
+    elif method == "geometric_median":
+        centre = geometric_median(x, iters=iters)
+    else:
+        raise PipelineError(f"unknown b_dec init method {method!r}; use mean, geometric_median or zeros")
+    b_dec.copy_(centre.expand(R, d_in).to(b_dec.dtype))

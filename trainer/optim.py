@@ -1,0 +1,153 @@
+"""Per-run Adam over stacked parameters, and the decoder-norm constraints.
+
+Every parameter carries the run dimension first, `(R, ...)`. Adam's update is elementwise, so a
+per-run learning rate broadcast over that dimension gives each run exactly the update it would get
+alone; gradient clipping is the one step that mixes elements, and it is done per run (the norm of
+run r's gradient over all parameters). State is plain tensors (`state_dict()`), ready for
+safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+
+def _per_run(value: float | Sequence[float] | torch.Tensor, R: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).to(like.device).flatten()
+    if t.numel() == 1:
+        t = t.expand(R)
+    if t.numel() != R:
+        raise PipelineError(f"{name} has {t.numel()} values for a stack of {R} runs; give 1 or {R}")
+    return t.clone()
+
+
+def _runs_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(R,) -> (R, 1, ..., 1) to broadcast over a parameter of `like`'s shape."""
+    return t.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class StackedAdam:
+    """Adam (Kingma & Ba, with bias correction, no weight decay) for a stack of R runs.
+
+    `params`: the parameters (a mapping name -> parameter, e.g. `dict(model.named_parameters())`,
+    gives readable state names), each shaped (R, ...). `lr` and `max_grad_norm` are per run: a
+    number (every run) or R numbers; `max_grad_norm=None` (or inf for a run) means no clipping.
+    Change `self.lr` in place for a schedule (it is an (R,) tensor)."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter],
+                 lr: float | Sequence[float] | torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 max_grad_norm: float | Sequence[float] | torch.Tensor | None = None):
+        named = dict(params) if isinstance(params, Mapping) else {str(i): p for i, p in enumerate(params)}
+        if not named:
+            raise PipelineError("StackedAdam got no parameters")
+        self.params = named
+        first = next(iter(named.values()))
+        self.n_runs = R = first.shape[0]
+        for name, p in named.items():
+            if p.dim() == 0 or p.shape[0] != R:
+                raise PipelineError(f"parameter {name} has shape {tuple(p.shape)}; every parameter of a "
+                                    f"stack must have the run dimension ({R}) first")
+        self.lr = _per_run(lr, R, "lr", first)
+        self.max_grad_norm = None if max_grad_norm is None else _per_run(max_grad_norm, R, "max_grad_norm", first)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.step_count = torch.zeros((), dtype=torch.long)
+        self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in named.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in named.items()}
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """Per-run gradient norm (R,) over all parameters (missing gradients count as 0)."""
+        first = next(iter(self.params.values()))
+        sq = torch.zeros(self.n_runs, dtype=torch.float32, device=first.device)
+        for p in self.params.values():
+            if p.grad is not None:
+                sq += p.grad.float().pow(2).reshape(self.n_runs, -1).sum(dim=1)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Clip each run's gradient to its max_grad_norm, then take one Adam step.
+        Returns the per-run gradient norm (R,) before clipping, for logging."""
+        norm = self.grad_norm()
+        if self.max_grad_norm is not None:
+            # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above.
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(_runs_view(coef, p))
+
+        self.step_count += 1
+        t = int(self.step_count)
+        bias_correction1 = 1 - self.beta1 ** t
+        bias_correction2_sqrt = math.sqrt(1 - self.beta2 ** t)
+        step_size = self.lr / bias_correction1  # (R,)
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.sub_(_runs_view(step_size, p) * m / denom)
+        return norm
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All state as plain tensors (safetensors-ready); names follow the parameters'."""
+        sd = {"step": self.step_count.clone(), "lr": self.lr.clone(),
+              "betas": torch.tensor([self.beta1, self.beta2], dtype=torch.float64),
+              "eps": torch.tensor(self.eps, dtype=torch.float64)}
+        if self.max_grad_norm is not None:
+            sd["max_grad_norm"] = self.max_grad_norm.clone()
+        for name in self.params:
+            sd[f"exp_avg.{name}"] = self.exp_avg[name].detach().clone()
+            sd[f"exp_avg_sq.{name}"] = self.exp_avg_sq[name].detach().clone()
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned (same parameter names and shapes)."""
+        missing = [k for k in ("step", "lr", "betas", "eps") if k not in sd]
+        missing += [f"{kind}.{n}" for n in self.params for kind in ("exp_avg", "exp_avg_sq")
+                    if f"{kind}.{n}" not in sd]
+        if missing:
+            raise PipelineError(f"optimizer state lacks {', '.join(missing)}")
+        self.step_count = sd["step"].clone().to(torch.long)
+        self.lr = sd["lr"].clone().to(self.lr.device)
+        self.beta1, self.beta2 = (float(b) for b in sd["betas"])
+        self.eps = float(sd["eps"])
+        self.max_grad_norm = sd["max_grad_norm"].clone().to(self.lr.device) if "max_grad_norm" in sd else None
+        with torch.no_grad():
+            for name in self.params:
+                self.exp_avg[name].copy_(sd[f"exp_avg.{name}"])
+                self.exp_avg_sq[name].copy_(sd[f"exp_avg_sq.{name}"])
+
+
+@torch.no_grad()
+def remove_parallel_grad(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
+    """Project out of W_dec.grad the component parallel to each decoder row, in place.
+
+    W_dec is (R, d_sae, d_in) (rows are the last dimension, so each run is handled on its own).
+    With unit-norm rows, that component only changes a row's norm, which `normalize_decoder` undoes
+    after the step anyway; removing it keeps Adam's moments free of it (Gao et al. 2024, sparsify)."""
+    if W_dec.grad is None:
+        return
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(eps)
+    parallel = (W_dec.grad * unit).sum(dim=-1, keepdim=True)
+    W_dec.grad.sub_(parallel * unit)
+
+
+@torch.no_grad()
+def normalize_decoder(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
+    """Scale every decoder row of W_dec (R, d_sae, d_in) to unit norm, in place."""
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(eps))

@@ -1,0 +1,89 @@
+"""Standard ReLU SAE with an L1 penalty weighted by decoder norms, for a stack of R runs.
+
+    latents = ReLU(W_enc^T (x - b_dec) + b_enc)
+    recon   = W_dec^T latents + b_dec
+    loss    = mse + l1_scale * l1_coefficient * sum_i latents_i * ||W_dec_i||
+
+Weighting each latent's L1 by its decoder row norm (Anthropic's April 2024 update; SAELens's
+"standard" training) makes the penalty invariant to moving scale between encoder and decoder, so the
+decoder needs no unit-norm constraint. Runs in one stack share d_in and d_sae; the L1 coefficient
+and the seed may differ per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from trainer.registry import register_architecture
+from trainer.stack import StackedSAE, per_run, shared
+
+
+@dataclass
+class StandardConfig:
+    """One standard (ReLU + L1) run."""
+
+    d_in: int
+    """Width of the activations read (and reconstructed)."""
+    d_sae: int
+    """Number of latents."""
+    l1_coefficient: float = 5.0
+    """Weight of the decoder-norm-weighted L1 penalty."""
+    l1_warmup_steps: int = 0
+    """Steps over which the L1 weight ramps linearly from 0 to l1_coefficient (0 = none)."""
+    seed: int = 0
+    """Seed of this run's initial weights."""
+    dec_init_norm: float = 0.1
+    """Norm of each decoder row at init (SAELens's default decoder_init_norm)."""
+
+    def l1_scale(self, step: int) -> float:
+        """The warm-up factor min(1, step / l1_warmup_steps) to pass to forward."""
+        return 1.0 if self.l1_warmup_steps <= 0 else min(1.0, step / self.l1_warmup_steps)
+
+
+@register_architecture("standard")
+class StandardSAE(StackedSAE):
+    """A stack of R standard SAEs of the same shape, trained on the same batches."""
+
+    config_class = StandardConfig
+    # The L1 term already charges for decoder norm, so the decoder is left free.
+    unit_norm_decoder = False
+
+    def __init__(self, cfgs: StandardConfig | Sequence[StandardConfig]):
+        super().__init__(cfgs)
+        # The warm-up is one schedule for the stack: the loop passes one l1_scale per step.
+        self.l1_warmup_steps = shared(self.cfgs, "l1_warmup_steps")
+        self.register_buffer("l1_coefficient", per_run(self.cfgs, "l1_coefficient", torch.float32))
+
+    def l1_scale(self, step: int) -> float:
+        """The warm-up factor min(1, step / l1_warmup_steps) to pass to forward."""
+        return self.cfgs[0].l1_scale(step)
+
+    # -- forward pieces ------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (R, batch, d_sae)."""
+        return self.pre_acts(x).relu()
+
+    # -- the training step's forward -----------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, l1_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Everything a training step needs, per run.
+
+        Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae) and
+        `recon` (R, batch, d_in). `l1` is the decoder-norm-weighted L1 (summed over latents, averaged
+        over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
+        loss = mse + aux_loss. `l1_scale` is the warm-up factor (`self.l1_scale(step)`).
+        mse is the squared error summed over d_in and averaged over the batch (SAELens's training
+        MSE). Backpropagate `loss.sum()`: runs share no parameters."""
+        latents = self.encode(x)
+        recon = self.decode(latents)
+        mse = self.mse(x, recon)
+        dec_norms = self.W_dec.norm(dim=-1)  # (R, d_sae)
+        l1 = (latents * dec_norms.unsqueeze(1)).sum(dim=-1).mean(dim=-1)
+        aux_loss = l1_scale * self.l1_coefficient * l1
+        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l1": l1, "l0": l0,
+                "latents": latents, "recon": recon}

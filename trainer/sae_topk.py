@@ -1,0 +1,144 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), for a stack of R runs.
+
+    latents = scatter(TopK_k(W_enc^T (x - b_dec) + b_enc)), ReLU'd
+    recon   = W_dec^T latents + b_dec
+    loss    = mse + aux_k_coef * auxk
+
+Sparsity is set by k, so there is no L1 term; the AuxK loss revives dead latents by asking the
+top-`aux_k` dead ones to reconstruct the residual the live ones left. Runs in one stack share d_in
+and d_sae; k, aux_k, aux_k_coef, dead_tokens_threshold and the seed may differ per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pipeline.errors import PipelineError
+from trainer.registry import register_architecture
+from trainer.stack import StackedSAE, per_run, shared
+
+
+@dataclass
+class TopKConfig:
+    """One TopK run."""
+
+    d_in: int
+    """Width of the activations read (and reconstructed)."""
+    d_sae: int
+    """Number of latents."""
+    k: int
+    """Latents kept per token."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss; None = d_in // 2 (Gao et al. App. B.1, as SAELens)."""
+    aux_k_coef: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al. use 1/32)."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    seed: int = 0
+    """Seed of this run's initial weights."""
+    dec_init_norm: float = 1.0
+    """Norm of each decoder row at init (the decoder is kept unit-norm during training)."""
+
+    def resolved_aux_k(self) -> int:
+        """aux_k with its default filled in and capped at d_sae."""
+        aux_k = self.d_in // 2 if self.aux_k is None else self.aux_k
+        return max(1, min(aux_k, self.d_sae))
+
+
+def topk_per_run(pre: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Keep the top `k[r]` entries of `pre (R, batch, d_sae)` per row, ReLU'd, zeros elsewhere.
+
+    One `topk` with the stack's largest k serves every run: values come back sorted, so run r keeps
+    the first k[r] of them and zeroes the rest. Its top-k[r] are exactly what a run alone would pick."""
+    vals, idx = pre.topk(k_max, dim=-1, sorted=True)
+    keep = torch.arange(k_max, device=pre.device) < k.view(-1, 1, 1)  # (R, 1, k_max)
+    vals = torch.where(keep, vals.relu(), torch.zeros((), dtype=vals.dtype, device=vals.device))
+    return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+
+@register_architecture("topk")
+class TopKSAE(StackedSAE):
+    """A stack of R TopK SAEs of the same shape, trained on the same batches."""
+
+    config_class = TopKConfig
+    # Gao et al. keep decoder rows unit-norm: the loop removes the gradient parallel to each row
+    # before the optimiser step and renormalises after it (trainer.optim).
+    unit_norm_decoder = True
+
+    def __init__(self, cfgs: TopKConfig | Sequence[TopKConfig]):
+        super().__init__(cfgs)
+        R, d_sae = self.n_runs, self.d_sae
+        for c in self.cfgs:
+            if not 1 <= c.k <= d_sae:
+                raise PipelineError(f"k = {c.k} must be between 1 and d_sae = {d_sae}")
+
+        # Per-run hyper-parameters live in buffers: they move with .to(device) and are saved.
+        self.register_buffer("k", per_run(self.cfgs, "k", torch.long))
+        self.register_buffer("aux_k", torch.tensor([c.resolved_aux_k() for c in self.cfgs], dtype=torch.long))
+        self.register_buffer("aux_k_coef", per_run(self.cfgs, "aux_k_coef", torch.float32))
+        self.register_buffer("dead_tokens_threshold", per_run(self.cfgs, "dead_tokens_threshold", torch.long))
+        # Tokens seen since each latent last fired, per run (updated by `update_dead`).
+        self.register_buffer("tokens_since_fired", torch.zeros(R, d_sae, dtype=torch.long))
+        # Python ints, so that forward never syncs with the device to find them.
+        self.k_max = int(self.k.max())
+        self.aux_k_max = int(self.aux_k.max())
+
+    # -- forward pieces ------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (R, batch, d_sae): each run's top k[r] pre-activations, ReLU'd."""
+        return topk_per_run(self.pre_acts(x), self.k, self.k_max)
+
+    # -- dead latents and the AuxK loss --------------------------------------------------------
+
+    def dead_mask(self) -> torch.Tensor:
+        """(R, d_sae) bool: latents that have not fired for dead_tokens_threshold[r] tokens."""
+        return self.tokens_since_fired >= self.dead_tokens_threshold.unsqueeze(1)
+
+    @torch.no_grad()
+    def update_dead(self, latents: torch.Tensor, n_tokens: int) -> None:
+        """Count `n_tokens` more tokens for every latent, and restart the count of those that fired
+        in `latents (R, batch, d_sae)`. Call once per training step, after forward."""
+        fired = (latents > 0).any(dim=1)  # (R, d_sae)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired.masked_fill_(fired, 0)
+
+    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Unweighted AuxK loss per run (R,): the top aux_k[r] dead latents (ReLU'd) reconstruct the
+        detached residual x - recon through W_dec, without b_dec (Gao et al. App. A.2; b_dec is
+        already in the residual). Scaled by min(1, n_dead / aux_k) as sparsify and SAELens do, so it
+        fades in as latents die; exactly 0 for a run without dead latents."""
+        dead = self.dead_mask()
+        n_dead = dead.sum(dim=1)  # (R,)
+        if not bool(n_dead.any()):  # the common case once training is healthy: skip the work
+            return pre.new_zeros(self.n_runs)
+        aux_k = torch.minimum(self.aux_k, n_dead)
+        scale = (n_dead.to(pre.dtype) / self.aux_k.to(pre.dtype)).clamp(max=1.0)
+        dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
+        acts = topk_per_run(dead_pre, aux_k, self.aux_k_max)
+        e_hat = torch.einsum("rbs,rsi->rbi", acts, self.W_dec)
+        return scale * (e_hat - residual.detach()).pow(2).sum(dim=-1).mean(dim=-1)
+
+    # -- the training step's forward -----------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything a training step needs, per run.
+
+        Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae) and `recon`
+        (R, batch, d_in). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK.
+        mse is the squared error summed over d_in and averaged over the batch (SAELens's
+        training MSE), so it scales with the activations' norm; divide by the data's total variance
+        for a fraction of variance unexplained. Backpropagate `loss.sum()`: runs share no
+        parameters, so each run's gradient is that of its own loss."""
+        pre = self.pre_acts(x)
+        latents = topk_per_run(pre, self.k, self.k_max)
+        recon = self.decode(latents)
+        residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
+        mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual)
+        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0,
+                "latents": latents, "recon": recon}

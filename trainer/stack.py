@@ -1,0 +1,98 @@
+"""Turning a list of per-run configs into one stack: shared shape fields, per-run `(R,)` tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from trainer.init import init_b_dec_, init_tied_weights_
+
+
+def as_config_list(cfgs: Any, config_class: type) -> list:
+    """A single config or a non-empty sequence of configs of `config_class`, as a list."""
+    if isinstance(cfgs, config_class):
+        return [cfgs]
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise PipelineError("a stack needs at least one run config")
+    for c in cfgs:
+        if not isinstance(c, config_class):
+            raise PipelineError(f"expected {config_class.__name__} configs, got {type(c).__name__}")
+    return cfgs
+
+
+def shared(cfgs: Sequence, name: str) -> Any:
+    """A field every run of the stack must agree on (a shape): its value, else a PipelineError."""
+    values = [getattr(c, name) for c in cfgs]
+    if any(v != values[0] for v in values):
+        raise PipelineError(f"runs stacked together must share {name}; got {values}. "
+                            f"Put runs with different {name} in different stacks")
+    return values[0]
+
+
+def per_run(cfgs: Sequence, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A per-run field as an `(R,)` tensor."""
+    return torch.tensor([getattr(c, name) for c in cfgs], dtype=dtype)
+
+
+def config_dicts(cfgs: Sequence) -> list[dict]:
+    """The run configs as plain dicts (for saving alongside the weights)."""
+    return [dataclasses.asdict(c) for c in cfgs]
+
+
+class StackedSAE(nn.Module):
+    """What every architecture here shares: R runs of a tied-init linear encoder and decoder.
+
+    Parameters `W_enc (R, d_in, d_sae)`, `b_enc (R, d_sae)`, `W_dec (R, d_sae, d_in)`,
+    `b_dec (R, d_in)`; subclasses add their activation function, loss and per-run buffers.
+    """
+
+    config_class: type = object
+
+    def __init__(self, cfgs: Any):
+        super().__init__()
+        self.cfgs = as_config_list(cfgs, self.config_class)
+        R = len(self.cfgs)
+        self.d_in = d_in = shared(self.cfgs, "d_in")
+        self.d_sae = d_sae = shared(self.cfgs, "d_sae")
+        self.W_enc = nn.Parameter(torch.empty(R, d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.empty(R, d_sae))
+        self.W_dec = nn.Parameter(torch.empty(R, d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(R, d_in))
+        init_tied_weights_(self.W_enc.data, self.W_dec.data, self.b_enc.data, [c.seed for c in self.cfgs],
+                           per_run(self.cfgs, "dec_init_norm", torch.float32))
+
+    @property
+    def n_runs(self) -> int:
+        return self.W_enc.shape[0]
+
+    def init_b_dec(self, sample: torch.Tensor, method: str = "mean") -> None:
+        """b_dec from a sample batch: "mean" or "geometric_median" (see trainer.init.init_b_dec_)."""
+        init_b_dec_(self.b_dec.data, sample, method)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        R = self.n_runs
+        if x.shape[-1] != self.d_in or x.dim() not in (2, 3) or (x.dim() == 3 and x.shape[0] != R):
+            raise PipelineError(f"input has shape {tuple(x.shape)}; expected (batch, {self.d_in}) "
+                                f"or ({R}, batch, {self.d_in})")
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations (R, batch, d_sae); x is (batch, d_in) or (R, batch, d_in)."""
+        self._check_input(x)
+        # (batch, d_in) - (R, 1, d_in) broadcasts to (R, batch, d_in): every run sees the same batch.
+        x_centred = x - self.b_dec.unsqueeze(1)
+        return torch.einsum("rbi,ris->rbs", x_centred, self.W_enc) + self.b_enc.unsqueeze(1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (R, batch, d_in) from latents (R, batch, d_sae)."""
+        return torch.einsum("rbs,rsi->rbi", latents, self.W_dec) + self.b_dec.unsqueeze(1)
+
+    @staticmethod
+    def mse(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """(R,) squared error summed over d_in, averaged over the batch (SAELens's training MSE)."""
+        target = x if x.dim() == 3 else x.unsqueeze(0)
+        return (target - recon).pow(2).sum(dim=-1).mean(dim=-1)
