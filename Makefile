@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 CACHE ?= caches/default
 TOKENS ?= 2000000
+TRAIN_TOKENS ?= 4000000
 # glibc returns big per-step buffers to the OS and faults them back in (REFERENCE.md): keep them.
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup cache tiny-model test test-fast bench clean
+.PHONY: setup cache train tiny-model test test-fast bench clean
 
 setup: $(BIN)/.installed
 
@@ -23,6 +24,11 @@ $(BIN)/.installed: pyproject.toml
 
 cache: setup
 	$(BIN)/pipeline cache --tokens $(TOKENS) --out $(CACHE) --resume
+
+# Trains on the cache `make cache` wrote (run that first).
+train: setup
+	$(BIN)/pipeline train --cache $(CACHE) --arch topk --d-sae 1024 --k 32 --lr 1e-3 \
+		--tokens $(TRAIN_TOKENS) --batch-size 4096 --out runs/default
 
 tiny-model: setup
 	$(BIN)/python -m cache_writer.train_tiny_model

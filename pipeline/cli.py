@@ -1,4 +1,4 @@
-"""The command line: `pipeline cache | pretokenize | info | verify` (`python -m pipeline` too).
+"""The command line: `pipeline cache | train | pretokenize | info | verify` (`python -m pipeline` too).
 
 Each command imports its stage lazily, so `pipeline info` never loads a model.
 """
@@ -61,6 +61,43 @@ def cache(
     rows = {s: v["rows"] for s, v in manifest["splits"].items()}
     typer.echo(f"wrote {cfg.out}: {rows['train']:,} train rows, {rows['eval']:,} eval rows, "
                f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
+
+
+@app.command()
+def train(
+    cache: Optional[str] = typer.Option(None, help="Cache directory to train on."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (export, metrics)."),
+    hook: Optional[str] = typer.Option(None, help="Hook to read (default: the cache's only hook)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture: topk, standard, or one you registered."),
+    d_sae: Optional[int] = typer.Option(None, help="Number of latents."),
+    k: Optional[int] = typer.Option(None, help="TopK: latents per token."),
+    l1: Optional[float] = typer.Option(None, help="Standard: L1 coefficient."),
+    l1_warmup_steps: Optional[int] = typer.Option(None, help="Standard: L1 warm-up steps."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    lr_warmup_steps: Optional[int] = typer.Option(None, help="Linear lr warm-up steps."),
+    lr_decay: Optional[str] = typer.Option(None, help="constant, cosine or linear."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per step."),
+    tokens: Optional[int] = typer.Option(None, help="Rows to train on."),
+    seed: Optional[int] = typer.Option(None, help="Seed of weights and shuffle."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    log_every: Optional[int] = typer.Option(None, help="Steps between metric lines."),
+    import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
+) -> None:
+    """Stage 2: train an SAE from a cache; export it in SAELens's format."""
+    overrides = dict(locals())  # first, before any import adds names
+    import importlib
+
+    from pipeline.config import build_config
+    from trainer.run import TrainConfig, run_train
+
+    for name in overrides.pop("import_module") or []:
+        importlib.import_module(name)
+    overrides.pop("config")
+    metrics = run_train(build_config(TrainConfig, config, overrides, section="train"))
+    ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
+    typer.echo(f"exported to {out or TrainConfig.out}: explained variance {ev[0]:.3f}, "
+               f"L0 {metrics.get('eval_l0', metrics.get('l0'))[0]:.1f}")
 
 
 @app.command()
