@@ -81,6 +81,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed of weights and shuffle."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     log_every: Optional[int] = typer.Option(None, help="Steps between metric lines."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:

@@ -111,6 +111,14 @@ def test_pipeline_train_cli_exports(tmp_path):
     cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "x"
     assert cfg["metadata"]["cache_manifest_hash"] and cfg["metadata"]["training_architecture"] == "mine"
+    args = [sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "mine", "--import",
+            "mine", "--d-sae", "128", "--k", "3", "--lr", "3e-3", "--batch-size", "256", "--out", str(tmp_path / "run")]
+    again = subprocess.run(args + ["--tokens", "60000"], cwd=root, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "holds a checkpoint of an earlier run; pass --resume" in again.stderr
+    more = subprocess.run(args + ["--tokens", "90000", "--resume"], cwd=root, env=env, capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 352 and steps == sorted(steps)  # ceil(90000 / 256): continued, not restarted
     bad = subprocess.run([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "topkk",
                           "--out", str(tmp_path / "r2")], cwd=root, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown architecture 'topkk'; registered:" in bad.stderr
@@ -118,3 +126,37 @@ def test_pipeline_train_cli_exports(tmp_path):
                           "--d-sae", "128", "--batch-size", "256", "--out", str(tmp_path / "r3")], cwd=root, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "k = 500 must be between 1 and d_sae = 128" in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
+    """A run stopped after 70 of 150 steps and resumed from its checkpoint ends with bit-identical
+    weights, optimizer state and dead-latent counters."""
+    sparse_cache(tmp_path / "c", rows=8000)
+
+    def make():
+        if arch == "topk":
+            return TopKSAE([TopKConfig(d_in=32, d_sae=64, k=3, seed=0, dead_tokens_threshold=2000)])
+        return StandardSAE([StandardConfig(d_in=32, d_sae=64, l1_coefficient=0.5, l1_warmup_steps=40)])
+
+    loop = LoopConfig(lr=3e-3, lr_warmup_steps=10, lr_decay="cosine", total_steps=150, log_every=1000)
+    conf = {"arch": arch, "lr": 3e-3}
+
+    def loader():  # 150 steps of 256 cross an epoch boundary (8000 rows)
+        return ActivationLoader(tmp_path / "c", batch_size=256, tokens=256 * 150, seed=5)
+
+    straight = make()
+    train_stack(straight, loader(), loop, log=None, run_dir=tmp_path / "a", config=conf)
+    first = make()
+    train_stack(first, loader(), loop, log=None, run_dir=tmp_path / "b", max_steps=70, config=conf)
+    resumed = make()  # a new process would start from fresh weights: the checkpoint replaces them
+    train_stack(resumed, loader(), loop, log=None, run_dir=tmp_path / "b", config=conf)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    from safetensors.torch import load_file
+
+    oa = load_file(str(tmp_path / "a" / "checkpoint" / "optimizer.safetensors"))
+    ob = load_file(str(tmp_path / "b" / "checkpoint" / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    with pytest.raises(Exception, match=r"checkpoint in .* is from another config \(lr: checkpoint 0.003, now 0.01\)"):
+        train_stack(make(), loader(), loop, log=None, run_dir=tmp_path / "b", config={"arch": arch, "lr": 1e-2})

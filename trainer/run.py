@@ -13,6 +13,7 @@ from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader
 from pipeline.manifest import manifest_hash
+from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
 from trainer.train import LoopConfig, explained_variance, export_saelens, train_stack
@@ -54,6 +55,10 @@ class TrainConfig:
     """auto, cpu, cuda, ..."""
     log_every: int = 50
     """Steps between metric lines."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (one is also written at the end)."""
+    resume: bool = False
+    """Continue the run whose checkpoint is in --out (a larger --tokens extends it)."""
 
 
 def build_model(cfg: TrainConfig, d_in: int) -> StackedSAE:
@@ -101,11 +106,18 @@ def run_train(cfg: TrainConfig) -> dict:
     d_in = train.source.hooks[hook]
     model = build_model(cfg, d_in).to(device)
     out = Path(cfg.out)
+    if (out / CHECKPOINT).exists() and not cfg.resume:
+        raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
+                            "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(cfg.tokens / cfg.batch_size)
     loop = LoopConfig(lr=cfg.lr, lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay, total_steps=steps,
                       log_every=cfg.log_every, metrics_path=str(out / "metrics.jsonl"))
-    last = train_stack(model, train, loop, log=_console)
+    # What the weights depend on; tokens may grow on resume (extending the run), devices may change.
+    identity = {k: v for k, v in asdict(cfg).items()
+                if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume")}
+    last = train_stack(model, train, loop, log=_console, run_dir=out, checkpoint_every=cfg.checkpoint_every,
+                       config=identity)
     metrics = dict(last)
     if train.source.shards("eval"):
         eval_loader = ActivationLoader(cfg.cache, hooks=hook, batch_size=min(cfg.batch_size, train.source.rows("eval")),

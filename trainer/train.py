@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
 from trainer.stack import StackedSAE
 
@@ -69,16 +70,36 @@ def explained_variance(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopConfig,
                 evaluator: Callable[[StackedSAE], dict] | None = None, eval_every: int = 0,
-                log: Callable[[dict], None] | None = print) -> dict:
-    """Train every run of `model` on each batch; returns the last metrics (lists per run)."""
-    it: Iterator[torch.Tensor] = iter(batches)
-    first = next(it)
-    model.init_b_dec(first.float(), cfg.b_dec_init if cfg.b_dec_init != "zeros" else "zeros")
+                log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
+                checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None) -> dict:
+    """Train every run of `model` on each batch; returns the last metrics (lists per run).
+
+    With `run_dir`, a checkpoint is written every `checkpoint_every` steps and at the end, and an
+    existing one is resumed: `batches` must then be an `ActivationLoader` (its position is part of
+    the checkpoint) and training continues exactly where it stopped. `max_steps` stops early.
+    """
     opt = StackedAdam(dict(model.named_parameters()), lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
     base_lr = opt.lr.clone()
+    config = config or {}
+    resumed = load_checkpoint(run_dir, model, opt, config) if run_dir else None
+    step, tokens = 0, 0
+    if resumed:
+        batches.load_state_dict(resumed["loader"])
+        step, tokens = resumed["step"], resumed["tokens"]
+    it: Iterator[torch.Tensor] = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return {}
+    if not resumed:
+        model.init_b_dec(first.float(), cfg.b_dec_init)
     fired = torch.zeros(model.n_runs, model.d_sae, device=model.W_enc.device)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
-    step, tokens, t0, last = 0, 0, time.perf_counter(), {}
+    t0, last, start_tokens = time.perf_counter(), {}, tokens
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, model, opt, {"step": step, "tokens": tokens, "loader": batches.state_dict(),
+                                              "config": config})
+
     try:
         for batch in _chain(first, it):
             opt.lr.copy_(base_lr * lr_factor(step, cfg))
@@ -98,7 +119,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             tokens += batch.shape[0]
             if step % cfg.log_every == 0 or (cfg.total_steps and step == cfg.total_steps):
                 last = {
-                    "step": step, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0),
+                    "step": step, "tokens": tokens, "tokens_per_s": (tokens - start_tokens) / (time.perf_counter() - t0),
                     "lr": opt.lr.tolist(), "loss": out["loss"].tolist(), "mse": out["mse"].tolist(),
                     "explained_variance": explained_variance(batch, out["recon"]).tolist(),
                     "l0": out["l0"].tolist(), "dead_fraction": (fired == 0).float().mean(dim=1).tolist(),
@@ -111,6 +132,12 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 if metrics_file:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
+            if run_dir and checkpoint_every and step % checkpoint_every == 0:
+                checkpoint()
+            if max_steps is not None and step >= max_steps:
+                break
+        if run_dir:
+            checkpoint()
     finally:
         if metrics_file:
             metrics_file.close()

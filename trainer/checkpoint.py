@@ -1,0 +1,63 @@
+"""Checkpoints of a training stack: weights and buffers, optimizer state, loop and loader position.
+
+Tensors go to safetensors, the rest to JSON; nothing is pickled. A checkpoint directory is
+written under a temporary name and renamed into place, so a crash leaves the previous one whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+from pipeline.manifest import fsync_dir
+
+CHECKPOINT = "checkpoint"
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, opt, state: dict) -> Path:
+    """Write `run_dir/checkpoint` atomically; `state` is JSON (step, tokens, loader state, config)."""
+    run_dir = Path(run_dir)
+    final, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in opt.state_dict().items()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = run_dir / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: str | Path, model: torch.nn.Module, opt, config: dict) -> dict | None:
+    """Restore a checkpoint into `model` and `opt`; returns its state, or None if there is none.
+
+    A checkpoint written with another config is refused, naming the first field that differs.
+    """
+    path = Path(run_dir) / CHECKPOINT
+    if not (path / "state.json").is_file():
+        return None
+    state = json.loads((path / "state.json").read_text())
+    for key in sorted(set(config) | set(state.get("config", {}))):
+        if key not in ("tokens", "log_every") and config.get(key) != state.get("config", {}).get(key):
+            raise PipelineError(
+                f"checkpoint in {run_dir} is from another config ({key}: checkpoint "
+                f"{state.get('config', {}).get(key)!r}, now {config.get(key)!r}); use another --out or the same settings"
+            )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in load_file(str(path / "model.safetensors")).items()})
+    opt.load_state_dict({k: v.to(device) for k, v in load_file(str(path / "optimizer.safetensors")).items()})
+    return state
