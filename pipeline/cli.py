@@ -145,6 +145,9 @@ def verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
 
 
 def main() -> None:
+    from pipeline.malloc import tune_malloc
+
+    tune_malloc()
     try:
         app()
     except PipelineError as e:

@@ -160,3 +160,17 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
     with pytest.raises(Exception, match=r"checkpoint in .* is from another config \(lr: checkpoint 0.003, now 0.01\)"):
         train_stack(make(), loader(), loop, log=None, run_dir=tmp_path / "b", config={"arch": arch, "lr": 1e-2})
+
+
+def test_malloc_tuning_applies_on_glibc(monkeypatch):
+    import platform
+
+    from pipeline.malloc import tune_malloc
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("PIPELINE_NO_MALLOC_TUNING", raising=False)
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_malloc() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4294967296")
+    assert tune_malloc() is False  # the user's own setting wins
