@@ -203,6 +203,8 @@ class CacheWriter:
         check_backend(self.config.format, self.config.compression)
         self.has_tokens = has_tokens
         provenance = dict(provenance or {})
+        if has_tokens and not provenance.get("context_size"):
+            raise PipelineError("a cache that stores tokens needs provenance['context_size'] (the sequences' length)")
         content_config = {"layout": self.config.layout(), "hooks": self.hooks, "has_tokens": has_tokens,
                           "source": source_config or {}}
         self.manifest = self._open(content_config, provenance, resume, overwrite)
@@ -330,24 +332,18 @@ class CacheWriter:
         if self.config.format != "arrow":
             return
         names = [s["name"] for s in manifest["splits"][split]["shards"]]
-        for table, columns in self._table_templates(split).items():
+        for table, columns in self._table_templates(split, manifest["context_size"]).items():
             if (self.path / table).is_dir():
                 write_table_index("arrow", self.path, table, names, columns)
 
-    def _table_templates(self, split: str) -> dict[str, dict[str, np.ndarray]]:
+    def _table_templates(self, split: str, context_size: int | None) -> dict[str, dict[str, np.ndarray]]:
         """Empty columns with each table's dtypes and widths (for index files)."""
         store = np.uint16 if self.config.dtype == "bfloat16" else np.dtype(self.config.dtype)
         out = {f"hooks/{h}/{split}": {h: np.zeros((0, d), store)} for h, d in self.hooks.items()}
         if self.has_tokens:
-            ctx = self.manifest_context_size or 1
             out[f"tokens/{split}/rows"] = {c: np.zeros(0, np.int32) for c in TOKEN_COLUMNS}
-            out[f"tokens/{split}/sequences"] = {"token_ids": np.zeros((0, ctx), np.int32)}
+            out[f"tokens/{split}/sequences"] = {"token_ids": np.zeros((0, context_size), np.int32)}
         return out
-
-    @property
-    def manifest_context_size(self) -> int | None:
-        m = getattr(self, "manifest", None)
-        return m.get("context_size") if m else None
 
     # ------------------------------------------------------------------------- producer side
 
