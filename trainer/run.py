@@ -16,7 +16,7 @@ from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
-from trainer.train import LoopConfig, explained_variance, export_saelens, train_stack
+from trainer.train import LoopConfig, export_saelens, train_stack
 
 
 @dataclass

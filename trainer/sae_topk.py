@@ -18,7 +18,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from trainer.registry import register_architecture
-from trainer.stack import StackedSAE, per_run, shared
+from trainer.stack import StackedSAE, per_run
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -38,10 +37,6 @@ def per_run(cfgs: Sequence, name: str, dtype: torch.dtype) -> torch.Tensor:
     """A per-run field as an `(R,)` tensor."""
     return torch.tensor([getattr(c, name) for c in cfgs], dtype=dtype)
 
-
-def config_dicts(cfgs: Sequence) -> list[dict]:
-    """The run configs as plain dicts (for saving alongside the weights)."""
-    return [dataclasses.asdict(c) for c in cfgs]
 
 
 class StackedSAE(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -147,10 +147,6 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     yield first
     yield from rest
-
-
-def loop_config_dict(cfg: LoopConfig) -> dict:
-    return asdict(cfg)
 
 
 def export_saelens(model: StackedSAE, run: int, out: Path, architecture: str, metadata: dict,
