@@ -66,23 +66,39 @@ def cache(
 @app.command()
 def train(
     cache: Optional[str] = typer.Option(None, help="Cache directory to train on."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (export, metrics)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the run's folder goes in."),
+    name: Optional[str] = typer.Option(None, help="Run name (folder, W&B); default from arch, d_sae, k/l1."),
     hook: Optional[str] = typer.Option(None, help="Hook to read (default: the cache's only hook)."),
     arch: Optional[str] = typer.Option(None, help="Architecture: topk, standard, or one you registered."),
     d_sae: Optional[int] = typer.Option(None, help="Number of latents."),
     k: Optional[int] = typer.Option(None, help="TopK: latents per token."),
+    initial_k: Optional[int] = typer.Option(None, help="TopK: anneal k down from this value."),
+    k_anneal_steps: Optional[int] = typer.Option(None, help="TopK: steps of k annealing."),
     l1: Optional[float] = typer.Option(None, help="Standard: L1 coefficient."),
     l1_warmup_steps: Optional[int] = typer.Option(None, help="Standard: L1 warm-up steps."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
     lr_warmup_steps: Optional[int] = typer.Option(None, help="Linear lr warm-up steps."),
     lr_decay: Optional[str] = typer.Option(None, help="constant, cosine or linear."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping per run."),
+    b_dec_init: Optional[str] = typer.Option(None, help="geometric_median, mean or zeros."),
+    init_scale_search: Optional[bool] = typer.Option(None, "--init-scale-search/--no-init-scale-search",
+                                                     help="Grid-search the initial weight scale."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                             help="Scale rows to mean norm sqrt(d_in) (folded into the export)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per step."),
     tokens: Optional[int] = typer.Option(None, help="Rows to train on."),
     seed: Optional[int] = typer.Option(None, help="Seed of weights and shuffle."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     log_every: Optional[int] = typer.Option(None, help="Steps between metric lines."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in --out."),
+    eval_every: Optional[int] = typer.Option(None, help="Steps between eval-split metrics (0: at the end)."),
+    eval_tokens: Optional[int] = typer.Option(None, help="Eval rows used during training."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between resume checkpoints."),
+    n_snapshots: Optional[int] = typer.Option(None, help="SAEs kept along the run (SAELens format)."),
+    snapshot_spacing: Optional[str] = typer.Option(None, help="log or linear."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in OUT/NAME."),
+    init_from: Optional[str] = typer.Option(None, help="Start from a saved SAE (ours or SAELens's)."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
+    wandb_project: Optional[str] = typer.Option(None, help="W&B project."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:
@@ -98,8 +114,8 @@ def train(
     overrides.pop("config")
     metrics = run_train(build_config(TrainConfig, config, overrides, section="train"))
     ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
-    typer.echo(f"exported to {out or TrainConfig.out}: explained variance {ev[0]:.3f}, "
-               f"L0 {metrics.get('eval_l0', metrics.get('l0'))[0]:.1f}")
+    l0 = metrics.get("eval_l0", metrics.get("l0"))
+    typer.echo(f"exported to {metrics['run_dir']}" + (f": explained variance {ev[0]:.3f}, L0 {l0[0]:.1f}" if ev else ""))
 
 
 @app.command()

@@ -12,7 +12,8 @@ from pipeline.loader import ActivationLoader
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig, TopKSAE
-from trainer.train import LoopConfig, export_saelens, lr_factor, train_stack
+from trainer.export import export_saelens
+from trainer.train import LoopConfig, lr_factor, train_stack
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,7 @@ def test_export_loads_in_saelens(tmp_path, arch):
     with torch.no_grad():
         model.b_dec.normal_()
         model.b_enc.normal_(std=0.1)
-    export_saelens(model, 0, tmp_path / "sae", arch, {"hook_name": "x"}, sparsity=torch.full((48,), -2.0))
+    export_saelens(model, 0, tmp_path / "sae", {"hook_name": "x"}, sparsity=torch.full((48,), -2.0))
     sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
     x = torch.randn(20, 16) + 1.0
     with torch.no_grad():
@@ -104,20 +105,24 @@ def test_pipeline_train_cli_exports(tmp_path):
            "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "mine",
                           "--import", "mine", "--d-sae", "128", "--k", "3", "--lr", "3e-3", "--tokens", "60000",
-                          "--batch-size", "256", "--out", str(tmp_path / "run")], cwd=root, env=env,
+                          "--batch-size", "256", "--out", str(tmp_path / "run"), "--no-wandb"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "exported to" in out.stdout
-    cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    run = tmp_path / "run" / "mine-d128"
+    cfg = json.loads((run / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "x"
     assert cfg["metadata"]["cache_manifest_hash"] and cfg["metadata"]["training_architecture"] == "mine"
     args = [sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "mine", "--import",
             "mine", "--d-sae", "128", "--k", "3", "--lr", "3e-3", "--batch-size", "256", "--out", str(tmp_path / "run")]
     again = subprocess.run(args + ["--tokens", "60000"], cwd=root, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "holds a checkpoint of an earlier run; pass --resume" in again.stderr
-    more = subprocess.run(args + ["--tokens", "90000", "--resume"], cwd=root, env=env, capture_output=True, text=True)
+    # W&B with no key runs offline: its files land in the run's folder, nothing is sent.
+    more = subprocess.run(args + ["--tokens", "90000", "--resume"], cwd=root, env=env,
+                          capture_output=True, text=True)
     assert more.returncode == 0, more.stderr[-2000:]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert list((run / "wandb").glob("offline-run-*")), sorted(p.name for p in run.iterdir())
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 352 and steps == sorted(steps)  # ceil(90000 / 256): continued, not restarted
     bad = subprocess.run([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "topkk",
                           "--out", str(tmp_path / "r2")], cwd=root, env=env, capture_output=True, text=True)
@@ -136,7 +141,8 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
 
     def make():
         if arch == "topk":
-            return TopKSAE([TopKConfig(d_in=32, d_sae=64, k=3, seed=0, dead_tokens_threshold=2000)])
+            return TopKSAE([TopKConfig(d_in=32, d_sae=64, k=3, seed=0, dead_tokens_threshold=2000, initial_k=12,
+                                       k_anneal_steps=90)])
         return StandardSAE([StandardConfig(d_in=32, d_sae=64, l1_coefficient=0.5, l1_warmup_steps=40)])
 
     loop = LoopConfig(lr=3e-3, lr_warmup_steps=10, lr_decay="cosine", total_steps=150, log_every=1000)

@@ -45,7 +45,9 @@ def train(sae: nn.Module, data: list[torch.Tensor], lr, max_grad_norm) -> list[d
     opt = StackedAdam(dict(sae.named_parameters()), lr=lr, max_grad_norm=max_grad_norm)
     outs = []
     for step, x in enumerate(data):
-        out = sae(x, l1_scale=sae.l1_scale(step)) if isinstance(sae, StandardSAE) else sae(x)
+        if hasattr(sae, "on_step"):
+            sae.on_step(step, None)
+        out = sae(x)
         out["loss"].sum().backward()
         if sae.unit_norm_decoder:
             remove_parallel_grad(sae.W_dec)

@@ -50,10 +50,12 @@ def geometric_median(points: torch.Tensor, iters: int = 5, eps: float = 1e-8) ->
 @torch.no_grad()
 def init_b_dec_(b_dec: torch.Tensor, sample: torch.Tensor, method: str = "mean", iters: int = 5) -> None:
     """Set `b_dec (R, d_in)` from a sample batch, in place: `sample (n, d_in)` is shared by every run,
-    `(R, n, d_in)` gives each run its own. `method` is "mean", "geometric_median" or "zeros".
+    `(R, n, d_in)` gives each run its own. `method` is "mean", "geometric_median", "zeros" or "keep" (leave as is).
 
     Starting b_dec at the data's centre means the encoder sees centred inputs from step 0."""
     R, d_in = b_dec.shape
+    if method == "keep":
+        return
     if method == "zeros":
         b_dec.zero_()
         return
@@ -68,3 +70,40 @@ def init_b_dec_(b_dec: torch.Tensor, sample: torch.Tensor, method: str = "mean",
     else:
         raise PipelineError(f"unknown b_dec init method {method!r}; use mean, geometric_median or zeros")
     b_dec.copy_(centre.expand(R, d_in).to(b_dec.dtype))
+
+
+@torch.no_grad()
+def search_init_scale_(model, sample: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Grid-search, per run, the scale of the tied initial weights that minimises the MSE on `sample`.
+
+    As Language-Model-SAEs' `Initializer`: with b_dec already set from the data, random unit
+    directions reconstruct best at one overall scale, and starting there saves the first few hundred
+    steps of Adam finding it. A run whose decoder is kept unit-norm (`model.unit_norm_decoder`)
+    scales only its encoder; otherwise W_dec rows get norm s and W_enc = W_dec^T. A coarse
+    log-spaced grid, then a finer one around each run's best. Returns the chosen scales (R,)."""
+    W_enc, W_dec = model.W_enc, model.W_dec
+    R = W_dec.shape[0]
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (R, d_sae, d_in)
+    unit_dec = getattr(model, "unit_norm_decoder", False)
+    x = sample.to(device=W_dec.device, dtype=W_dec.dtype)
+
+    def set_scale(s: torch.Tensor) -> None:  # s: (R,)
+        s3 = s.view(R, 1, 1).to(W_dec.dtype)
+        W_dec.copy_(unit if unit_dec else unit * s3)
+        W_enc.copy_(unit.transpose(1, 2) * s3)
+
+    def mse_at(scales: torch.Tensor) -> torch.Tensor:  # scales (G, R): one forward per row -> (G, R)
+        out = []
+        for s in scales:
+            set_scale(s)
+            out.append(model(x)["mse"].float())
+        return torch.stack(out)
+
+    if grid is None:  # coarse, log-spaced; then 21 points within a coarse step of each run's best
+        grid = torch.logspace(-3, 2, 26)
+    grid = grid.to(W_dec.device).view(-1, 1).expand(-1, R)
+    best = grid[mse_at(grid).argmin(dim=0), torch.arange(R)]  # (R,)
+    fine = best * torch.logspace(-0.2, 0.2, 21, device=W_dec.device).view(-1, 1)  # (21, R)
+    best = fine[mse_at(fine).argmin(dim=0), torch.arange(R)]
+    set_scale(best)
+    return best

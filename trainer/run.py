@@ -1,4 +1,10 @@
-"""`pipeline train`: one SAE (a stack of one run) from a cache, evaluated on its eval split, exported."""
+"""`pipeline train`: one SAE (a stack of one run) from a cache, evaluated on its eval split, exported.
+
+`OUT/<name>/` gets everything of the run: the SAELens-format export (`cfg.json`,
+`sae_weights.safetensors`, `sparsity.safetensors`), `metrics.jsonl`, `summary.json`, the resume
+`checkpoint/`, snapshots kept along the way (`checkpoints/<tokens>/`, SAELens format) and W&B's
+offline files.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
-from trainer.train import LoopConfig, export_saelens, train_stack
+from trainer.export import export_saelens, init_from
+from trainer.logs import ConsoleLog, WandbLog
+from trainer.train import LoopConfig, train_stack
 
 
 @dataclass
@@ -26,7 +34,9 @@ class TrainConfig:
     cache: str = "caches/default"
     """Cache directory to train on."""
     out: str = "runs/default"
-    """Directory for the run's export and metrics."""
+    """Directory the run's folder goes in (OUT/<name>/)."""
+    name: str | None = None
+    """Run name (its folder and W&B name); default from arch, d_sae and k or l1."""
     hook: str | None = None
     """Hook to read; default: the cache's only hook."""
     arch: str = "topk"
@@ -35,16 +45,28 @@ class TrainConfig:
     """Number of latents."""
     k: int = 32
     """TopK: latents kept per token."""
+    initial_k: int | None = None
+    """TopK: anneal k down from this value (None: no annealing)."""
+    k_anneal_steps: int = 0
+    """TopK: steps over which k goes from initial_k to k."""
     l1: float = 5.0
     """Standard: L1 coefficient."""
     l1_warmup_steps: int = 0
     """Standard: L1 warm-up steps."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Adam learning rate."""
     lr_warmup_steps: int = 100
     """Linear lr warm-up steps."""
     lr_decay: str = "cosine"
     """constant, cosine or linear."""
+    max_grad_norm: float = 1.0
+    """Per-run gradient clipping."""
+    b_dec_init: str = "geometric_median"
+    """b_dec from the first batch: geometric_median, mean or zeros."""
+    init_scale_search: bool = True
+    """Grid-search the initial weight scale on the first batch."""
+    normalize: bool = False
+    """Scale activations to mean norm sqrt(d_in) while training (folded back into the export)."""
     batch_size: int = 4096
     """Rows per step."""
     tokens: int = 2_000_000
@@ -55,95 +77,175 @@ class TrainConfig:
     """auto, cpu, cuda, ..."""
     log_every: int = 50
     """Steps between metric lines."""
+    eval_every: int = 0
+    """Steps between eval-split metrics during training (a multiple of log_every; 0: only at the end)."""
+    eval_tokens: int = 65_536
+    """Eval-split rows used by the evaluations during training (the final one uses the whole split)."""
     checkpoint_every: int = 200
-    """Steps between checkpoints (one is also written at the end)."""
+    """Steps between resume checkpoints (one is also written at the end)."""
+    n_snapshots: int = 0
+    """Extra SAEs kept along the run (OUT/<name>/checkpoints/<tokens>/, SAELens format)."""
+    snapshot_spacing: str = "log"
+    """Spacing of the snapshots over the run's steps: log or linear."""
     resume: bool = False
-    """Continue the run whose checkpoint is in --out (a larger --tokens extends it)."""
+    """Continue the run whose checkpoint is in OUT/<name> (a larger --tokens extends it)."""
+    init_from: str | None = None
+    """Start from a saved SAE (ours or SAELens's cfg.json + sae_weights.safetensors)."""
+    wandb: bool = True
+    """Log to W&B (offline when no API key is configured)."""
+    wandb_project: str = "sae-cache-pipeline"
+    """W&B project."""
+
+    def run_name(self) -> str:
+        """The run's folder and W&B name."""
+        if self.name:
+            return self.name
+        sparsity = f"k{self.k}" if self.arch == "topk" else f"l1_{self.l1:g}" if self.arch == "standard" else ""
+        return "-".join(p for p in (self.arch, f"d{self.d_sae}", sparsity) if p)
 
 
 def build_model(cfg: TrainConfig, d_in: int) -> StackedSAE:
     cls = get_architecture(cfg.arch)
     fields = {"d_in": d_in, "d_sae": cfg.d_sae, "seed": cfg.seed}
     names = set(cls.config_class.__dataclass_fields__)
-    for key, value in (("k", cfg.k), ("l1_coefficient", cfg.l1), ("l1_warmup_steps", cfg.l1_warmup_steps)):
+    for key, value in (("k", cfg.k), ("initial_k", cfg.initial_k), ("k_anneal_steps", cfg.k_anneal_steps),
+                       ("l1_coefficient", cfg.l1), ("l1_warmup_steps", cfg.l1_warmup_steps)):
         if key in names:
             fields[key] = value
     return cls([cls.config_class(**fields)])
 
 
+def snapshot_steps(total_steps: int, n: int, spacing: str) -> list[int]:
+    """`n` distinct steps in [1, total_steps), spaced linearly or logarithmically (dense early on,
+    where an SAE changes fastest)."""
+    if n <= 0 or total_steps < 2:
+        return []
+    if spacing == "linear":
+        steps = [round(total_steps * (i + 1) / (n + 1)) for i in range(n)]
+    elif spacing == "log":
+        steps = [round(math.exp(math.log(total_steps) * (i + 1) / (n + 1))) for i in range(n)]
+    else:
+        raise PipelineError(f"unknown snapshot_spacing {spacing!r}; use log or linear")
+    return sorted({min(max(1, s), total_steps - 1) for s in steps})
+
+
 @torch.no_grad()
-def evaluate(model: StackedSAE, loader: ActivationLoader) -> tuple[dict, torch.Tensor]:
-    """Eval-split metrics per run, and each latent's firing frequency (R, d_sae)."""
-    fired = torch.zeros(model.n_runs, model.d_sae)
+def evaluate(model: StackedSAE, batches: list[torch.Tensor], dense_threshold: float = 0.1) -> tuple[dict, torch.Tensor]:
+    """Metrics per run over `batches` (the eval split), and each latent's firing frequency (R, d_sae).
+
+    Explained variance is against the split's own mean."""
+    rows = sum(len(x) for x in batches)
+    mean = sum(x.sum(0) for x in batches) / rows
+    fired = torch.zeros(model.n_runs, model.d_sae, device=mean.device)
     sq_err = total = l0 = 0.0
-    rows = 0
-    sums = None
-    batches = list(loader)
-    for x in batches:  # the mean first: explained variance against the split's own mean
-        sums = x.sum(0) if sums is None else sums + x.sum(0)
-        rows += len(x)
-    mean = sums / rows
     for x in batches:
         latents = model.encode(x)
         recon = model.decode(latents)
         sq_err = sq_err + (x.unsqueeze(0) - recon).pow(2).sum(dim=(1, 2))
         total += (x - mean).pow(2).sum()
-        fired += (latents > 0).sum(dim=1).cpu()
+        fired += (latents > 0).sum(dim=1)
         l0 = l0 + (latents > 0).sum(dim=(1, 2)).float()
-    density = fired / rows
-    metrics = {"eval_explained_variance": (1 - sq_err / total).tolist(), "eval_l0": (l0 / rows).tolist(),
-               "eval_dead_fraction": (density == 0).float().mean(dim=1).tolist(), "eval_rows": rows}
+    density = (fired / rows).cpu()
+    metrics = {"eval_explained_variance": (1 - sq_err / total).tolist(), "eval_mse": (sq_err / rows).tolist(),
+               "eval_l0": (l0 / rows).tolist(), "eval_dead_fraction": (density == 0).float().mean(dim=1).tolist(),
+               "eval_dense_fraction": (density > dense_threshold).float().mean(dim=1).tolist(), "eval_rows": rows}
     return metrics, density
+
+
+def eval_batches(cfg: TrainConfig, hook: str, device: str, scale: float, rows: int | None) -> list[torch.Tensor]:
+    """The first `rows` rows (all when None) of the cache's eval split, scaled as training sees them."""
+    loader = ActivationLoader(cfg.cache, hooks=hook, batch_size=cfg.batch_size, split="eval", device=device,
+                              tokens=rows, drop_last=False)
+    n = loader.source.rows("eval")
+    batches = [x * scale if scale != 1.0 else x for x in loader]
+    if rows is not None and rows < n:  # `tokens` rounds up to whole batches
+        kept, out = 0, []
+        for x in batches:
+            out.append(x[: rows - kept])
+            kept += len(out[-1])
+            if kept >= rows:
+                break
+        batches = out
+    return batches
 
 
 def run_train(cfg: TrainConfig) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     train = ActivationLoader(cfg.cache, hooks=cfg.hook, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
-                             tokens=cfg.tokens)
+                             tokens=cfg.tokens, normalize=cfg.normalize)
     if len(train.hooks) != 1:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")
     hook = train.hooks[0]
     d_in = train.source.hooks[hook]
-    model = build_model(cfg, d_in).to(device)
-    out = Path(cfg.out)
+    scale = train.scale[hook]
+    model = build_model(cfg, d_in)
+    name = cfg.run_name()
+    out = Path(cfg.out) / name
     if (out / CHECKPOINT).exists() and not cfg.resume:
         raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
-                            "or choose another --out")
+                            "or choose another --out or --name")
+    init_cfg = init_from(model, cfg.init_from) if cfg.init_from else None
+    model = model.to(device)
     out.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(cfg.tokens / cfg.batch_size)
+    # A loaded SAE keeps its weights: no b_dec or scale init from the data.
     loop = LoopConfig(lr=cfg.lr, lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay, total_steps=steps,
-                      log_every=cfg.log_every, metrics_path=str(out / "metrics.jsonl"))
+                      max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
+                      b_dec_init="keep" if init_cfg else cfg.b_dec_init,
+                      init_scale_search=cfg.init_scale_search and not init_cfg, metrics_path=str(out / "metrics.jsonl"))
     # What the weights depend on; tokens may grow on resume (extending the run), devices may change.
     identity = {k: v for k, v in asdict(cfg).items()
-                if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume")}
-    last = train_stack(model, train, loop, log=_console, run_dir=out, checkpoint_every=cfg.checkpoint_every,
-                       config=identity)
-    metrics = dict(last)
-    if train.source.shards("eval"):
-        eval_loader = ActivationLoader(cfg.cache, hooks=hook, batch_size=min(cfg.batch_size, train.source.rows("eval")),
-                                       split="eval", device=device)
-        eval_metrics, density = evaluate(model, eval_loader)
-        metrics.update(eval_metrics)
-    else:
-        density = None
+                if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume", "eval_every",
+                             "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
+    has_eval = bool(train.source.shards("eval"))
+    evaluator = None
+    if cfg.eval_every and has_eval:
+        held = eval_batches(cfg, hook, device, scale, cfg.eval_tokens)
+        evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
     manifest = getattr(train.source, "manifest", None) or {}
     prov = manifest.get("provenance", {})
     metadata = {
         "hook_name": hook, "model_name": (prov.get("model") or {}).get("name"),
         "context_size": manifest.get("context_size"), "dataset_path": (prov.get("dataset") or {}).get("name"),
         "prepend_bos": True, "cache_manifest_hash": manifest_hash(manifest) if manifest else None,
-        "training_config": asdict(cfg), "package_version": __version__,
-        "l0": metrics.get("eval_l0", metrics.get("l0"))[0],
-        "num_dead_features": int((density[0] == 0).sum()) if density is not None else None,
-        "training_architecture": cfg.arch,
+        "training_config": asdict(cfg), "package_version": __version__, "training_architecture": cfg.arch,
+        "run_name": name,
     }
-    sparsity = torch.log10(density[0] + 1e-10) if density is not None else None
-    export_saelens(model, 0, out, cfg.arch, metadata, sparsity)
-    (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+
+    def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
+        export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
+                       input_scale=scale)
+
+    console = ConsoleLog(cfg.tokens, description=name)
+    wandb_log = WandbLog(cfg.wandb_project, [name], [asdict(cfg)], [out]) if cfg.wandb else None
+
+    def log(m: dict) -> None:
+        console(m)
+        if wandb_log:
+            wandb_log(m)
+
+    try:
+        last = train_stack(model, train, loop, evaluator=evaluator, eval_every=cfg.eval_every, log=log, run_dir=out,
+                           checkpoint_every=cfg.checkpoint_every, config=identity,
+                           snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
+                           snapshot=snapshot)
+        console.close()
+        metrics = dict(last)
+        density = None
+        if has_eval:
+            eval_metrics, density = evaluate(model, eval_batches(cfg, hook, device, scale, None))
+            metrics.update(eval_metrics)
+        metadata["l0"] = metrics.get("eval_l0", metrics.get("l0", [None]))[0]
+        metadata["num_dead_features"] = int((density[0] == 0).sum()) if density is not None else None
+        sparsity = torch.log10(density[0] + 1e-10) if density is not None else None
+        export_saelens(model, 0, out, metadata, sparsity, input_scale=scale)
+        metrics["run_dir"] = str(out)
+        (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+        if wandb_log:
+            wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
+                                if k != "failed"}])
+    finally:
+        console.close()
+        if wandb_log:
+            wandb_log.close()
     return metrics
-
-
-def _console(m: dict) -> None:
-    print(f"step {m['step']:>6}  tokens {m['tokens']:>10,}  {m['tokens_per_s']:>9,.0f} tok/s  "
-          f"mse {m['mse'][0]:.4g}  expl.var {m['explained_variance'][0]:.3f}  L0 {m['l0'][0]:.1f}  "
-          f"dead {m['dead_fraction'][0]:.3f}", flush=True)

@@ -57,9 +57,11 @@ class StandardSAE(StackedSAE):
         self.l1_warmup_steps = shared(self.cfgs, "l1_warmup_steps")
         self.register_buffer("l1_coefficient", per_run(self.cfgs, "l1_coefficient", torch.float32))
 
-    def l1_scale(self, step: int) -> float:
-        """The warm-up factor min(1, step / l1_warmup_steps) to pass to forward."""
-        return self.cfgs[0].l1_scale(step)
+        self._l1_scale = 1.0
+
+    def on_step(self, step: int, total_steps: int | None) -> None:
+        """L1 warm-up: the factor forward applies at this step."""
+        self._l1_scale = self.cfgs[0].l1_scale(step)
 
     # -- forward pieces ------------------------------------------------------------------------
 
@@ -69,13 +71,13 @@ class StandardSAE(StackedSAE):
 
     # -- the training step's forward -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, l1_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, l1_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae) and
         `recon` (R, batch, d_in). `l1` is the decoder-norm-weighted L1 (summed over latents, averaged
         over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
-        loss = mse + aux_loss. `l1_scale` is the warm-up factor (`self.l1_scale(step)`).
+        loss = mse + aux_loss. `l1_scale` is the warm-up factor (default: the one `on_step` set).
         mse is the squared error summed over d_in and averaged over the batch (SAELens's training
         MSE). Backpropagate `loss.sum()`: runs share no parameters."""
         latents = self.encode(x)
@@ -83,7 +85,7 @@ class StandardSAE(StackedSAE):
         mse = self.mse(x, recon)
         dec_norms = self.W_dec.norm(dim=-1)  # (R, d_sae)
         l1 = (latents * dec_norms.unsqueeze(1)).sum(dim=-1).mean(dim=-1)
-        aux_loss = l1_scale * self.l1_coefficient * l1
+        aux_loss = (self._l1_scale if l1_scale is None else l1_scale) * self.l1_coefficient * l1
         l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l1": l1, "l0": l0,
                 "latents": latents, "recon": recon}

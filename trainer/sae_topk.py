@@ -41,6 +41,16 @@ class TopKConfig:
     """Seed of this run's initial weights."""
     dec_init_norm: float = 1.0
     """Norm of each decoder row at init (the decoder is kept unit-norm during training)."""
+    initial_k: int | None = None
+    """k annealing: start at this larger k and decrease linearly to k (None: no annealing)."""
+    k_anneal_steps: int = 0
+    """Steps over which k goes from initial_k to k."""
+
+    def k_at(self, step: int) -> int:
+        """k in use at `step` (annealed linearly from initial_k)."""
+        if self.initial_k is None or self.k_anneal_steps <= 0 or step >= self.k_anneal_steps:
+            return self.k
+        return round(self.initial_k + (self.k - self.initial_k) * step / self.k_anneal_steps)
 
     def resolved_aux_k(self) -> int:
         """aux_k with its default filled in and capped at d_sae."""
@@ -74,6 +84,8 @@ class TopKSAE(StackedSAE):
         for c in self.cfgs:
             if not 1 <= c.k <= d_sae:
                 raise PipelineError(f"k = {c.k} must be between 1 and d_sae = {d_sae}")
+            if c.initial_k is not None and not c.k <= c.initial_k <= d_sae:
+                raise PipelineError(f"initial_k = {c.initial_k} must be between k = {c.k} and d_sae = {d_sae}")
 
         # Per-run hyper-parameters live in buffers: they move with .to(device) and are saved.
         self.register_buffer("k", per_run(self.cfgs, "k", torch.long))
@@ -83,8 +95,23 @@ class TopKSAE(StackedSAE):
         # Tokens seen since each latent last fired, per run (updated by `update_dead`).
         self.register_buffer("tokens_since_fired", torch.zeros(R, d_sae, dtype=torch.long))
         # Python ints, so that forward never syncs with the device to find them.
-        self.k_max = int(self.k.max())
+        self._k_host = [c.k for c in self.cfgs]
+        self.k_max = max(self._k_host)
         self.aux_k_max = int(self.aux_k.max())
+
+    def on_step(self, step: int, total_steps: int | None) -> None:
+        """k annealing: the k each run uses at this step (host values, so no device sync)."""
+        ks = [c.k_at(step) for c in self.cfgs]
+        if ks != self._k_host:
+            self.k.copy_(torch.tensor(ks, dtype=torch.long))
+            self._k_host, self.k_max = ks, max(ks)
+
+    def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
+        self.update_dead(out["latents"], n_tokens)
+
+    def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
+        weights, _ = super().export_run(run)
+        return weights, {"architecture": "topk", "k": self.cfgs[run].k, "rescale_acts_by_decoder_norm": False}
 
     # -- forward pieces ------------------------------------------------------------------------
 

@@ -65,6 +65,34 @@ class StackedSAE(nn.Module):
     def n_runs(self) -> int:
         return self.W_enc.shape[0]
 
+    # -- hooks the training loop calls (an architecture overrides what it needs) ----------------
+
+    def on_step(self, step: int, total_steps: int | None) -> None:
+        """Before each step's forward: set schedules (L1 warm-up, k annealing). Must not sync the device."""
+
+    def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
+        """After each optimizer step, with that step's forward output: dead-latent counts, thresholds."""
+
+    def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Run `run` as SAELens's inference SAE: (weights by SAELens's names, cfg.json fields).
+
+        The base gives a ReLU SAE ("standard"); an architecture with another inference form
+        (TopK, JumpReLU, ...) overrides it. Weights are this run's slice; the caller copies them."""
+        weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        return weights, {"architecture": "standard"}
+
+    @torch.no_grad()
+    def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
+        """Set run `run` from an export (`export_run`'s format, ours or SAELens's): continue training it."""
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            if name not in weights:
+                raise PipelineError(f"SAE weights lack {name}; found {', '.join(sorted(weights))}")
+            target = getattr(self, name)[run]
+            if tuple(weights[name].shape) != tuple(target.shape):
+                raise PipelineError(f"saved {name} has shape {tuple(weights[name].shape)}; this SAE needs "
+                                    f"{tuple(target.shape)}")
+            target.copy_(weights[name])
+
     def init_b_dec(self, sample: torch.Tensor, method: str = "mean") -> None:
         """b_dec from a sample batch: "mean" or "geometric_median" (see trainer.init.init_b_dec_)."""
         init_b_dec_(self.b_dec.data, sample, method)

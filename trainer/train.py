@@ -1,8 +1,10 @@
 """The training loop: one stack of R runs stepped on every batch of any `(batch, d_in)` iterator.
 
-A first slice of stage 2b: Adam with warm-up and decay, b_dec from the data, decoder constraints,
-dead-latent tracking, metrics to the console and a JSONL file, and an export SAELens loads.
-Checkpoints/resume, W&B and sweeps build on this loop.
+Per-run Adam with warm-up and decay, b_dec and the initial scale from the data, decoder
+constraints, the architecture's schedules and dead-latent bookkeeping, per-run metrics (every
+(R,) term the forward returns) to any logger, an evaluator every N steps, checkpoints with exact
+resume, and per-run divergence handling: a run whose loss turns NaN/Inf is frozen at its last good
+weights while the others go on.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from pipeline.errors import PipelineError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.init import search_init_scale_
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
 from trainer.stack import StackedSAE
 
@@ -36,6 +40,10 @@ class LoopConfig:
     b_dec_init: str = "geometric_median"
     """'mean', 'geometric_median' or 'zeros': b_dec from the first batch (SAELens's zeros train
     poorly on activations with a large mean)."""
+    init_scale_search: bool = True
+    """Grid-search the initial weight scale on the first batch (trainer.init.search_init_scale_)."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of a logging window's tokens counts as dense."""
     log_every: int = 50
     """Steps between metric lines."""
     total_steps: int | None = None
@@ -68,15 +76,28 @@ def explained_variance(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return 1 - (target - recon).pow(2).sum(dim=(-1, -2)) / total
 
 
+class RunDiverged(PipelineError):
+    """Every run of a stack stopped on a NaN/Inf loss; the last checkpoint holds their last good state."""
+
+
 def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopConfig,
                 evaluator: Callable[[StackedSAE], dict] | None = None, eval_every: int = 0,
                 log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
-                checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None) -> dict:
+                checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None,
+                snapshot_steps: Sequence[int] = (), snapshot: Callable[[StackedSAE, int, int], None] | None = None,
+                ) -> dict:
     """Train every run of `model` on each batch; returns the last metrics (lists per run).
 
-    With `run_dir`, a checkpoint is written every `checkpoint_every` steps and at the end, and an
-    existing one is resumed: `batches` must then be an `ActivationLoader` (its position is part of
-    the checkpoint) and training continues exactly where it stopped. `max_steps` stops early.
+    `batches` is any iterable of `(batch, d_in)` tensors. With `run_dir`, a checkpoint is written
+    every `checkpoint_every` steps and at the end, and an existing one is resumed: `batches` must
+    then have `state_dict`/`load_state_dict` (as `ActivationLoader`) and training continues exactly
+    where it stopped. `max_steps` stops early. `evaluator(model)` runs every `eval_every` steps
+    (at a logging step) and its dict joins that line. `snapshot(model, step, tokens)` is called
+    after each step in `snapshot_steps` (exports kept along the way).
+
+    A run whose loss is NaN/Inf is frozen (no update from that step on) and reported in the
+    `failed` list of each line; when every run has failed, `RunDiverged` is raised without writing
+    another checkpoint, so the last one holds the last good weights.
     """
     opt = StackedAdam(dict(model.named_parameters()), lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
     base_lr = opt.lr.clone()
@@ -84,47 +105,61 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     resumed = load_checkpoint(run_dir, model, opt, config) if run_dir else None
     step, tokens = 0, 0
     if resumed:
-        batches.load_state_dict(resumed["loader"])
+        if "loader" in resumed:
+            batches.load_state_dict(resumed["loader"])
         step, tokens = resumed["step"], resumed["tokens"]
     it: Iterator[torch.Tensor] = iter(batches)
     first = next(it, None)
     if first is None:
         return {}
     if not resumed:
-        model.init_b_dec(first.float(), cfg.b_dec_init)
-    fired = torch.zeros(model.n_runs, model.d_sae, device=model.W_enc.device)
+        _init_from_data(model, first, cfg)
+    device = first.device if first.device.type != "cpu" else next(model.parameters()).device
+    R, d_sae = _runs_and_width(model)
+    fired = torch.zeros(R, d_sae, device=device)
+    failed = torch.zeros(R, dtype=torch.bool, device=device)
+    if resumed and resumed.get("failed"):
+        failed[torch.tensor(resumed["failed"], dtype=torch.long)] = True
+    unit_norm = getattr(model, "unit_norm_decoder", False)
+    on_step, after_step = getattr(model, "on_step", None), getattr(model, "after_step", None)
+    snapshot_steps = set(snapshot_steps)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
-    t0, last, start_tokens = time.perf_counter(), {}, tokens
+    t0, last, start_tokens, window_tokens = time.perf_counter(), {}, tokens, 0
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, model, opt, {"step": step, "tokens": tokens, "loader": batches.state_dict(),
-                                              "config": config})
+        state = {"step": step, "tokens": tokens, "config": config, "failed": failed.nonzero().flatten().tolist()}
+        if hasattr(batches, "state_dict"):
+            state["loader"] = batches.state_dict()
+        save_checkpoint(run_dir, model, opt, state)
 
     try:
         for batch in _chain(first, it):
-            opt.lr.copy_(base_lr * lr_factor(step, cfg))
-            kwargs = {"l1_scale": model.l1_scale(step)} if hasattr(model, "l1_scale") else {}
-            out = model(batch, **kwargs)
+            # Frozen runs get lr 0 and a zeroed gradient: Adam then leaves their weights as they were.
+            opt.lr.copy_(base_lr * lr_factor(step, cfg) * (~failed))
+            if on_step is not None:
+                on_step(step, cfg.total_steps)
+            out = model(batch)
+            failed |= ~torch.isfinite(out["loss"].detach())
             opt.zero_grad()
-            out["loss"].sum().backward()
-            if getattr(model, "unit_norm_decoder", False):
+            torch.where(failed, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
+            _zero_failed_grads(opt.params.values(), failed)
+            if unit_norm:
                 remove_parallel_grad(model.W_dec)
             opt.step()
-            if getattr(model, "unit_norm_decoder", False):
+            if unit_norm:
                 normalize_decoder(model.W_dec)
-            if hasattr(model, "update_dead"):
-                model.update_dead(out["latents"], batch.shape[0])
+            if after_step is not None:
+                after_step(out, batch.shape[0])
             fired += (out["latents"] > 0).sum(dim=1)
             step += 1
             tokens += batch.shape[0]
+            window_tokens += batch.shape[0]
             if step % cfg.log_every == 0 or (cfg.total_steps and step == cfg.total_steps):
-                last = {
-                    "step": step, "tokens": tokens, "tokens_per_s": (tokens - start_tokens) / (time.perf_counter() - t0),
-                    "lr": opt.lr.tolist(), "loss": out["loss"].tolist(), "mse": out["mse"].tolist(),
-                    "explained_variance": explained_variance(batch, out["recon"]).tolist(),
-                    "l0": out["l0"].tolist(), "dead_fraction": (fired == 0).float().mean(dim=1).tolist(),
-                }
+                last = _step_metrics(out, batch, fired, window_tokens, cfg.dense_threshold)
+                last.update(step=step, tokens=tokens, lr=opt.lr.tolist(), failed=failed.nonzero().flatten().tolist(),
+                            tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
                 fired.zero_()
+                window_tokens = 0
                 if evaluator is not None and eval_every and step % eval_every == 0:
                     last.update(evaluator(model))
                 if log:
@@ -132,16 +167,62 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 if metrics_file:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
+                if bool(failed.all()):
+                    raise RunDiverged(
+                        f"every run's loss became NaN/Inf by step {step} (lower --lr or check the data); "
+                        + (f"the last good checkpoint is in {run_dir}" if run_dir else "no checkpoint was kept"))
             if run_dir and checkpoint_every and step % checkpoint_every == 0:
                 checkpoint()
+            if snapshot is not None and step in snapshot_steps:
+                snapshot(model, step, tokens)
             if max_steps is not None and step >= max_steps:
                 break
+        if bool(failed.all()):
+            raise RunDiverged(f"every run's loss became NaN/Inf (lower --lr or check the data)")
         if run_dir:
             checkpoint()
     finally:
         if metrics_file:
             metrics_file.close()
+    if not last:  # fewer steps than log_every: report the final step anyway
+        last = {"step": step, "tokens": tokens, "failed": failed.nonzero().flatten().tolist()}
     return last
+
+
+def _runs_and_width(model) -> tuple[int, int]:
+    W = model.W_dec
+    return W.shape[0], W.shape[1]
+
+
+def _init_from_data(model, first: torch.Tensor, cfg: LoopConfig) -> None:
+    sample = first.float()
+    if hasattr(model, "init_b_dec"):
+        try:
+            model.init_b_dec(sample, cfg.b_dec_init)
+        except TypeError:  # a user architecture whose init_b_dec takes the sample only
+            model.init_b_dec(sample)
+    if cfg.init_scale_search and hasattr(model, "W_enc") and hasattr(model, "W_dec"):
+        search_init_scale_(model, sample)
+
+
+@torch.no_grad()
+def _zero_failed_grads(params: Iterable[torch.Tensor], failed: torch.Tensor) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(torch.where(failed.view(-1, *([1] * (p.dim() - 1))), torch.zeros((), device=p.device), p.grad))
+
+
+@torch.no_grad()
+def _step_metrics(out: dict[str, torch.Tensor], batch: torch.Tensor, fired: torch.Tensor, window_tokens: int,
+                  dense_threshold: float) -> dict:
+    """Every (R,) term of the forward output (loss, mse, l0, aux terms...), explained variance,
+    and the dead / dense fractions over the window since the last line."""
+    metrics = {name: v.tolist() for name, v in out.items() if v.dim() == 1}
+    metrics["explained_variance"] = explained_variance(batch, out["recon"]).tolist()
+    density = fired / max(window_tokens, 1)
+    metrics["dead_fraction"] = (fired == 0).float().mean(dim=1).tolist()
+    metrics["dense_fraction"] = (density > dense_threshold).float().mean(dim=1).tolist()
+    return metrics
 
 
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -149,25 +230,25 @@ def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.
     yield from rest
 
 
-def export_saelens(model: StackedSAE, run: int, out: Path, architecture: str, metadata: dict,
-                   sparsity: torch.Tensor | None = None) -> Path:
-    """Write run `run` of a stack as SAELens's `cfg.json` + `sae_weights.safetensors` (+ sparsity)."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {name: getattr(model, name)[run].detach().to("cpu", torch.float32).contiguous()
-               for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-    cfg = {
-        "architecture": architecture, "d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "none", "metadata": metadata,
-    }
-    if architecture == "topk":
-        cfg["k"] = int(model.k[run])
-        cfg["rescale_acts_by_decoder_norm"] = False
-    save_file(weights, str(out / "sae_weights.safetensors"))
-    (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    if sparsity is not None:
-        save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()},
-                  str(out / "sparsity.safetensors"))
-    return out
+def mixing_buffer(batches: Iterable[torch.Tensor], buffer_size: int, batch_size: int,
+                  seed: int = 0) -> Iterator[torch.Tensor]:
+    """Shuffle a stream of `(n, d)` tensors through a buffer of `buffer_size` rows, yielding
+    `(batch_size, d)` batches (as SAELens's `mixing_buffer`): whenever the buffer is full it is
+    permuted and the first half is served, so rows from far apart in the stream meet in a batch.
+    The remainder is served, permuted, at the end (a last batch may be short)."""
+    if buffer_size < 2 * batch_size:
+        raise PipelineError(f"buffer_size {buffer_size} must be at least twice batch_size {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    buf: torch.Tensor | None = None
+    for x in batches:
+        buf = x if buf is None else torch.cat([buf, x])
+        if len(buf) >= buffer_size:
+            buf = buf[torch.randperm(len(buf), generator=g).to(buf.device)]
+            serve = (len(buf) // 2) // batch_size * batch_size
+            for i in range(0, serve, batch_size):
+                yield buf[i:i + batch_size]
+            buf = buf[serve:]
+    if buf is not None and len(buf):
+        buf = buf[torch.randperm(len(buf), generator=g).to(buf.device)]
+        for i in range(0, len(buf), batch_size):
+            yield buf[i:i + batch_size]

@@ -1,0 +1,79 @@
+"""SAEs in SAELens's on-disk format: export a run of a stack, load one (ours or SAELens's) back.
+
+`DIR/cfg.json` + `DIR/sae_weights.safetensors` (+ `DIR/sparsity.safetensors`), as SAELens's
+`SAE.save_inference_model` writes and `SAE.load_from_disk` reads: `W_enc (d_in, d_sae)`,
+`W_dec (d_sae, d_in)`, `b_enc (d_sae)`, `b_dec (d_in)` (+ `threshold` for JumpReLU), float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+
+
+def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: torch.Tensor | None = None,
+                   input_scale: float = 1.0) -> Path:
+    """Write run `run` of a stack to `out` in SAELens's format.
+
+    `input_scale` is the factor the loader multiplied activations by during training
+    (`ActivationLoader.scale`); it is folded into the weights, so the export reads raw activations:
+    with x' = c x, pre-activations (c x - b_dec) W_enc = (x - b_dec / c)(c W_enc) are unchanged and
+    the reconstruction divides by c."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, arch_cfg = model.export_run(run)
+    weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in weights.items()}
+    if input_scale != 1.0:
+        c = float(input_scale)
+        weights["W_enc"] *= c
+        weights["W_dec"] /= c
+        weights["b_dec"] /= c
+    cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           **arch_cfg, "metadata": metadata}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "sae_weights.safetensors"))
+    (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    if sparsity is not None:
+        save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()},
+                  str(out / "sparsity.safetensors"))
+    return out
+
+
+def load_saelens(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and cfg of an SAE saved in SAELens's format (by us or by SAELens), in the form our
+    architectures use: b_dec always subtracted from the input (an SAE saved with
+    `apply_b_dec_to_input: false` gets the equivalent b_enc + b_dec @ W_enc)."""
+    path = Path(path)
+    cfg_file, weights_file = path / "cfg.json", path / "sae_weights.safetensors"
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise PipelineError(f"{path} is not a saved SAE: it needs cfg.json and sae_weights.safetensors "
+                            "(SAELens's save_inference_model layout, or a `pipeline train` export)")
+    cfg = json.loads(cfg_file.read_text())
+    weights = load_file(str(weights_file))
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise PipelineError(f"{path} expects activations normalised by {cfg['normalize_activations']!r}; "
+                            "fold the scaling into its weights first (SAELens: fold_activation_norm_scaling_factor)")
+    if not cfg.get("apply_b_dec_to_input", True):
+        weights["b_enc"] = weights["b_enc"] + weights["b_dec"] @ weights["W_enc"]
+        cfg["apply_b_dec_to_input"] = True
+    return weights, cfg
+
+
+def init_from(model, path: str | Path, run: int | None = None) -> dict:
+    """Load a saved SAE into run `run` of `model` (every run when None), to continue training it.
+
+    The saved d_in and d_sae must match the model's; returns the saved cfg."""
+    weights, cfg = load_saelens(path)
+    for name in ("d_in", "d_sae"):
+        saved, ours = cfg.get(name), getattr(model, name)
+        if saved != ours:
+            raise PipelineError(f"SAE in {path} has {name} = {saved}, but this run has {name} = {ours}"
+                                + (" (the cache's hook width)" if name == "d_in" else "; pass --d-sae " + str(saved)))
+    for r in range(model.n_runs) if run is None else [run]:
+        model.load_run(r, weights, cfg)
+    return cfg
