@@ -25,10 +25,11 @@ $(BIN)/.installed: pyproject.toml
 cache: setup
 	$(BIN)/pipeline cache --tokens $(TOKENS) --out $(CACHE) --resume
 
-# Trains on the cache `make cache` wrote (run that first).
+# Trains on the cache `make cache` wrote (run that first): configs/train_default.toml, flags on top.
+# W&B logs offline unless a key is configured; the run lands in runs/default/topk-d1024-k32/.
 train: setup
-	$(BIN)/pipeline train --cache $(CACHE) --arch topk --d-sae 1024 --k 32 --lr 1e-3 \
-		--tokens $(TRAIN_TOKENS) --batch-size 4096 --out runs/default
+	$(BIN)/pipeline train --config configs/train_default.toml --cache $(CACHE) --tokens $(TRAIN_TOKENS) \
+		--out runs/default --resume
 
 tiny-model: setup
 	$(BIN)/python -m cache_writer.train_tiny_model

@@ -24,15 +24,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def sparse_cache(path, rows=20_000, d=32, n_feat=64, k=3, seed=0):
-    """Rows are sparse non-negative combinations of unit directions, plus an offset (a large mean)."""
+def sparse_cache(path, rows=20_000, d=32, n_feat=64, k=3, seed=0, eval_rows=0):
+    """Rows are sparse non-negative combinations of unit directions, plus an offset (a large mean);
+    `eval_rows` more of them form the eval split."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=1)
     w = CacheWriter(path, {"x": d}, WriterConfig(shard_mb=0.5))
-    for start in range(0, rows, 2000):
+    for start in range(0, rows + eval_rows, 2000):
         idx = torch.rand(2000, n_feat, generator=g).argsort(dim=1)[:, :k]
         coef = torch.zeros(2000, n_feat).scatter_(1, idx, torch.rand(2000, k, generator=g) + 0.5)
-        w.put(ActivationBlock({"x": coef @ dirs + 3.0}))
+        w.put(ActivationBlock({"x": coef @ dirs + 3.0}, split="train" if start < rows else "eval"))
     w.close()
 
 
@@ -180,3 +181,174 @@ def test_malloc_tuning_applies_on_glibc(monkeypatch):
     assert tune_malloc() is True
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4294967296")
     assert tune_malloc() is False  # the user's own setting wins
+
+
+class NaNAfter(TopKSAE):
+    """TopK whose loss turns NaN for the runs in `bad` from step `at` on (a diverging run)."""
+
+    def __init__(self, cfgs, bad, at):
+        super().__init__(cfgs)
+        self.bad, self.at, self.step = bad, at, 0
+
+    def on_step(self, step, total_steps):
+        super().on_step(step, total_steps)
+        self.step = step
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.step >= self.at:
+            poison = torch.zeros(self.n_runs)
+            poison[self.bad] = float("nan")
+            out["loss"] = out["loss"] + poison
+        return out
+
+
+def data(n=60, batch=128, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, d, generator=g) * torch.linspace(0.3, 2, d) + 1.0 for _ in range(n)]
+
+
+def test_nan_run_is_frozen_while_the_others_go_on():
+    cfgs = [TopKConfig(d_in=16, d_sae=32, k=4, seed=s) for s in (0, 1)]
+    loop = LoopConfig(lr=1e-2, log_every=10, init_scale_search=False)
+    batches = data()
+    stacked = NaNAfter(cfgs, bad=[1], at=25)
+    seen = []
+    last = train_stack(stacked, batches, loop, log=seen.append)
+    assert last["failed"] == [1] and seen[1]["failed"] == [] and seen[2]["failed"] == [1]
+    # Run 0 is exactly what it would be alone; run 1 stopped at its weights after step 25 (24 updates).
+    alone = TopKSAE([cfgs[0]])
+    train_stack(alone, batches, loop, log=None)
+    torch.testing.assert_close(stacked.W_dec[0], alone.W_dec[0], rtol=1e-5, atol=1e-6)
+    stopped = TopKSAE([cfgs[1]])
+    train_stack(stopped, batches[:25], loop, log=None)
+    torch.testing.assert_close(stacked.W_enc[1], stopped.W_enc[0], rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(stacked.W_enc).all()
+
+
+def test_all_runs_diverged_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from trainer.train import RunDiverged
+
+    model = NaNAfter([TopKConfig(d_in=16, d_sae=32, k=4)], bad=[0], at=13)
+    loop = LoopConfig(lr=1e-2, log_every=5, init_scale_search=False)
+    with pytest.raises(RunDiverged, match=r"NaN/Inf by step 15 .*last good checkpoint is in"):
+        train_stack(model, data(), loop, log=None, run_dir=tmp_path, checkpoint_every=4)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 12 and state["failed"] == []
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "checkpoint" / "model.safetensors")).values())
+
+
+def test_mixing_buffer_serves_every_row_once_shuffled():
+    from trainer.train import mixing_buffer
+
+    stream = [torch.arange(i * 100, (i + 1) * 100, dtype=torch.float32).view(-1, 1) for i in range(20)]
+    out = list(mixing_buffer(stream, buffer_size=400, batch_size=64, seed=1))
+    rows = torch.cat(out).flatten()
+    assert sorted(rows.tolist()) == list(range(2000))
+    assert all(len(b) == 64 for b in out[:-1])
+    first = out[0].flatten()
+    assert first.max() - first.min() > 200  # rows from different stream chunks meet
+    assert not torch.equal(rows, torch.arange(2000.0))
+    with pytest.raises(Exception, match="at least twice batch_size"):
+        list(mixing_buffer(stream, buffer_size=100, batch_size=64))
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_init_scale_search_lowers_the_initial_mse(arch):
+    from trainer.init import search_init_scale_
+
+    x = data(n=1, batch=512)[0] * 5
+    make = (lambda: TopKSAE([TopKConfig(d_in=16, d_sae=64, k=8, seed=s) for s in (0, 1)])) if arch == "topk" else \
+        (lambda: StandardSAE([StandardConfig(d_in=16, d_sae=64, seed=s) for s in (0, 1)]))
+    plain, searched = make(), make()
+    for m in (plain, searched):
+        m.init_b_dec(x, "mean")
+    scales = search_init_scale_(searched, x)
+    with torch.no_grad():
+        before, after = plain(x)["mse"], searched(x)["mse"]
+    assert scales.shape == (2,) and (after < 0.9 * before).all(), (before, after)
+    if arch == "topk":  # the decoder stays unit-norm; the scale went into the encoder
+        torch.testing.assert_close(searched.W_dec.norm(dim=-1), torch.ones(2, 64))
+
+
+def test_k_annealing_goes_from_initial_k_to_k():
+    model = TopKSAE([TopKConfig(d_in=16, d_sae=64, k=4, initial_k=20, k_anneal_steps=10),
+                     TopKConfig(d_in=16, d_sae=64, k=6, seed=1)])
+    x = data(n=1)[0]
+    l0 = []
+    for step in (0, 5, 10, 50):
+        model.on_step(step, None)
+        with torch.no_grad():
+            l0.append(model(x)["l0"].tolist())
+    assert [r[0] for r in l0] == [20, 12, 4, 4] and all(r[1] == 6 for r in l0)
+    with pytest.raises(Exception, match="initial_k = 2 must be between k = 4"):
+        TopKSAE(TopKConfig(d_in=16, d_sae=64, k=4, initial_k=2))
+
+
+def test_snapshot_steps_spacing():
+    from trainer.run import snapshot_steps
+
+    assert snapshot_steps(1000, 3, "linear") == [250, 500, 750]
+    log = snapshot_steps(1000, 3, "log")
+    assert log == [6, 32, 178] and snapshot_steps(1000, 0, "log") == []
+    with pytest.raises(Exception, match="use log or linear"):
+        snapshot_steps(10, 2, "cubic")
+
+
+def test_export_folds_the_input_scale(tmp_path):
+    from trainer.export import load_saelens
+
+    model = TopKSAE([TopKConfig(d_in=16, d_sae=48, k=5, seed=3)])
+    x = data(n=1)[0] * 40
+    c = 0.05  # the loader's normalisation factor: the SAE was trained on c * x
+    model.init_b_dec(c * x)
+    export_saelens(model, 0, tmp_path / "sae", {}, input_scale=c)
+    weights, _ = load_saelens(tmp_path / "sae")
+    raw = TopKSAE([TopKConfig(d_in=16, d_sae=48, k=5)])
+    raw.load_run(0, weights, {})
+    with torch.no_grad():
+        torch.testing.assert_close(raw.encode(x), model.encode(c * x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(raw.decode(raw.encode(x)), model.decode(model.encode(c * x)) / c,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_run_train_eval_snapshots_init_from_and_bad_d_in(tmp_path):
+    from pipeline.errors import PipelineError
+    from trainer.run import TrainConfig, run_train
+
+    sparse_cache(tmp_path / "c", rows=12_000, eval_rows=4000)
+    base = dict(cache=str(tmp_path / "c"), out=str(tmp_path / "runs"), d_sae=64, k=4, batch_size=256, tokens=256 * 60,
+                log_every=10, eval_every=20, n_snapshots=2, snapshot_spacing="linear", wandb=False, normalize=True)
+    metrics = run_train(TrainConfig(**base))
+    run = tmp_path / "runs" / "topk-d64-k4"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_explained_variance" in lines[1] and "eval_explained_variance" not in lines[0]
+    assert {"dense_fraction", "aux_loss", "mse", "l0"} <= set(lines[0])
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [256 * 20, 256 * 40]
+    assert metrics["eval_l0"][0] == pytest.approx(4.0) and metrics["eval_explained_variance"][0] > 0.5
+    # The export reads raw activations (the loader's normalisation is folded in) and continues training.
+    cont = run_train(TrainConfig(**{**base, "name": "cont", "init_from": str(run), "tokens": 256 * 10,
+                                    "n_snapshots": 0, "eval_every": 0, "lr_warmup_steps": 0}))
+    assert cont["eval_explained_variance"][0] > metrics["eval_explained_variance"][0] - 0.05
+    with pytest.raises(PipelineError, match=r"has d_sae = 64, but this run has d_sae = 128; pass --d-sae 64"):
+        run_train(TrainConfig(**{**base, "name": "bad", "init_from": str(run), "d_sae": 128}))
+    other = tmp_path / "wide"
+    w = CacheWriter(other, {"x": 48}, WriterConfig())
+    w.put(ActivationBlock({"x": torch.randn(3000, 48)}))
+    w.close()
+    with pytest.raises(PipelineError, match=r"has d_in = 32, but this run has d_in = 48 \(the cache's hook width\)"):
+        run_train(TrainConfig(**{**base, "cache": str(other), "name": "bad2", "init_from": str(run)}))
+
+
+def test_shipped_train_config_matches_the_defaults_and_flags_win():
+    from pathlib import Path
+
+    from pipeline.config import build_config
+    from trainer.run import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "train_default.toml"
+    assert build_config(TrainConfig, path, {}, section="train") == TrainConfig()
+    cfg = build_config(TrainConfig, path, {"d_sae": 4096, "wandb": False, "k": None}, section="train")
+    assert cfg.d_sae == 4096 and cfg.wandb is False and cfg.k == 32

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,14 +21,29 @@ from pipeline.manifest import fsync_dir
 CHECKPOINT = "checkpoint"
 
 
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, opt, state: dict) -> Path:
-    """Write `run_dir/checkpoint` atomically; `state` is JSON (step, tokens, loader state, config)."""
+def _flat(stacks: Mapping[str, tuple], which: int) -> dict[str, torch.Tensor]:
+    """One state dict for every stack, keys prefixed with the stack's name ("" for none)."""
+    return {(f"{name}.{k}" if name else k): v.detach().to("cpu").contiguous()
+            for name, parts in stacks.items() for k, v in parts[which].state_dict().items()}
+
+
+def _split(flat: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    if not name:
+        return flat
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def save_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], state: dict) -> Path:
+    """Write `run_dir/checkpoint` atomically: `stacks` maps a name to (model, optimizer) — several
+    stacks (a sweep) share one checkpoint, so they always resume from the same step; `state` is
+    JSON (step, tokens, loader state, config)."""
     run_dir = Path(run_dir)
     final, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in opt.state_dict().items()}, str(tmp / "optimizer.safetensors"))
+    save_file(_flat(stacks, 0), str(tmp / "model.safetensors"))
+    save_file(_flat(stacks, 1), str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -42,8 +58,9 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, opt, state: dic
     return final
 
 
-def load_checkpoint(run_dir: str | Path, model: torch.nn.Module, opt, config: dict) -> dict | None:
-    """Restore a checkpoint into `model` and `opt`; returns its state, or None if there is none.
+def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: dict) -> dict | None:
+    """Restore a checkpoint into each (model, optimizer) of `stacks`; returns its state, or None if
+    there is none.
 
     A checkpoint written with another config is refused, naming the first field that differs.
     """
@@ -57,7 +74,9 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module, opt, config: di
                 f"checkpoint in {run_dir} is from another config ({key}: checkpoint "
                 f"{state.get('config', {}).get(key)!r}, now {config.get(key)!r}); use another --out or the same settings"
             )
-    device = next(model.parameters()).device
-    model.load_state_dict({k: v.to(device) for k, v in load_file(str(path / "model.safetensors")).items()})
-    opt.load_state_dict({k: v.to(device) for k, v in load_file(str(path / "optimizer.safetensors")).items()})
+    models, opts = load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors"))
+    for name, (model, opt) in stacks.items():
+        device = next(model.parameters()).device
+        model.load_state_dict({k: v.to(device) for k, v in _split(models, name).items()})
+        opt.load_state_dict({k: v.to(device) for k, v in _split(opts, name).items()})
     return state

@@ -27,12 +27,8 @@ def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: t
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights, arch_cfg = model.export_run(run)
-    weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in weights.items()}
-    if input_scale != 1.0:
-        c = float(input_scale)
-        weights["W_enc"] *= c
-        weights["W_dec"] /= c
-        weights["b_dec"] /= c
+    weights = fold_input_scale({k: v.detach().to("cpu", torch.float32).clone() for k, v in weights.items()},
+                               input_scale)
     cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            **arch_cfg, "metadata": metadata}
@@ -42,6 +38,15 @@ def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: t
         save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()},
                   str(out / "sparsity.safetensors"))
     return out
+
+
+def fold_input_scale(weights: dict[str, torch.Tensor], c: float) -> dict[str, torch.Tensor]:
+    """Weights of an SAE for inputs x from those of one trained on c * x (in place; 1 / c undoes it)."""
+    if c != 1.0:
+        weights["W_enc"] *= c
+        weights["W_dec"] /= c
+        weights["b_dec"] /= c
+    return weights
 
 
 def load_saelens(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -64,11 +69,13 @@ def load_saelens(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, cfg
 
 
-def init_from(model, path: str | Path, run: int | None = None) -> dict:
-    """Load a saved SAE into run `run` of `model` (every run when None), to continue training it.
+def init_from(model, path: str | Path, run: int | None = None, input_scale: float = 1.0) -> dict:
+    """Load a saved SAE into run `run` of `model` (every run when None), to continue training it on
+    activations multiplied by `input_scale` (the loader's normalisation).
 
     The saved d_in and d_sae must match the model's; returns the saved cfg."""
     weights, cfg = load_saelens(path)
+    fold_input_scale(weights, 1.0 / input_scale)
     for name in ("d_in", "d_sae"):
         saved, ours = cfg.get(name), getattr(model, name)
         if saved != ours:

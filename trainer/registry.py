@@ -24,7 +24,8 @@ _REGISTRY: dict[str, type] = {}
 
 # Imported lazily by `get_architecture` / `registered_architectures` so that the built-ins are
 # always known, without a circular import (those modules import this one to register).
-_BUILTIN_MODULES = ("trainer.sae_standard", "trainer.sae_topk")
+_BUILTIN_MODULES = ("trainer.sae_standard", "trainer.sae_topk", "trainer.sae_batchtopk", "trainer.sae_jumprelu",
+                    "trainer.sae_gated", "trainer.sae_matryoshka")
 
 
 def register_architecture(name: str, *, replace: bool = False) -> Callable[[T], T]:

@@ -184,7 +184,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if (out / CHECKPOINT).exists() and not cfg.resume:
         raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
                             "or choose another --out or --name")
-    init_cfg = init_from(model, cfg.init_from) if cfg.init_from else None
+    init_cfg = init_from(model, cfg.init_from, input_scale=scale) if cfg.init_from else None
     model = model.to(device)
     out.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(cfg.tokens / cfg.batch_size)

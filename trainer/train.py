@@ -54,10 +54,11 @@ class LoopConfig:
     """Free-form provenance stored with the run."""
 
 
-def lr_factor(step: int, cfg: LoopConfig) -> float:
+def lr_factor(step: int, cfg: LoopConfig, total_steps: int | None = None) -> float:
+    """The schedule's multiplier of lr at `step`, for a run of `total_steps` (default cfg.total_steps)."""
     if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
-    total = cfg.total_steps
+    total = total_steps if total_steps is not None else cfg.total_steps
     if not total or cfg.lr_decay == "constant":
         return 1.0
     progress = min(1.0, step / total)
@@ -80,6 +81,95 @@ class RunDiverged(PipelineError):
     """Every run of a stack stopped on a NaN/Inf loss; the last checkpoint holds their last good state."""
 
 
+class StackTrainer:
+    """The training state of one stack: its optimizer, schedule position, per-run stops, windows.
+
+    `train_stack` drives one; a sweep drives several on the same batches. `run_steps[r]` is run r's
+    own step budget (its lr schedule's length; the run is frozen once it has taken them), None for
+    as many as the batches give."""
+
+    def __init__(self, model: StackedSAE, cfg: LoopConfig, run_steps: Sequence[int | None] | None = None):
+        self.model, self.cfg = model, cfg
+        self.opt = StackedAdam(dict(model.named_parameters()), lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
+        self.base_lr = self.opt.lr.clone()
+        R, d_sae = model.W_dec.shape[0], model.W_dec.shape[1]
+        device = model.W_dec.device
+        self.run_steps = list(run_steps) if run_steps is not None else [cfg.total_steps] * R
+        self.step = 0
+        self.failed = torch.zeros(R, dtype=torch.bool, device=device)
+        self.fired = torch.zeros(R, d_sae, device=device)
+        self.window_tokens = 0
+        self.unit_norm = getattr(model, "unit_norm_decoder", False)
+        self.on_step, self.after_step = getattr(model, "on_step", None), getattr(model, "after_step", None)
+
+    def init_from_data(self, first: torch.Tensor) -> None:
+        """b_dec and the initial scale from the first batch (a fresh run only)."""
+        sample = first.float()
+        if hasattr(self.model, "init_b_dec"):
+            try:
+                self.model.init_b_dec(sample, self.cfg.b_dec_init)
+            except TypeError:  # a user architecture whose init_b_dec takes the sample only
+                self.model.init_b_dec(sample)
+        if self.cfg.init_scale_search and hasattr(self.model, "W_enc") and hasattr(self.model, "W_dec"):
+            search_init_scale_(self.model, sample)
+
+    def done(self) -> list[bool]:
+        """Per run: has it taken its step budget (host values, no device sync)."""
+        return [n is not None and self.step >= n for n in self.run_steps]
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One step of every run that is neither done nor failed; returns the forward's output."""
+        model, opt = self.model, self.opt
+        if self.on_step is not None:
+            self.on_step(self.step, self.cfg.total_steps)
+        out = model(batch)
+        self.failed |= ~torch.isfinite(out["loss"].detach())
+        done = self.done()
+        factors = [0.0 if d else lr_factor(self.step, self.cfg, n) for d, n in zip(done, self.run_steps)]
+        frozen = self.failed | torch.tensor(done, device=self.failed.device)
+        # Frozen runs get lr 0 and a zeroed gradient: Adam then leaves their weights as they were.
+        opt.lr.copy_(self.base_lr * torch.tensor(factors, device=self.base_lr.device) * (~self.failed))
+        opt.zero_grad()
+        torch.where(frozen, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
+        _zero_frozen_grads(opt.params.values(), frozen)
+        if self.unit_norm:
+            remove_parallel_grad(model.W_dec)
+        opt.step()
+        if self.unit_norm:
+            normalize_decoder(model.W_dec)
+        if self.after_step is not None:
+            self.after_step(out, batch.shape[0])
+        self.fired += (out["latents"] > 0).sum(dim=1)
+        self.step += 1
+        self.window_tokens += batch.shape[0]
+        return out
+
+    def metrics(self, out: dict[str, torch.Tensor], batch: torch.Tensor) -> dict:
+        """Every (R,) term of the forward output, explained variance, lr, and the dead / dense
+        fractions over the window since the last call (which this starts anew)."""
+        with torch.no_grad():
+            m = {name: v.tolist() for name, v in out.items() if v.dim() == 1}
+            m["explained_variance"] = explained_variance(batch, out["recon"]).tolist()
+            density = self.fired / max(self.window_tokens, 1)
+            m["dead_fraction"] = (self.fired == 0).float().mean(dim=1).tolist()
+            m["dense_fraction"] = (density > self.cfg.dense_threshold).float().mean(dim=1).tolist()
+        m["lr"] = self.opt.lr.tolist()
+        m["failed"] = self.failed.nonzero().flatten().tolist()
+        self.fired.zero_()
+        self.window_tokens = 0
+        return m
+
+    def state(self) -> dict:
+        """JSON part of a checkpoint (the tensors are the model's and optimizer's state dicts)."""
+        return {"step": self.step, "failed": self.failed.nonzero().flatten().tolist()}
+
+    def load_state(self, state: dict) -> None:
+        self.step = state["step"]
+        self.failed.zero_()
+        if state.get("failed"):
+            self.failed[torch.tensor(state["failed"], dtype=torch.long)] = True
+
+
 def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopConfig,
                 evaluator: Callable[[StackedSAE], dict] | None = None, eval_every: int = 0,
                 log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
@@ -99,67 +189,39 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     `failed` list of each line; when every run has failed, `RunDiverged` is raised without writing
     another checkpoint, so the last one holds the last good weights.
     """
-    opt = StackedAdam(dict(model.named_parameters()), lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
-    base_lr = opt.lr.clone()
+    trainer = StackTrainer(model, cfg)
     config = config or {}
-    resumed = load_checkpoint(run_dir, model, opt, config) if run_dir else None
-    step, tokens = 0, 0
+    resumed = load_checkpoint(run_dir, {"": (model, trainer.opt)}, config) if run_dir else None
+    tokens = 0
     if resumed:
         if "loader" in resumed:
             batches.load_state_dict(resumed["loader"])
-        step, tokens = resumed["step"], resumed["tokens"]
+        trainer.load_state(resumed)
+        tokens = resumed["tokens"]
     it: Iterator[torch.Tensor] = iter(batches)
     first = next(it, None)
     if first is None:
         return {}
     if not resumed:
-        _init_from_data(model, first, cfg)
-    device = first.device if first.device.type != "cpu" else next(model.parameters()).device
-    R, d_sae = _runs_and_width(model)
-    fired = torch.zeros(R, d_sae, device=device)
-    failed = torch.zeros(R, dtype=torch.bool, device=device)
-    if resumed and resumed.get("failed"):
-        failed[torch.tensor(resumed["failed"], dtype=torch.long)] = True
-    unit_norm = getattr(model, "unit_norm_decoder", False)
-    on_step, after_step = getattr(model, "on_step", None), getattr(model, "after_step", None)
+        trainer.init_from_data(first)
     snapshot_steps = set(snapshot_steps)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
-    t0, last, start_tokens, window_tokens = time.perf_counter(), {}, tokens, 0
+    t0, last, start_tokens = time.perf_counter(), {}, tokens
 
     def checkpoint() -> None:
-        state = {"step": step, "tokens": tokens, "config": config, "failed": failed.nonzero().flatten().tolist()}
+        state = {**trainer.state(), "tokens": tokens, "config": config}
         if hasattr(batches, "state_dict"):
             state["loader"] = batches.state_dict()
-        save_checkpoint(run_dir, model, opt, state)
+        save_checkpoint(run_dir, {"": (model, trainer.opt)}, state)
 
     try:
         for batch in _chain(first, it):
-            # Frozen runs get lr 0 and a zeroed gradient: Adam then leaves their weights as they were.
-            opt.lr.copy_(base_lr * lr_factor(step, cfg) * (~failed))
-            if on_step is not None:
-                on_step(step, cfg.total_steps)
-            out = model(batch)
-            failed |= ~torch.isfinite(out["loss"].detach())
-            opt.zero_grad()
-            torch.where(failed, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
-            _zero_failed_grads(opt.params.values(), failed)
-            if unit_norm:
-                remove_parallel_grad(model.W_dec)
-            opt.step()
-            if unit_norm:
-                normalize_decoder(model.W_dec)
-            if after_step is not None:
-                after_step(out, batch.shape[0])
-            fired += (out["latents"] > 0).sum(dim=1)
-            step += 1
+            out = trainer.train_step(batch)
+            step = trainer.step
             tokens += batch.shape[0]
-            window_tokens += batch.shape[0]
             if step % cfg.log_every == 0 or (cfg.total_steps and step == cfg.total_steps):
-                last = _step_metrics(out, batch, fired, window_tokens, cfg.dense_threshold)
-                last.update(step=step, tokens=tokens, lr=opt.lr.tolist(), failed=failed.nonzero().flatten().tolist(),
-                            tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
-                fired.zero_()
-                window_tokens = 0
+                last = trainer.metrics(out, batch)
+                last.update(step=step, tokens=tokens, tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
                 if evaluator is not None and eval_every and step % eval_every == 0:
                     last.update(evaluator(model))
                 if log:
@@ -167,7 +229,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 if metrics_file:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
-                if bool(failed.all()):
+                if bool(trainer.failed.all()):
                     raise RunDiverged(
                         f"every run's loss became NaN/Inf by step {step} (lower --lr or check the data); "
                         + (f"the last good checkpoint is in {run_dir}" if run_dir else "no checkpoint was kept"))
@@ -177,52 +239,23 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 snapshot(model, step, tokens)
             if max_steps is not None and step >= max_steps:
                 break
-        if bool(failed.all()):
-            raise RunDiverged(f"every run's loss became NaN/Inf (lower --lr or check the data)")
+        if bool(trainer.failed.all()):
+            raise RunDiverged("every run's loss became NaN/Inf (lower --lr or check the data)")
         if run_dir:
             checkpoint()
     finally:
         if metrics_file:
             metrics_file.close()
     if not last:  # fewer steps than log_every: report the final step anyway
-        last = {"step": step, "tokens": tokens, "failed": failed.nonzero().flatten().tolist()}
+        last = {"step": trainer.step, "tokens": tokens, "failed": trainer.state()["failed"]}
     return last
 
 
-def _runs_and_width(model) -> tuple[int, int]:
-    W = model.W_dec
-    return W.shape[0], W.shape[1]
-
-
-def _init_from_data(model, first: torch.Tensor, cfg: LoopConfig) -> None:
-    sample = first.float()
-    if hasattr(model, "init_b_dec"):
-        try:
-            model.init_b_dec(sample, cfg.b_dec_init)
-        except TypeError:  # a user architecture whose init_b_dec takes the sample only
-            model.init_b_dec(sample)
-    if cfg.init_scale_search and hasattr(model, "W_enc") and hasattr(model, "W_dec"):
-        search_init_scale_(model, sample)
-
-
 @torch.no_grad()
-def _zero_failed_grads(params: Iterable[torch.Tensor], failed: torch.Tensor) -> None:
+def _zero_frozen_grads(params: Iterable[torch.Tensor], frozen: torch.Tensor) -> None:
     for p in params:
         if p.grad is not None:
-            p.grad.copy_(torch.where(failed.view(-1, *([1] * (p.dim() - 1))), torch.zeros((), device=p.device), p.grad))
-
-
-@torch.no_grad()
-def _step_metrics(out: dict[str, torch.Tensor], batch: torch.Tensor, fired: torch.Tensor, window_tokens: int,
-                  dense_threshold: float) -> dict:
-    """Every (R,) term of the forward output (loss, mse, l0, aux terms...), explained variance,
-    and the dead / dense fractions over the window since the last line."""
-    metrics = {name: v.tolist() for name, v in out.items() if v.dim() == 1}
-    metrics["explained_variance"] = explained_variance(batch, out["recon"]).tolist()
-    density = fired / max(window_tokens, 1)
-    metrics["dead_fraction"] = (fired == 0).float().mean(dim=1).tolist()
-    metrics["dense_fraction"] = (density > dense_threshold).float().mean(dim=1).tolist()
-    return metrics
+            p.grad.copy_(torch.where(frozen.view(-1, *([1] * (p.dim() - 1))), torch.zeros((), device=p.device), p.grad))
 
 
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

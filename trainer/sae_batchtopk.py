@@ -1,0 +1,156 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK sparse autoencoders"), for a stack of R runs.
+
+Training, per run and batch of B rows:
+
+    pre     = W_enc^T (x - b_dec) + b_enc                              (B, d_sae)
+    latents = the top k*B entries of ReLU(pre) over the whole batch, zeros elsewhere
+    recon   = W_dec^T latents + b_dec
+    loss    = mse + aux_k_coef * auxk                                  (AuxK as in TopK)
+
+so a token may use more or fewer than k latents, k on average over the batch. Keeping the top k*B
+entries is thresholding the batch at its (k*B)-th largest pre-activation t_b; the run tracks t_b
+(a running mean, then an exponential moving average with rate `threshold_lr`, of the smallest
+kept activation of each batch, as SAELens does) in a `threshold` buffer. Inference does not
+depend on the batch:
+
+    latents = JumpReLU_threshold(pre) = pre * H(pre - threshold)
+
+which is what `encode` computes and how a run is exported (SAELens's `jumprelu` format, the
+threshold given to every latent). With a unit-norm decoder (kept by the loop, as TopK) the
+threshold is one number per run; `calibrate_threshold` can also set it from data so that the
+inference L0 over that data is exactly k. Runs in one stack share d_in and d_sae; k, aux_k,
+aux_k_coef, dead_tokens_threshold, threshold_lr and the seed may differ per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from pipeline.errors import PipelineError
+from trainer.registry import register_architecture
+from trainer.sae_jumprelu import jumprelu, load_threshold
+from trainer.sae_topk import TopKConfig, TopKSAE, topk_per_run
+from trainer.stack import per_run
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """One BatchTopK run: TopK's fields (k now counts latents per token on average over a batch)."""
+
+    threshold_lr: float = 0.01
+    """Rate of the moving average that tracks the batch threshold (after a plain mean of the first
+    1 / threshold_lr batches)."""
+
+
+def batch_topk_per_run(pre: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Keep the top `k[r] * batch` entries of `pre (R, batch, d_sae)` over the whole batch of each
+    run, ReLU'd, zeros elsewhere: `topk_per_run` on the batch flattened into one row."""
+    R, B, S = pre.shape
+    return topk_per_run(pre.reshape(R, 1, B * S), k * B, k_max * B).view(R, B, S)
+
+
+@register_architecture("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """A stack of R BatchTopK SAEs of the same shape, trained on the same batches.
+
+    TopK's k annealing, dead-latent counts and AuxK loss apply unchanged (inherited)."""
+
+    config_class = BatchTopKConfig
+    unit_norm_decoder = True
+
+    def __init__(self, cfgs: BatchTopKConfig | Sequence[BatchTopKConfig]):
+        super().__init__(cfgs)
+        for c in self.cfgs:
+            if not 0 < c.threshold_lr <= 1:
+                raise PipelineError(f"threshold_lr = {c.threshold_lr} must be in (0, 1]")
+        R, d_sae = self.n_runs, self.d_sae
+        self.register_buffer("threshold_lr", per_run(self.cfgs, "threshold_lr", torch.float32))
+        # The inference threshold per run and latent (one value per run unless loaded from elsewhere),
+        # and the number of batches it has seen (the moving average starts as a plain mean).
+        self.register_buffer("threshold", torch.zeros(R, d_sae))
+        self.register_buffer("threshold_batches", torch.zeros(R, dtype=torch.long))
+
+    def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
+        super().after_step(out, n_tokens)
+        self.update_threshold(out["latents"])
+
+    def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
+        weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+        return weights, {"architecture": "jumprelu"}
+
+    @torch.no_grad()
+    def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
+        """Also the threshold, when the export has one (a `jumprelu` export): continuing to train
+        re-estimates it from the batches."""
+        super().load_run(run, weights, cfg)
+        if "threshold" in weights or cfg.get("architecture") == "jumprelu":
+            self.threshold[run] = load_threshold(weights, self.threshold[run])
+        self.threshold_batches[run] = 0
+
+    # -- forward pieces ------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (R, batch, d_sae) at inference: JumpReLU with the learnt threshold (each row on
+        its own, whatever else is in the batch). Training's forward uses the batch top-k."""
+        return jumprelu(self.pre_acts(x), self.threshold)
+
+    # -- the threshold -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def batch_threshold(self, latents: torch.Tensor) -> torch.Tensor:
+        """(R,) the threshold a training batch used: its smallest kept activation, or 0 when fewer
+        than k*B pre-activations were positive (then every positive one was kept); NaN without any."""
+        B = latents.shape[1]
+        kept = latents > 0
+        smallest = latents.masked_fill(~kept, float("inf")).amin(dim=(1, 2))
+        smallest = torch.where(smallest.isinf(), torch.full_like(smallest, float("nan")), smallest)
+        full = kept.sum(dim=(1, 2)) >= self.k * B
+        return torch.where(full, smallest, torch.zeros_like(smallest))
+
+    @torch.no_grad()
+    def update_threshold(self, latents: torch.Tensor) -> None:
+        """Move each run's threshold toward this batch's (`batch_threshold`): by 1 / (n + 1) for
+        its first batches (a plain mean), then by threshold_lr. A run whose batch kept nothing
+        (or went NaN) is left as it was. Call once per training step, after forward."""
+        t_b = self.batch_threshold(latents)
+        ok = torch.isfinite(t_b)
+        rate = torch.maximum(self.threshold_lr, 1.0 / (self.threshold_batches + 1).to(torch.float32))
+        rate = torch.where(ok, rate, torch.zeros_like(rate)).unsqueeze(1)
+        self.threshold.lerp_(torch.where(ok, t_b, torch.zeros_like(t_b)).unsqueeze(1).expand_as(self.threshold),
+                             rate.to(self.threshold.dtype))
+        self.threshold_batches += ok.to(torch.long)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Set each run's threshold from data, so that the inference L0 over these rows is k[r]:
+        the (k[r] * rows)-th largest ReLU'd pre-activation of all of them (the batch threshold of
+        one batch holding every row). Returns the thresholds (R,). Holds every pre-activation
+        (R, rows, d_sae) in memory: pass a sample (tens of thousands of rows), not a split."""
+        batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+        pre = torch.cat([self.pre_acts(x.to(self.W_enc.dtype)) for x in batches], dim=1).relu()
+        R, n, _ = pre.shape
+        flat = pre.reshape(R, -1)
+        t = torch.stack([flat[r].topk(int(self.k[r]) * n).values[-1] for r in range(R)])
+        self.threshold.copy_(t.unsqueeze(1).expand_as(self.threshold))
+        return t
+
+    # -- the training step's forward -----------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything a training step needs, per run.
+
+        Returns `loss`, `mse`, `aux_loss`, `l0`, `threshold` (each (R,); `threshold` is the
+        inference threshold so far, logged), `latents` (R, batch, d_sae) and `recon` (R, batch, d_in).
+        loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK. Backpropagate `loss.sum()`."""
+        pre = self.pre_acts(x)
+        latents = batch_topk_per_run(pre, self.k, self.k_max)
+        recon = self.decode(latents)
+        residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
+        mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual)
+        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0,
+                "threshold": self.threshold.mean(dim=-1), "latents": latents, "recon": recon}

@@ -1,0 +1,184 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping ahead"), for a stack of R runs.
+
+    pre     = W_enc^T (x - b_dec) + b_enc
+    latents = JumpReLU_theta(pre) = pre * H(pre - theta),   theta = exp(log_threshold) > 0
+    recon   = W_dec^T latents + b_dec
+    loss    = mse + l0_scale * l0_coefficient * sum_i H(pre_i - theta_i)
+
+H (the Heaviside step) has zero derivative almost everywhere, so theta would never learn from the
+loss. Straight-through estimators give it pseudo-derivatives with a rectangle kernel
+K(u) = 1[|u| < 1/2] of width `bandwidth` eps:
+
+    d JumpReLU / d theta = -(theta / eps) K((pre - theta) / eps)
+    d H / d theta        = -(1 / eps)     K((pre - theta) / eps)
+
+while pre gets the ordinary gradient through the kept latents (and none through the step), as in
+the paper: the L0 penalty moves the thresholds only. The threshold is learnt in log space (one
+per latent, so it stays positive). Decoder rows are kept unit-norm (the loop's constraint), which
+fixes the scale shared by encoder, threshold and decoder. Runs in one stack share d_in, d_sae and
+the L0 warm-up; the L0 coefficient, initial threshold, bandwidth and the seed may differ per run.
+At inference (and in SAELens's `jumprelu` format) the same JumpReLU with the learnt thresholds
+applies, so an export has the L0 the run had in training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from trainer.registry import register_architecture
+from trainer.stack import StackedSAE, per_run, shared
+
+
+@dataclass
+class JumpReLUConfig:
+    """One JumpReLU run."""
+
+    d_in: int
+    """Width of the activations read (and reconstructed)."""
+    d_sae: int
+    """Number of latents."""
+    l0_coefficient: float = 0.3
+    """Weight of the L0 penalty (latents firing per token)."""
+    l0_warmup_steps: int = 0
+    """Steps over which the L0 weight ramps linearly from 0 to l0_coefficient (0 = none)."""
+    init_threshold: float = 0.2
+    """Every latent's threshold at init (in units of the pre-activations)."""
+    bandwidth: float = 0.05
+    """Width eps of the rectangle kernel of the straight-through estimators."""
+    seed: int = 0
+    """Seed of this run's initial weights."""
+    dec_init_norm: float = 1.0
+    """Norm of each decoder row at init (the decoder is kept unit-norm during training)."""
+
+    def l0_scale(self, step: int) -> float:
+        """The warm-up factor min(1, step / l0_warmup_steps) to pass to forward."""
+        return 1.0 if self.l0_warmup_steps <= 0 else min(1.0, step / self.l0_warmup_steps)
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The kernel K(u) = 1 on (-1/2, 1/2), 0 elsewhere."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """pre * H(pre - theta); theta's pseudo-derivative from the rectangle kernel.
+
+    `threshold` and `bandwidth` broadcast against `pre` (per run: (R, 1, d_sae) and (R, 1, 1))."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold, bandwidth)
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, threshold, bandwidth = ctx.saved_tensors
+        pre_grad = (pre > threshold).to(grad.dtype) * grad
+        ste = -(threshold / bandwidth) * rectangle((pre - threshold) / bandwidth) * grad
+        return pre_grad, ste.sum_to_size(threshold.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(pre - theta) (1 where a latent fires); theta's pseudo-derivative from the rectangle
+    kernel, none for pre (the L0 penalty moves the thresholds only)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold, bandwidth)
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, threshold, bandwidth = ctx.saved_tensors
+        ste = -(1.0 / bandwidth) * rectangle((pre - threshold) / bandwidth) * grad
+        return None, ste.sum_to_size(threshold.shape), None
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Inference JumpReLU (no gradient tricks): pre where pre > threshold, else 0; `threshold`
+    (R, d_sae) per run and latent against `pre (R, batch, d_sae)`, as SAELens's JumpReLUSAE."""
+    return pre * (pre > threshold.unsqueeze(1)).to(pre.dtype)
+
+
+def load_threshold(weights: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """A saved `threshold (d_sae,)`, checked against `target`'s shape (one run of a stack)."""
+    if "threshold" not in weights:
+        raise PipelineError(f"JumpReLU weights lack threshold; found {', '.join(sorted(weights))}")
+    if tuple(weights["threshold"].shape) != tuple(target.shape):
+        raise PipelineError(f"saved threshold has shape {tuple(weights['threshold'].shape)}; this SAE needs "
+                            f"{tuple(target.shape)}")
+    return weights["threshold"]
+
+
+@register_architecture("jumprelu")
+class JumpReLUSAE(StackedSAE):
+    """A stack of R JumpReLU SAEs of the same shape, trained on the same batches."""
+
+    config_class = JumpReLUConfig
+    # Unit-norm decoder rows (the loop projects gradients and renormalises, trainer.optim).
+    unit_norm_decoder = True
+
+    def __init__(self, cfgs: JumpReLUConfig | Sequence[JumpReLUConfig]):
+        super().__init__(cfgs)
+        for c in self.cfgs:
+            if not (c.init_threshold > 0 and c.bandwidth > 0):
+                raise PipelineError(f"init_threshold ({c.init_threshold}) and bandwidth ({c.bandwidth}) "
+                                    "must be positive")
+        # The warm-up is one schedule for the stack: forward applies one l0_scale per step.
+        self.l0_warmup_steps = shared(self.cfgs, "l0_warmup_steps")
+        self.register_buffer("l0_coefficient", per_run(self.cfgs, "l0_coefficient", torch.float32))
+        self.register_buffer("bandwidth", per_run(self.cfgs, "bandwidth", torch.float32))
+        init = torch.tensor([math.log(c.init_threshold) for c in self.cfgs], dtype=torch.float32)
+        self.log_threshold = nn.Parameter(init.view(-1, 1).repeat(1, self.d_sae))  # (R, d_sae)
+        self._l0_scale = 1.0
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """(R, d_sae) thresholds, exp(log_threshold)."""
+        return self.log_threshold.exp()
+
+    def on_step(self, step: int, total_steps: int | None) -> None:
+        """L0 warm-up: the factor forward applies at this step."""
+        self._l0_scale = self.cfgs[0].l0_scale(step)
+
+    def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
+        weights, _ = super().export_run(run)
+        return {**weights, "threshold": self.threshold[run]}, {"architecture": "jumprelu"}
+
+    @torch.no_grad()
+    def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
+        super().load_run(run, weights, cfg)
+        threshold = load_threshold(weights, self.log_threshold[run])
+        self.log_threshold[run] = threshold.to(self.log_threshold.dtype).clamp_min(1e-30).log()
+
+    # -- forward pieces ------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (R, batch, d_sae): pre-activations above their latent's threshold."""
+        return jumprelu(self.pre_acts(x), self.threshold)
+
+    # -- the training step's forward -----------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, l0_scale: float | None = None) -> dict[str, torch.Tensor]:
+        """Everything a training step needs, per run.
+
+        Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae) and `recon`
+        (R, batch, d_in). aux_loss = l0_scale * l0_coefficient * L0 (the straight-through L0), so
+        loss = mse + aux_loss. `l0_scale` is the warm-up factor (default: the one `on_step` set).
+        Backpropagate `loss.sum()`: runs share no parameters."""
+        pre = self.pre_acts(x)
+        threshold = self.threshold.unsqueeze(1)  # (R, 1, d_sae)
+        bandwidth = self.bandwidth.view(-1, 1, 1)
+        latents = JumpReLUFunction.apply(pre, threshold, bandwidth)
+        recon = self.decode(latents)
+        mse = self.mse(x, recon)
+        l0 = StepFunction.apply(pre, threshold, bandwidth).sum(dim=-1).mean(dim=-1)  # (R,): the L0 itself
+        aux_loss = (self._l0_scale if l0_scale is None else l0_scale) * self.l0_coefficient * l0
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0.detach(),
+                "latents": latents, "recon": recon}
