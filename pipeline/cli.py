@@ -1,4 +1,4 @@
-"""The command line: `pipeline cache | train | pretokenize | info | verify` (`python -m pipeline` too).
+"""The command line: `pipeline cache | train | sweep | pretokenize | info | verify` (`python -m pipeline` too).
 
 Each command imports its stage lazily, so `pipeline info` never loads a model.
 """
@@ -116,6 +116,37 @@ def train(
     ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
     l0 = metrics.get("eval_l0", metrics.get("l0"))
     typer.echo(f"exported to {metrics['run_dir']}" + (f": explained variance {ev[0]:.3f}, L0 {l0[0]:.1f}" if ev else ""))
+
+
+@app.command()
+def sweep(
+    config: str = typer.Option(..., "--config", help="Sweep TOML: [base] fields and [sweep] lists or [[runs]]."),
+    cache: Optional[str] = typer.Option(None, help="Cache directory (overrides [base])."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the runs' folders go in."),
+    tokens: Optional[int] = typer.Option(None, help="Rows per run (overrides every run)."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per step (all runs)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    name: Optional[str] = typer.Option(None, help="Sweep name (W&B group); default: the TOML's name or file name."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the sweep in --out."),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="W&B, one run per SAE (offline without a key)."),
+    memory_gb: Optional[float] = typer.Option(None, help="Memory the sweep may plan for (default: 90% of free)."),
+    import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
+) -> None:
+    """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end."""
+    import importlib
+    from pathlib import Path
+
+    from trainer.sweep import load_sweep_spec, run_sweep
+
+    for module in import_module or []:
+        importlib.import_module(module)
+    spec = load_sweep_spec(config)
+    overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
+                                        resume=resume, wandb=wandb).items() if v is not None}
+    rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
+                     memory_budget=int(memory_gb * 2**30) if memory_gb else None)
+    ok = sum(r["status"] == "ok" for r in rows)
+    typer.echo(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
 
 
 @app.command()

@@ -104,7 +104,8 @@ class TrainConfig:
         return "-".join(p for p in (self.arch, f"d{self.d_sae}", sparsity) if p)
 
 
-def build_model(cfg: TrainConfig, d_in: int) -> StackedSAE:
+def run_config(cfg: TrainConfig, d_in: int):
+    """The architecture's own config for this run (the TrainConfig fields it has)."""
     cls = get_architecture(cfg.arch)
     fields = {"d_in": d_in, "d_sae": cfg.d_sae, "seed": cfg.seed}
     names = set(cls.config_class.__dataclass_fields__)
@@ -112,7 +113,12 @@ def build_model(cfg: TrainConfig, d_in: int) -> StackedSAE:
                        ("l1_coefficient", cfg.l1), ("l1_warmup_steps", cfg.l1_warmup_steps)):
         if key in names:
             fields[key] = value
-    return cls([cls.config_class(**fields)])
+    return cls.config_class(**fields)
+
+
+def build_model(cfg: TrainConfig, d_in: int) -> StackedSAE:
+    """A stack of one run."""
+    return get_architecture(cfg.arch)([run_config(cfg, d_in)])
 
 
 def snapshot_steps(total_steps: int, n: int, spacing: str) -> list[int]:
@@ -169,6 +175,37 @@ def eval_batches(cfg: TrainConfig, hook: str, device: str, scale: float, rows: i
     return batches
 
 
+def weight_identity(cfg: TrainConfig) -> dict:
+    """The fields a run's weights depend on, which a resumed checkpoint must match; tokens may grow
+    on resume (extending the run), the device and the logging may change."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume", "eval_every",
+                         "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
+
+
+def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
+    """Provenance stored in an export's cfg.json `metadata` (SAELens's keys, plus ours)."""
+    manifest = getattr(source, "manifest", None) or {}
+    prov = manifest.get("provenance", {})
+    return {
+        "hook_name": hook, "model_name": (prov.get("model") or {}).get("name"),
+        "context_size": manifest.get("context_size"), "dataset_path": (prov.get("dataset") or {}).get("name"),
+        "prepend_bos": True, "cache_manifest_hash": manifest_hash(manifest) if manifest else None,
+        "training_config": asdict(cfg), "package_version": __version__, "training_architecture": cfg.arch,
+        "run_name": name,
+    }
+
+
+def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metrics: dict,
+                  density: torch.Tensor | None, scale: float) -> None:
+    """Run `run`'s export (with its eval density as sparsity) and summary.json into `out`."""
+    metadata = {**metadata, "l0": metrics.get("eval_l0", metrics.get("l0")),
+                "num_dead_features": int((density[run] == 0).sum()) if density is not None else None}
+    sparsity = torch.log10(density[run] + 1e-10) if density is not None else None
+    export_saelens(model, run, out, metadata, sparsity, input_scale=scale)
+    (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+
+
 def run_train(cfg: TrainConfig) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     train = ActivationLoader(cfg.cache, hooks=cfg.hook, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
@@ -193,24 +230,13 @@ def run_train(cfg: TrainConfig) -> dict:
                       max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
                       b_dec_init="keep" if init_cfg else cfg.b_dec_init,
                       init_scale_search=cfg.init_scale_search and not init_cfg, metrics_path=str(out / "metrics.jsonl"))
-    # What the weights depend on; tokens may grow on resume (extending the run), devices may change.
-    identity = {k: v for k, v in asdict(cfg).items()
-                if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume", "eval_every",
-                             "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
+    identity = weight_identity(cfg)
     has_eval = bool(train.source.shards("eval"))
     evaluator = None
     if cfg.eval_every and has_eval:
         held = eval_batches(cfg, hook, device, scale, cfg.eval_tokens)
         evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
-    manifest = getattr(train.source, "manifest", None) or {}
-    prov = manifest.get("provenance", {})
-    metadata = {
-        "hook_name": hook, "model_name": (prov.get("model") or {}).get("name"),
-        "context_size": manifest.get("context_size"), "dataset_path": (prov.get("dataset") or {}).get("name"),
-        "prepend_bos": True, "cache_manifest_hash": manifest_hash(manifest) if manifest else None,
-        "training_config": asdict(cfg), "package_version": __version__, "training_architecture": cfg.arch,
-        "run_name": name,
-    }
+    metadata = export_metadata(cfg, train.source, hook, name)
 
     def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
         export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
@@ -235,12 +261,9 @@ def run_train(cfg: TrainConfig) -> dict:
         if has_eval:
             eval_metrics, density = evaluate(model, eval_batches(cfg, hook, device, scale, None))
             metrics.update(eval_metrics)
-        metadata["l0"] = metrics.get("eval_l0", metrics.get("l0", [None]))[0]
-        metadata["num_dead_features"] = int((density[0] == 0).sum()) if density is not None else None
-        sparsity = torch.log10(density[0] + 1e-10) if density is not None else None
-        export_saelens(model, 0, out, metadata, sparsity, input_scale=scale)
         metrics["run_dir"] = str(out)
-        (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+        finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)
+                                                for k, v in metrics.items()}, density, scale)
         if wandb_log:
             wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
                                 if k != "failed"}])

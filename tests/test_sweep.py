@@ -1,0 +1,107 @@
+"""Sweeps: many runs from one pass over a cache, stacked where they share a shape."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from tests.test_train_loop import sparse_cache
+from trainer.sweep import expand_runs, name_runs, run_sweep
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "c"
+    sparse_cache(path, rows=8000, eval_rows=2000)
+    return path
+
+
+def spec(cache, out, **base):
+    return {"base": {"cache": str(cache), "out": str(out), "d_sae": 64, "batch_size": 256, "tokens": 256 * 40,
+                     "log_every": 10, "checkpoint_every": 10, "wandb": False, "lr": 3e-3, **base},
+            "sweep": {"arch": ["topk", "standard"], "k": [3, 6], "l1": [0.5], "seed": [0]}}
+
+
+def test_names_and_irrelevant_fields_do_not_multiply_runs():
+    base, runs = expand_runs({"base": {"d_sae": 64}, "sweep": {"arch": ["topk", "standard"], "k": [4, 8],
+                                                               "l1": [1.0, 2.0]}}, {})
+    assert len(runs) == 8
+    names = [r.name for r in name_runs(runs)]
+    assert names == ["topk-k4", "topk-k8", "standard-l1_1", "standard-l1_2"]
+    with pytest.raises(PipelineError, match="cannot vary batch_size"):
+        expand_runs({"sweep": {"batch_size": [1, 2]}}, {})
+    with pytest.raises(PipelineError, match=r"unknown field\(s\) kk in \[sweep\]"):
+        expand_runs({"sweep": {"kk": [1]}}, {})
+
+
+def test_mixed_sweep_writes_runs_summary_and_plot(cache, tmp_path):
+    s = spec(cache, tmp_path / "out")
+    s["sweep"]["k"] = [3, 6, 100]  # k = 100 > d_sae: that run is refused, the others go on
+    rows = run_sweep(s, {}, name="t")
+    by_name = {r["run"]: r for r in rows}
+    assert set(by_name) == {"topk-k3", "topk-k6", "topk-k100", "standard-d64-l1_0.5"}
+    assert by_name["topk-k100"]["status"].startswith("refused: k = 100 must be between 1 and d_sae = 64")
+    for name in ("topk-k3", "topk-k6", "standard-d64-l1_0.5"):
+        r = by_name[name]
+        assert r["status"] == "ok" and r["explained_variance"] > 0.5, r
+        cfg = json.loads((tmp_path / "out" / name / "cfg.json").read_text())
+        assert cfg["metadata"]["sweep"] == "t" and cfg["d_sae"] == 64
+        lines = (tmp_path / "out" / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [10, 20, 30, 40]
+    assert by_name["topk-k3"]["l0"] == pytest.approx(3.0) and by_name["topk-k6"]["l0"] == pytest.approx(6.0)
+    with open(tmp_path / "out" / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["run"] for t in table] == ["topk-k3", "topk-k6", "standard-d64-l1_0.5", "topk-k100"]
+    png = (tmp_path / "out" / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_stacked_sweep_run_equals_the_run_trained_alone(cache, tmp_path):
+    from trainer.run import TrainConfig, run_train
+
+    s = spec(cache, tmp_path / "sw")
+    s["sweep"] = {"arch": ["topk"], "k": [3, 6]}
+    run_sweep(s, {}, name="t")
+    alone = run_train(TrainConfig(**{**s["base"], "out": str(tmp_path / "alone"), "k": 6, "arch": "topk"}))
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "sw" / "topk-k6" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "alone" / "topk-d64-k6" / "sae_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert alone["eval_l0"][0] == pytest.approx(6.0)
+
+
+def test_sweep_resume_equals_straight_sweep(cache, tmp_path):
+    from safetensors.torch import load_file
+
+    run_sweep(spec(cache, tmp_path / "a"), {}, name="t")
+    run_sweep(spec(cache, tmp_path / "b"), {}, name="t", max_steps=20)
+    with pytest.raises(PipelineError, match="holds a sweep checkpoint; pass --resume"):
+        run_sweep(spec(cache, tmp_path / "b"), {}, name="t")
+    run_sweep(spec(cache, tmp_path / "b", resume=True), {}, name="t")
+    for run in ("topk-k3", "topk-k6", "standard-d64-l1_0.5"):
+        a = load_file(str(tmp_path / "a" / run / "sae_weights.safetensors"))
+        b = load_file(str(tmp_path / "b" / run / "sae_weights.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), run
+
+
+def test_memory_refusal_names_how_many_runs_fit(cache, tmp_path):
+    from trainer.sweep import stack_bytes
+
+    held, peak = stack_bytes(2, 32, 64, 256)
+    budget = held + peak + 1000  # room for the stack of two TopK runs and its step, not for the third run
+    with pytest.raises(PipelineError, match=r"needs about .* MiB for 3 runs but .* MiB is available: 2 of its runs fit"):
+        run_sweep(spec(cache, tmp_path / "m"), {}, name="t", memory_budget=budget)

@@ -1,0 +1,434 @@
+"""`pipeline sweep`: many SAEs from one pass over a cache.
+
+A sweep TOML has a `[base]` table (any `pipeline train` field) and either a `[sweep]` table of
+lists, whose product gives the runs, or a list of `[[runs]]` tables of overrides. Every batch is
+read once and steps every run: runs of one architecture and shape form one stack (the trainer's
+R dimension, one batched matmul for all of them); different ones form separate stacks stepped on
+the same batch. Each run stops at its own token budget, a run that fails (bad config, NaN/Inf) is
+reported and the others go on, and the whole sweep checkpoints and resumes as one.
+
+    OUT/<run>/            the run's export (cfg.json, sae_weights, sparsity), summary.json, metrics.jsonl
+    OUT/_sweep/checkpoint every stack, the loader position and the step, written atomically
+    OUT/summary.csv       one row per run; OUT/pareto.png: explained variance against L0
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_toml
+from pipeline.errors import PipelineError
+from pipeline.loader import ActivationLoader, open_source
+from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from trainer.logs import ConsoleLog, WandbLog
+from trainer.registry import get_architecture
+from trainer.run import (TrainConfig, eval_batches, evaluate, export_metadata, finish_export, run_config,
+                         weight_identity)
+from trainer.train import LoopConfig, RunDiverged, StackTrainer
+
+# Fields that must be one value for the whole sweep: one loader pass feeds every run.
+SWEEP_WIDE = ("cache", "out", "batch_size", "device", "normalize", "log_every", "checkpoint_every", "resume",
+              "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing")
+# Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
+STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
+                "init_scale_search", "k_anneal_steps", "init_from")
+# Fields that name a run when they vary across the sweep, with their short labels.
+LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "lr": "lr", "seed": "s", "tokens": "t",
+          "initial_k": "k0_"}
+
+
+@dataclass
+class SweepPlan:
+    """The runs of a sweep, grouped into stacks, and the runs refused before starting."""
+
+    name: str
+    """The sweep's name (W&B group)."""
+    base: TrainConfig
+    """Sweep-wide settings."""
+    runs: list[TrainConfig] = field(default_factory=list)
+    """Every run, with its name set."""
+    stacks: list[list[int]] = field(default_factory=list)
+    """Indices into `runs`, one list per stack."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Run name -> why it cannot run (a bad config)."""
+
+
+def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainConfig]]:
+    """Base config and the run configs of a sweep spec (the parsed TOML); `overrides` (command-line
+    values that are not None) apply to the base and to every run."""
+    names = {f.name for f in fields(TrainConfig)}
+    base_data = dict(spec.get("base", {}))
+    lists = dict(spec.get("sweep", {}))
+    explicit = spec.get("runs", [])
+    for where, data in (("[base]", base_data), ("[sweep]", lists)):
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise PipelineError(f"unknown field(s) {', '.join(unknown)} in {where}; valid: {', '.join(sorted(names))}")
+    for key, values in lists.items():
+        if not isinstance(values, list) or not values:
+            raise PipelineError(f"[sweep] {key} must be a non-empty list, got {values!r}")
+        if key in SWEEP_WIDE:
+            raise PipelineError(f"[sweep] cannot vary {key}: one loader pass feeds every run; run separate sweeps")
+    if lists and explicit:
+        raise PipelineError("give either a [sweep] table of lists or [[runs]] tables, not both")
+    base = TrainConfig(**{**base_data, **overrides})
+    if explicit:
+        combos = []
+        for i, r in enumerate(explicit):
+            unknown = sorted(set(r) - names)
+            if unknown:
+                raise PipelineError(f"unknown field(s) {', '.join(unknown)} in [[runs]] #{i + 1}")
+            combos.append(r)
+    else:
+        keys = list(lists)
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(lists[k] for k in keys))]
+    runs = [replace(base, **{**c, **overrides}) for c in combos] or [base]
+    return base, runs
+
+
+def _relevant(cfg: TrainConfig, key: str) -> bool:
+    """Whether `key` changes what `cfg` trains (k means nothing to a standard SAE, l1 to a TopK one)."""
+    if key in ("k", "initial_k", "l1"):
+        try:
+            cls = get_architecture(cfg.arch)
+        except PipelineError:
+            return True
+        wanted = {"k": "k", "initial_k": "initial_k", "l1": "l1_coefficient"}[key]
+        return wanted in getattr(cls.config_class, "__dataclass_fields__", {})
+    return True
+
+
+def name_runs(runs: list[TrainConfig]) -> list[TrainConfig]:
+    """Give each run a readable name from the fields that vary (e.g. `topk-d1024-k32-lr0.001`), and
+    drop runs that only differ in fields irrelevant to their architecture (k of a standard SAE)."""
+    varying = [f.name for f in fields(TrainConfig)
+               if f.name != "name" and len({json.dumps(getattr(r, f.name)) for r in runs}) > 1]
+    out, seen = [], set()
+    for r in runs:
+        key = json.dumps({k: v for k, v in asdict(r).items() if k in ("name",) or _relevant(r, k)}, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        if r.name is None:
+            parts = [r.arch] + [f"{LABELS.get(k, k + '_')}{getattr(r, k):g}" if isinstance(getattr(r, k), float)
+                                else f"{LABELS.get(k, k + '_')}{getattr(r, k)}"
+                                for k in varying if k != "arch" and _relevant(r, k)]
+            r = replace(r, name="-".join(str(p) for p in parts) if len(parts) > 1 else r.run_name())
+        out.append(r)
+    names = [r.name for r in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PipelineError(f"runs {', '.join(dupes)} have the same name; give each a distinct `name`")
+    return out
+
+
+def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> SweepPlan:
+    """Expand, name, validate and group the runs. `d_in` maps the cache's hooks to their widths;
+    a run whose model cannot be built (k > d_sae, unknown hook...) is refused, the rest go on."""
+    base, runs = expand_runs(spec, overrides)
+    plan = SweepPlan(name=name, base=base)
+    default_hook = next(iter(d_in)) if len(d_in) == 1 else None
+    for r in name_runs(runs):
+        r = replace(r, hook=r.hook or default_hook)
+        try:
+            if r.hook not in d_in:
+                raise PipelineError(f"hook {r.hook!r} is not in the cache; it has {', '.join(d_in)}")
+            get_architecture(r.arch)(run_config(r, d_in[r.hook]))  # its own checks (k <= d_sae, ...)
+        except PipelineError as e:
+            plan.refused[r.name] = str(e)
+            continue
+        plan.runs.append(r)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(plan.runs):
+        groups.setdefault(json.dumps([getattr(r, k) for k in STACK_SHARED]), []).append(i)
+    plan.stacks = list(groups.values())
+    return plan
+
+
+def stack_bytes(n_runs: int, d_in: int, d_sae: int, batch: int) -> tuple[int, int]:
+    """Bytes a stack of `n_runs` float32 SAEs holds for the whole sweep (weights, gradients, Adam's
+    two moments) and at the peak of one step (pre-activations, latents, their gradients and the
+    reconstruction for a batch): an upper estimate, measured within 10% on CPU for topk/standard."""
+    params = n_runs * (2 * d_in * d_sae + d_sae + d_in)
+    step = n_runs * batch * (5 * d_sae + 3 * d_in)
+    return 4 * 4 * params, 4 * step
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory where the SAEs live: the GPU's, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int) -> None:
+    """Refuse a sweep whose stacks would not fit in `budget` bytes, saying how many runs would."""
+    def need(stacks: list[list[int]]) -> int:
+        held, peak = 0, 0
+        for idx in stacks:
+            r = plan.runs[idx[0]]
+            h, p = stack_bytes(len(idx), d_in[r.hook], r.d_sae, plan.base.batch_size)
+            held, peak = held + h, max(peak, p)
+        return held + peak
+
+    total = need(plan.stacks)
+    if total <= budget:
+        return
+    fit, order = 0, [i for idx in plan.stacks for i in idx]
+    for n in range(1, len(order) + 1):
+        groups: dict[int, list[int]] = {}
+        for i in order[:n]:
+            groups.setdefault(next(s for s, idx in enumerate(plan.stacks) if i in idx), []).append(i)
+        if need(list(groups.values())) > budget:
+            break
+        fit = n
+    raise PipelineError(f"the sweep needs about {_size(total)} for {len(order)} runs but {_size(budget)} is "
+                        f"available: {fit} of its runs fit; lower d_sae or --batch-size, or split the sweep")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: int | None = None,
+              max_steps: int | None = None) -> list[dict]:
+    """Train every run of the sweep; returns one summary row per run (refused runs included)."""
+    cfg0 = TrainConfig(**{k: v for k, v in {**spec.get("base", {}), **overrides}.items()})
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg0.device == "auto" else cfg0.device)
+    d_in = dict(open_source(cfg0.cache).hooks)
+    plan = plan_sweep(spec, overrides, name, d_in)
+    base, out = plan.base, Path(plan.base.out)
+    for run_name, why in plan.refused.items():
+        print(f"refused {run_name}: {why}", flush=True)
+    if not plan.runs:
+        raise PipelineError("no run of the sweep can start: " + "; ".join(f"{k}: {v}" for k, v in plan.refused.items()))
+    check_memory(plan, d_in, memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)))
+
+    hooks = sorted({r.hook for r in plan.runs})
+    loader = ActivationLoader(base.cache, hooks=hooks, batch_size=base.batch_size, seed=base.seed, device=device,
+                              tokens=max(r.tokens for r in plan.runs), normalize=base.normalize)
+    stacks = []
+    for idx in plan.stacks:
+        runs = [plan.runs[i] for i in idx]
+        cls = get_architecture(runs[0].arch)
+        model = cls([run_config(r, d_in[r.hook]) for r in runs]).to(device)
+        loop = LoopConfig(lr=[r.lr for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
+                          lr_warmup_steps=runs[0].lr_warmup_steps, lr_decay=runs[0].lr_decay,
+                          b_dec_init=runs[0].b_dec_init, init_scale_search=runs[0].init_scale_search,
+                          total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
+        trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
+        stacks.append({"runs": runs, "trainer": trainer, "hook": runs[0].hook, "seconds": 0.0})
+    if any(r.init_from for r in plan.runs):
+        from trainer.export import init_from
+
+        for s in stacks:
+            for j, r in enumerate(s["runs"]):
+                if r.init_from:
+                    init_from(s["trainer"].model, r.init_from, run=j, input_scale=loader.scale[s["hook"]])
+
+    sweep_dir = out / "_sweep"
+    if (sweep_dir / CHECKPOINT).exists() and not base.resume:
+        raise PipelineError(f"{out} holds a sweep checkpoint; pass --resume to continue it or choose another --out")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    parts = {f"s{i}": (s["trainer"].model, s["trainer"].opt) for i, s in enumerate(stacks)}
+    # One flat dict, so a mismatch is named as `<run>.<field>`; runs in stack order (the checkpoint's).
+    identity = {f"{r.name}.{k}": v for s in stacks for r in s["runs"] for k, v in weight_identity(r).items()}
+    resumed = load_checkpoint(sweep_dir, parts, identity)
+    tokens = 0
+    if resumed:
+        loader.load_state_dict(resumed["loader"])
+        for i, s in enumerate(stacks):
+            s["trainer"].load_state(resumed["stacks"][i])
+        tokens = resumed["tokens"]
+    run_dirs = [out / r.name for s in stacks for r in s["runs"]]
+    for d in run_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    all_runs = [r for s in stacks for r in s["runs"]]
+    console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
+    wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs], [asdict(r) for r in all_runs], run_dirs,
+                          group=name) if base.wandb else None)
+
+    def checkpoint() -> None:
+        save_checkpoint(sweep_dir, parts, {"step": stacks[0]["trainer"].step, "tokens": tokens,
+                                           "loader": loader.state_dict(), "config": identity,
+                                           "stacks": [s["trainer"].state() for s in stacks]})
+
+    held = ({h: eval_batches(base, h, device, loader.scale[h], base.eval_tokens) for h in hooks}
+            if base.eval_every and loader.source.shards("eval") else None)
+    t0, start_tokens, step = time.perf_counter(), tokens, 0
+    try:
+        first = not resumed
+        for batch in loader:
+            batch = batch if isinstance(batch, dict) else {hooks[0]: batch}
+            tokens += next(iter(batch.values())).shape[0]
+            line: dict = {}
+            for s in stacks:
+                tr, x = s["trainer"], batch[s["hook"]]
+                if all(tr.done()):
+                    continue
+                if first:
+                    tr.init_from_data(x)
+                t = time.perf_counter()
+                out_ = tr.train_step(x)
+                s["seconds"] += time.perf_counter() - t
+                step = tr.step
+                if step % base.log_every == 0:
+                    s["last"] = {**tr.metrics(out_, x), "step": step}
+                    if held is not None and step % base.eval_every == 0:
+                        s["last"].update(evaluate(tr.model, held[s["hook"]])[0])
+                    line = _merge(line, s["last"])
+            first = False
+            step = max(s["trainer"].step for s in stacks)
+            if line:
+                line.update(step=step, tokens=tokens, tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
+                _log_runs(line, stacks, out, console, wandb_log)
+            if all(all(s["trainer"].failed.tolist()) for s in stacks):
+                raise RunDiverged(f"every run of the sweep diverged (NaN/Inf) by step {step}; "
+                                  f"the last good checkpoint is in {sweep_dir}")
+            if base.checkpoint_every and step % base.checkpoint_every == 0:
+                checkpoint()
+            if max_steps is not None and step >= max_steps:
+                break
+        checkpoint()
+        console.close()
+        rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan)
+        if wandb_log:
+            wandb_log.summary([r for r in rows if r["status"] != "refused"])
+    finally:
+        console.close()
+        if wandb_log:
+            wandb_log.close()
+    return rows
+
+
+def _merge(line: dict, m: dict) -> dict:
+    """Concatenate per-run lists of several stacks (in stack order) into one line."""
+    out = dict(line)
+    offset = len(line.get("mse", []))
+    for k, v in m.items():
+        if k == "failed":
+            out[k] = out.get(k, []) + [offset + i for i in v]
+        elif isinstance(v, list):
+            out[k] = out.get(k, [None] * offset) + v
+        else:
+            out.setdefault(k, v)
+    return out
+
+
+def _log_runs(line: dict, stacks: list[dict], out: Path, console: ConsoleLog, wandb_log: WandbLog | None) -> None:
+    """A line of the stacks that logged at this step; stacks that did not are padded with their last values."""
+    full: dict = {}
+    for s in stacks:
+        m = s.get("last") or {}
+        if not m:
+            n = len(s["runs"])
+            m = {"mse": [float("nan")] * n, "explained_variance": [float("nan")] * n, "l0": [float("nan")] * n,
+                 "dead_fraction": [float("nan")] * n, "dense_fraction": [float("nan")] * n, "failed": []}
+        full = _merge(full, m)
+    full.update({k: line[k] for k in ("step", "tokens", "tokens_per_s")})
+    console(full)
+    if wandb_log:
+        wandb_log(full)
+    names = [r.name for s in stacks for r in s["runs"]]
+    for r, name in enumerate(names):
+        with open(out / name / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({k: (v[r] if isinstance(v, list) and k != "failed" and len(v) == len(names) else v)
+                                for k, v in full.items() if k != "failed"} | {"failed": r in full.get("failed", [])})
+                    + "\n")
+
+
+def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loader, out: Path, name: str,
+            tokens: int, plan: SweepPlan) -> list[dict]:
+    """Eval every run on the eval split, export it, write summary.csv and pareto.png."""
+    has_eval = bool(loader.source.shards("eval"))
+    held = {h: eval_batches(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
+    rows = []
+    for s in stacks:
+        tr = s["trainer"]
+        metrics, density = evaluate(tr.model, held[s["hook"]]) if held else ({}, None)
+        failed = set(tr.failed.nonzero().flatten().tolist())
+        for j, r in enumerate(s["runs"]):
+            per_run = {k: (v[j] if isinstance(v, list) else v) for k, v in metrics.items()}
+            per_run["tokens_per_s"] = min(r.tokens, tokens) / s["seconds"] if s["seconds"] else None
+            per_run["status"] = "failed (NaN/Inf)" if j in failed else "ok"
+            metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
+            finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])
+            rows.append(_row(r, per_run))
+    for run_name, why in plan.refused.items():
+        rows.append({"run": run_name, "status": f"refused: {why}"})
+    write_summary(rows, out)
+    return rows
+
+
+def _row(r: TrainConfig, m: dict) -> dict:
+    sparsity = r.k if "k" in getattr(get_architecture(r.arch).config_class, "__dataclass_fields__", {}) else r.l1
+    return {"run": r.name, "arch": r.arch, "hook": r.hook, "d_sae": r.d_sae, "k_or_coefficient": sparsity,
+            "lr": r.lr, "l0": m.get("eval_l0"), "explained_variance": m.get("eval_explained_variance"),
+            "dead_fraction": m.get("eval_dead_fraction"), "tokens_per_s": m.get("tokens_per_s"),
+            "status": m["status"]}
+
+
+COLUMNS = ["run", "arch", "hook", "d_sae", "k_or_coefficient", "lr", "l0", "explained_variance", "dead_fraction",
+           "tokens_per_s", "status"]
+
+
+def write_summary(rows: list[dict], out: Path) -> None:
+    """OUT/summary.csv, a printed table, and OUT/pareto.png (explained variance against L0 by architecture)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c) for c in COLUMNS})
+    table = Table(title=f"sweep summary ({out / 'summary.csv'})")
+    for c in COLUMNS:
+        table.add_column(c.replace("_", " "))
+    for r in rows:  # the CSV keeps a refused run's reason; the table only says so
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")).split(":")[0]
+                        for c in COLUMNS])
+    Console().print(table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ok = [r for r in rows if r.get("l0") is not None and r.get("explained_variance") is not None]
+    for arch in sorted({r["arch"] for r in ok}):
+        pts = [r for r in ok if r["arch"] == arch]
+        ax.scatter([r["l0"] for r in pts], [r["explained_variance"] for r in pts], label=arch)
+    ax.set_xlabel("L0 (eval split)")
+    ax.set_ylabel("explained variance (eval split)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(title="architecture")
+    ax.set_title("Sparsity / reconstruction frontier")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def load_sweep_spec(path: str | Path) -> dict:
+    """The sweep TOML (see the module docstring)."""
+    spec = load_toml(path)
+    unknown = sorted(set(spec) - {"base", "sweep", "runs", "name"})
+    if unknown:
+        raise PipelineError(f"unknown table(s) {', '.join(unknown)} in {path}; a sweep has [base], [sweep] or "
+                            "[[runs]], and an optional name")
+    return spec
