@@ -10,7 +10,7 @@ TRAIN_TOKENS ?= 4000000
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup cache train tiny-model test test-fast bench clean
+.PHONY: setup cache train sweep tiny-model test test-fast bench clean
 
 setup: $(BIN)/.installed
 
@@ -30,6 +30,10 @@ cache: setup
 train: setup
 	$(BIN)/pipeline train --config configs/train_default.toml --cache $(CACHE) --tokens $(TRAIN_TOKENS) \
 		--out runs/default --resume
+
+# 8 SAEs (4 TopK, 4 standard) from one pass over the default cache: runs/sweep/summary.csv, pareto.png.
+sweep: setup
+	$(BIN)/pipeline sweep --config configs/sweep_default.toml --cache $(CACHE) --out runs/sweep --resume
 
 tiny-model: setup
 	$(BIN)/python -m cache_writer.train_tiny_model

@@ -69,13 +69,16 @@ def train(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the run's folder goes in."),
     name: Optional[str] = typer.Option(None, help="Run name (folder, W&B); default from arch, d_sae, k/l1."),
     hook: Optional[str] = typer.Option(None, help="Hook to read (default: the cache's only hook)."),
-    arch: Optional[str] = typer.Option(None, help="Architecture: topk, standard, or one you registered."),
+    arch: Optional[str] = typer.Option(None, help="topk, batchtopk, matryoshka, jumprelu, gated, standard, or yours."),
     d_sae: Optional[int] = typer.Option(None, help="Number of latents."),
     k: Optional[int] = typer.Option(None, help="TopK: latents per token."),
     initial_k: Optional[int] = typer.Option(None, help="TopK: anneal k down from this value."),
     k_anneal_steps: Optional[int] = typer.Option(None, help="TopK: steps of k annealing."),
-    l1: Optional[float] = typer.Option(None, help="Standard: L1 coefficient."),
-    l1_warmup_steps: Optional[int] = typer.Option(None, help="Standard: L1 warm-up steps."),
+    l1: Optional[float] = typer.Option(None, help="standard, gated: L1 coefficient."),
+    l1_warmup_steps: Optional[int] = typer.Option(None, help="standard, gated: L1 warm-up steps."),
+    l0: Optional[float] = typer.Option(None, help="jumprelu: L0 coefficient."),
+    l0_warmup_steps: Optional[int] = typer.Option(None, help="jumprelu: L0 warm-up steps."),
+    arch_options: Optional[str] = typer.Option(None, help="Other architecture fields: key=value,... or JSON."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
     lr_warmup_steps: Optional[int] = typer.Option(None, help="Linear lr warm-up steps."),
     lr_decay: Optional[str] = typer.Option(None, help="constant, cosine or linear."),
@@ -106,8 +109,10 @@ def train(
     overrides = dict(locals())  # first, before any import adds names
     import importlib
 
-    from pipeline.config import build_config
+    from pipeline.config import build_config, parse_kwargs
     from trainer.run import TrainConfig, run_train
+
+    overrides["arch_options"] = parse_kwargs(arch_options, "--arch-options")
 
     for name in overrides.pop("import_module") or []:
         importlib.import_module(name)

@@ -40,7 +40,7 @@ def build_config(cls: type[T], config_file: str | Path | None, overrides: dict[s
     return cls(**data)
 
 
-def parse_kwargs(spec: str | None) -> dict[str, Any] | None:
+def parse_kwargs(spec: str | None, option: str = "--model-kwargs") -> dict[str, Any] | None:
     """'{"a": 1}' (JSON) or 'a=1,b=false' (values read as JSON where they parse) -> dict."""
     if not spec:
         return None
@@ -49,11 +49,11 @@ def parse_kwargs(spec: str | None) -> dict[str, Any] | None:
         try:
             return json.loads(spec)
         except json.JSONDecodeError as e:
-            raise PipelineError(f"--model-kwargs is not valid JSON: {e}") from None
+            raise PipelineError(f"{option} is not valid JSON: {e}") from None
     out: dict[str, Any] = {}
     for item in spec.split(","):
         if "=" not in item:
-            raise PipelineError(f"--model-kwargs item {item!r} is not KEY=VALUE")
+            raise PipelineError(f"{option} item {item!r} is not KEY=VALUE")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)

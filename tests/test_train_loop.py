@@ -110,7 +110,7 @@ def test_pipeline_train_cli_exports(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "exported to" in out.stdout
-    run = tmp_path / "run" / "mine-d128"
+    run = tmp_path / "run" / "mine-d128-k3"
     cfg = json.loads((run / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "x"
     assert cfg["metadata"]["cache_manifest_hash"] and cfg["metadata"]["training_architecture"] == "mine"

@@ -6,7 +6,8 @@ stacks runs and steps them all on the same batch with batched arithmetic.
 
 Modules:
 - `registry`: architectures by name (`register_architecture`, `get_architecture`).
-- `sae_topk`, `sae_standard`: one architecture each, readable top to bottom.
+- `sae_topk`, `sae_standard`, `sae_batchtopk`, `sae_jumprelu`, `sae_gated`, `sae_matryoshka`: one
+  architecture each, readable top to bottom.
 - `init`: shared initialisation (per-run seeds, tied encoder, data-driven `b_dec`).
 - `optim`: per-run Adam with per-run gradient clipping; decoder-norm constraints.
 """

@@ -49,10 +49,16 @@ class TrainConfig:
     """TopK: anneal k down from this value (None: no annealing)."""
     k_anneal_steps: int = 0
     """TopK: steps over which k goes from initial_k to k."""
-    l1: float = 5.0
-    """Standard: L1 coefficient."""
+    l1: float | None = None
+    """standard, gated: L1 coefficient (None: the architecture's default, 5 and 1)."""
     l1_warmup_steps: int = 0
-    """Standard: L1 warm-up steps."""
+    """standard, gated: L1 warm-up steps."""
+    l0: float | None = None
+    """jumprelu: L0 coefficient (None: the architecture's default)."""
+    l0_warmup_steps: int = 0
+    """jumprelu: L0 warm-up steps."""
+    arch_options: dict | None = None
+    """Any other field of the architecture's config, e.g. {bandwidth = 0.1} (CLI: key=value,...)."""
     lr: float = 1e-3
     """Adam learning rate."""
     lr_warmup_steps: int = 100
@@ -97,22 +103,47 @@ class TrainConfig:
     """W&B project."""
 
     def run_name(self) -> str:
-        """The run's folder and W&B name."""
+        """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
         if self.name:
             return self.name
-        sparsity = f"k{self.k}" if self.arch == "topk" else f"l1_{self.l1:g}" if self.arch == "standard" else ""
-        return "-".join(p for p in (self.arch, f"d{self.d_sae}", sparsity) if p)
+        knob = sparsity_knob(self)
+        return "-".join(p for p in (self.arch, f"d{self.d_sae}", f"{knob[0]}{knob[1]:g}" if knob else "") if p)
+
+
+# TrainConfig field -> the architecture config's field it sets, where the architecture has it.
+ARCH_FIELDS = {"k": "k", "initial_k": "initial_k", "k_anneal_steps": "k_anneal_steps", "l1": "l1_coefficient",
+               "l1_warmup_steps": "l1_warmup_steps", "l0": "l0_coefficient", "l0_warmup_steps": "l0_warmup_steps"}
+
+
+def arch_fields(arch: str) -> dict:
+    """The dataclass fields of an architecture's config."""
+    return getattr(get_architecture(arch).config_class, "__dataclass_fields__", {})
+
+
+def sparsity_knob(cfg: TrainConfig) -> tuple[str, float] | None:
+    """(label, value) of what sets the run's sparsity: k, the L1 or the L0 coefficient."""
+    names = arch_fields(cfg.arch)
+    for field_name, label in (("k", "k"), ("l1_coefficient", "l1_"), ("l0_coefficient", "l0_")):
+        if field_name in names:
+            ours = next(k for k, v in ARCH_FIELDS.items() if v == field_name)
+            value = getattr(cfg, ours)
+            return label, value if value is not None else names[field_name].default
+    return None
 
 
 def run_config(cfg: TrainConfig, d_in: int):
-    """The architecture's own config for this run (the TrainConfig fields it has)."""
+    """The architecture's own config for this run: the TrainConfig fields it has, then arch_options."""
     cls = get_architecture(cfg.arch)
+    names = arch_fields(cfg.arch)
     fields = {"d_in": d_in, "d_sae": cfg.d_sae, "seed": cfg.seed}
-    names = set(cls.config_class.__dataclass_fields__)
-    for key, value in (("k", cfg.k), ("initial_k", cfg.initial_k), ("k_anneal_steps", cfg.k_anneal_steps),
-                       ("l1_coefficient", cfg.l1), ("l1_warmup_steps", cfg.l1_warmup_steps)):
-        if key in names:
-            fields[key] = value
+    for ours, theirs in ARCH_FIELDS.items():
+        if theirs in names and getattr(cfg, ours) is not None:
+            fields[theirs] = getattr(cfg, ours)
+    unknown = sorted(set(cfg.arch_options or {}) - set(names))
+    if unknown:
+        raise PipelineError(f"architecture {cfg.arch!r} has no option {', '.join(unknown)}; its fields: "
+                            f"{', '.join(n for n in names if n not in ('d_in', 'd_sae'))}")
+    fields.update(cfg.arch_options or {})
     return cls.config_class(**fields)
 
 
@@ -158,11 +189,13 @@ def evaluate(model: StackedSAE, batches: list[torch.Tensor], dense_threshold: fl
     return metrics, density
 
 
-def eval_batches(cfg: TrainConfig, hook: str, device: str, scale: float, rows: int | None) -> list[torch.Tensor]:
-    """The first `rows` rows (all when None) of the cache's eval split, scaled as training sees them."""
-    loader = ActivationLoader(cfg.cache, hooks=hook, batch_size=cfg.batch_size, split="eval", device=device,
-                              tokens=rows, drop_last=False)
-    n = loader.source.rows("eval")
+def eval_batches(cfg: TrainConfig, hook: str, device: str, scale: float, rows: int | None,
+                 split: str = "eval") -> list[torch.Tensor]:
+    """The first `rows` rows (all when None) of a split (shuffled as the loader does), scaled as
+    training sees them."""
+    loader = ActivationLoader(cfg.cache, hooks=hook, batch_size=cfg.batch_size, split=split, device=device,
+                              tokens=rows, drop_last=False, seed=cfg.seed + 1)
+    n = loader.source.rows(split)
     batches = [x * scale if scale != 1.0 else x for x in loader]
     if rows is not None and rows < n:  # `tokens` rounds up to whole batches
         kept, out = 0, []
@@ -181,6 +214,15 @@ def weight_identity(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items()
             if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume", "eval_every",
                          "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
+
+
+def calibrate(model: StackedSAE, cfg: TrainConfig, hook: str, device: str, scale: float) -> None:
+    """Architectures whose inference differs from training (BatchTopK's batch-wide selection becomes
+    a JumpReLU threshold) set their threshold on train rows, so the export keeps the training L0.
+    The sample is bounded so that its pre-activations take at most 256 MiB per run."""
+    if hasattr(model, "calibrate_threshold"):
+        rows = max(256, min(32_768, 2**26 // model.d_sae))
+        model.calibrate_threshold(eval_batches(cfg, hook, device, scale, rows, split="train"))
 
 
 def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
@@ -256,6 +298,7 @@ def run_train(cfg: TrainConfig) -> dict:
                            snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
                            snapshot=snapshot)
         console.close()
+        calibrate(model, cfg, hook, device, scale)
         metrics = dict(last)
         density = None
         if has_eval:

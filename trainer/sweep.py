@@ -31,8 +31,8 @@ from pipeline.loader import ActivationLoader, open_source
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
-from trainer.run import (TrainConfig, eval_batches, evaluate, export_metadata, finish_export, run_config,
-                         weight_identity)
+from trainer.run import (ARCH_FIELDS, TrainConfig, arch_fields, calibrate, eval_batches, evaluate, export_metadata,
+                         finish_export, run_config, sparsity_knob, weight_identity)
 from trainer.train import LoopConfig, RunDiverged, StackTrainer
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
@@ -42,8 +42,8 @@ SWEEP_WIDE = ("cache", "out", "batch_size", "device", "normalize", "log_every", 
 STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
                 "init_scale_search", "k_anneal_steps", "init_from")
 # Fields that name a run when they vary across the sweep, with their short labels.
-LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "lr": "lr", "seed": "s", "tokens": "t",
-          "initial_k": "k0_"}
+LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "l0": "l0_", "lr": "lr", "seed": "s",
+          "tokens": "t", "initial_k": "k0_"}
 
 
 @dataclass
@@ -97,13 +97,11 @@ def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainCon
 
 def _relevant(cfg: TrainConfig, key: str) -> bool:
     """Whether `key` changes what `cfg` trains (k means nothing to a standard SAE, l1 to a TopK one)."""
-    if key in ("k", "initial_k", "l1"):
+    if key in ARCH_FIELDS:
         try:
-            cls = get_architecture(cfg.arch)
+            return ARCH_FIELDS[key] in arch_fields(cfg.arch)
         except PipelineError:
             return True
-        wanted = {"k": "k", "initial_k": "initial_k", "l1": "l1_coefficient"}[key]
-        return wanted in getattr(cls.config_class, "__dataclass_fields__", {})
     return True
 
 
@@ -358,6 +356,7 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
     rows = []
     for s in stacks:
         tr = s["trainer"]
+        calibrate(tr.model, base, s["hook"], device, loader.scale[s["hook"]])
         metrics, density = evaluate(tr.model, held[s["hook"]]) if held else ({}, None)
         failed = set(tr.failed.nonzero().flatten().tolist())
         for j, r in enumerate(s["runs"]):
@@ -374,7 +373,8 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
 
 
 def _row(r: TrainConfig, m: dict) -> dict:
-    sparsity = r.k if "k" in getattr(get_architecture(r.arch).config_class, "__dataclass_fields__", {}) else r.l1
+    knob = sparsity_knob(r)
+    sparsity = knob[1] if knob else None
     return {"run": r.name, "arch": r.arch, "hook": r.hook, "d_sae": r.d_sae, "k_or_coefficient": sparsity,
             "lr": r.lr, "l0": m.get("eval_l0"), "explained_variance": m.get("eval_explained_variance"),
             "dead_fraction": m.get("eval_dead_fraction"), "tokens_per_s": m.get("tokens_per_s"),
