@@ -352,3 +352,24 @@ def test_shipped_train_config_matches_the_defaults_and_flags_win():
     assert build_config(TrainConfig, path, {}, section="train") == TrainConfig()
     cfg = build_config(TrainConfig, path, {"d_sae": 4096, "wandb": False, "k": None}, section="train")
     assert cfg.d_sae == 4096 and cfg.wandb is False and cfg.k == 32
+
+
+@pytest.mark.parametrize("arch", ["standard", "gated"])
+def test_init_from_a_saelens_saved_sae_without_b_dec_on_the_input(tmp_path, arch):
+    """An SAE SAELens saved with apply_b_dec_to_input = false loads into ours with the same encode/decode."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from trainer.export import init_from
+    from trainer.registry import get_architecture
+
+    cfg_cls = {"standard": sae_lens.StandardSAEConfig, "gated": sae_lens.GatedSAEConfig}[arch]
+    sae = sae_lens.SAE.from_dict(cfg_cls(d_in=16, d_sae=40, apply_b_dec_to_input=False).to_dict())
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(std=0.3)
+    sae.save_model(str(tmp_path / "theirs"))
+    ours = get_architecture(arch)([get_architecture(arch).config_class(d_in=16, d_sae=40)])
+    init_from(ours, tmp_path / "theirs")
+    x = torch.randn(30, 16) + 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x)[0], sae.encode(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.decode(ours.encode(x))[0], sae.decode(sae.encode(x)), rtol=1e-4, atol=1e-5)

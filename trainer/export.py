@@ -63,8 +63,14 @@ def load_saelens(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise PipelineError(f"{path} expects activations normalised by {cfg['normalize_activations']!r}; "
                             "fold the scaling into its weights first (SAELens: fold_activation_norm_scaling_factor)")
-    if not cfg.get("apply_b_dec_to_input", True):
-        weights["b_enc"] = weights["b_enc"] + weights["b_dec"] @ weights["W_enc"]
+    if not cfg.get("apply_b_dec_to_input", True) and "transcoder" not in cfg.get("architecture", ""):
+        # Ours compute (x - b_dec) @ W_enc + b: the same pre-activations need b + b_dec @ W_enc.
+        shift = weights["b_dec"] @ weights["W_enc"]
+        if "b_gate" in weights:  # gated: the gate and the magnitude path (W_enc scaled by exp(r_mag))
+            weights["b_gate"] = weights["b_gate"] + shift
+            weights["b_mag"] = weights["b_mag"] + shift * weights["r_mag"].exp()
+        else:
+            weights["b_enc"] = weights["b_enc"] + shift
         cfg["apply_b_dec_to_input"] = True
     return weights, cfg
 
