@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from trainer.kernels import relu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run, shared
 
@@ -80,11 +81,9 @@ class StandardSAE(StackedSAE):
         loss = mse + aux_loss. `l1_scale` is the warm-up factor (default: the one `on_step` set).
         mse is the squared error summed over d_in and averaged over the batch (SAELens's training
         MSE). Backpropagate `loss.sum()`: runs share no parameters."""
-        latents = self.encode(x)
-        recon = self.decode(latents)
+        self._check_input(x)
+        latents, recon, l1 = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
         mse = self.mse(x, recon)
-        dec_norms = self.W_dec.norm(dim=-1)  # (R, d_sae)
-        l1 = (latents * dec_norms.unsqueeze(1)).sum(dim=-1).mean(dim=-1)
         aux_loss = (self._l1_scale if l1_scale is None else l1_scale) * self.l1_coefficient * l1
         l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l1": l1, "l0": l0,

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import PipelineError
+from trainer.kernels import sparse_decode, sparse_pre_acts
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run
 
@@ -58,15 +59,20 @@ class TopKConfig:
         return max(1, min(aux_k, self.d_sae))
 
 
+def relu_first_k(vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`vals (R, batch, k_max)`, sorted descending per row: run r keeps its first k[r], ReLU'd, and
+    zeroes the rest."""
+    keep = torch.arange(vals.shape[-1], device=vals.device) < k.view(-1, 1, 1)  # (R, 1, k_max)
+    return torch.where(keep, vals.relu(), torch.zeros((), dtype=vals.dtype, device=vals.device))
+
+
 def topk_per_run(pre: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
     """Keep the top `k[r]` entries of `pre (R, batch, d_sae)` per row, ReLU'd, zeros elsewhere.
 
     One `topk` with the stack's largest k serves every run: values come back sorted, so run r keeps
     the first k[r] of them and zeroes the rest. Its top-k[r] are exactly what a run alone would pick."""
     vals, idx = pre.topk(k_max, dim=-1, sorted=True)
-    keep = torch.arange(k_max, device=pre.device) < k.view(-1, 1, 1)  # (R, 1, k_max)
-    vals = torch.where(keep, vals.relu(), torch.zeros((), dtype=vals.dtype, device=vals.device))
-    return torch.zeros_like(pre).scatter(-1, idx, vals)
+    return torch.zeros_like(pre).scatter(-1, idx, relu_first_k(vals, k))
 
 
 @register_architecture("topk")
@@ -107,7 +113,10 @@ class TopKSAE(StackedSAE):
             self._k_host, self.k_max = ks, max(ks)
 
     def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
-        self.update_dead(out["latents"], n_tokens)
+        if "latent_idx" in out:  # this class's forward: the sparse codes, not a pass over latents
+            self.update_dead_sparse(out["latent_idx"], out["latent_vals"], n_tokens)
+        else:  # a subclass's forward that returns dense latents only
+            self.update_dead(out["latents"], n_tokens)
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
         weights, _ = super().export_run(run)
@@ -129,25 +138,50 @@ class TopKSAE(StackedSAE):
     def update_dead(self, latents: torch.Tensor, n_tokens: int) -> None:
         """Count `n_tokens` more tokens for every latent, and restart the count of those that fired
         in `latents (R, batch, d_sae)`. Call once per training step, after forward."""
-        fired = (latents > 0).any(dim=1)  # (R, d_sae)
+        self._count_tokens((latents > 0).any(dim=1), n_tokens)
+
+    @torch.no_grad()
+    def update_dead_sparse(self, idx: torch.Tensor, vals: torch.Tensor, n_tokens: int) -> None:
+        """`update_dead` from the sparse codes forward returns: latent ids `idx (R, batch, k)` with
+        their activations `vals` (the dense latents hold vals at idx, zeros elsewhere)."""
+        R, S = self.tokens_since_fired.shape
+        offsets = torch.arange(R, device=idx.device).mul_(S).view(R, 1, 1)
+        fired = torch.zeros(R * S, dtype=torch.bool, device=idx.device)
+        fired[(idx + offsets)[vals > 0]] = True
+        self._count_tokens(fired.view(R, S), n_tokens)
+
+    def _count_tokens(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
 
-    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Unweighted AuxK loss per run (R,): the top aux_k[r] dead latents (ReLU'd) reconstruct the
         detached residual x - recon through W_dec, without b_dec (Gao et al. App. A.2; b_dec is
         already in the residual). Scaled by min(1, n_dead / aux_k) as sparsify and SAELens do, so it
-        fades in as latents die; exactly 0 for a run without dead latents."""
+        fades in as latents die; exactly 0 for a run without dead latents.
+
+        `pre` carries the encoder's autograd graph, or, computed without one, comes with the input
+        `x`: the gradient then reaches the encoder through the chosen entries only (`sparse_pre_acts`)."""
         dead = self.dead_mask()
         n_dead = dead.sum(dim=1)  # (R,)
         if not bool(n_dead.any()):  # the common case once training is healthy: skip the work
             return pre.new_zeros(self.n_runs)
         aux_k = torch.minimum(self.aux_k, n_dead)
         scale = (n_dead.to(pre.dtype) / self.aux_k.to(pre.dtype)).clamp(max=1.0)
-        dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
-        acts = topk_per_run(dead_pre, aux_k, self.aux_k_max)
-        e_hat = torch.einsum("rbs,rsi->rbi", acts, self.W_dec)
+        with torch.no_grad():
+            dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
+            top, idx = dead_pre.topk(self.aux_k_max, dim=-1, sorted=True)
+        vals = self._selected(pre, top, idx, x)
+        e_hat = sparse_decode(idx, relu_first_k(vals, aux_k), self.W_dec)
         return scale * (e_hat - residual.detach()).pow(2).sum(dim=-1).mean(dim=-1)
+
+    def _selected(self, pre: torch.Tensor, top: torch.Tensor, idx: torch.Tensor,
+                  x: torch.Tensor | None) -> torch.Tensor:
+        """The pre-activations at idx, differentiable: from pre's graph, or through the sparse
+        encoder gradient when pre has none (then `top` already holds their values)."""
+        if x is None:
+            return pre.gather(-1, idx)
+        return sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.b_dec)
 
     # -- the training step's forward -----------------------------------------------------------
 
@@ -159,13 +193,23 @@ class TopKSAE(StackedSAE):
         mse is the squared error summed over d_in and averaged over the batch (SAELens's
         training MSE), so it scales with the activations' norm; divide by the data's total variance
         for a fraction of variance unexplained. Backpropagate `loss.sum()`: runs share no
-        parameters, so each run's gradient is that of its own loss."""
-        pre = self.pre_acts(x)
-        latents = topk_per_run(pre, self.k, self.k_max)
-        recon = self.decode(latents)
+        parameters, so each run's gradient is that of its own loss.
+
+        Also returns the sparse codes: `latent_idx` (R, batch, k_max) and their activations
+        `latent_vals` (detached; latents holds them at latent_idx, zeros elsewhere)."""
+        # Every pre-activation is needed only to choose the top k (and the AuxK candidates); the
+        # gradient flows through the chosen ones (sparse_pre_acts), so no graph over (R, B, d_sae).
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+            top, idx = pre.topk(self.k_max, dim=-1, sorted=True)
+        vals = relu_first_k(self._selected(pre, top, idx, x), self.k)
+        recon = sparse_decode(idx, vals, self.W_dec) + self.b_dec.unsqueeze(1)
         residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual)
-        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x)
+        vals = vals.detach()
+        # Dense latents for the caller, written over pre (no longer needed): no new (R, B, d_sae) buffer.
+        latents = pre.zero_().scatter_(-1, idx, vals)
+        l0 = (vals > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0,
-                "latents": latents, "recon": recon}
+                "latents": latents, "recon": recon, "latent_idx": idx, "latent_vals": vals}

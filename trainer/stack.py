@@ -108,7 +108,8 @@ class StackedSAE(nn.Module):
         self._check_input(x)
         # (batch, d_in) - (R, 1, d_in) broadcasts to (R, batch, d_in): every run sees the same batch.
         x_centred = x - self.b_dec.unsqueeze(1)
-        return torch.einsum("rbi,ris->rbs", x_centred, self.W_enc) + self.b_enc.unsqueeze(1)
+        # b_enc enters the matmul's accumulator: no second pass over the (R, batch, d_sae) result.
+        return torch.baddbmm(self.b_enc.unsqueeze(1), x_centred, self.W_enc)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Reconstruction (R, batch, d_in) from latents (R, batch, d_sae)."""

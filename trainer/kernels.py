@@ -1,0 +1,220 @@
+"""Hand-written forward/backward pairs for the SAE training step, batched over the run dimension R.
+
+Autograd through the plain formulas wastes work an SAE step does not need:
+
+- A TopK decoder reads only k of d_sae latents per token, but a dense `latents @ W_dec` (and its
+  two backward matmuls) touch all of them. `sparse_decode` sums the k selected decoder rows instead
+  (`embedding_bag` with per-sample weights), and `sparse_pre_acts` gives the encoder the gradient
+  of the k selected pre-activations only: every gradient of the TopK step then costs
+  O(batch * k * d_in) instead of O(batch * d_sae * d_in).
+- For a ReLU SAE, autograd of `(x - b_dec) @ W_enc` also computes the gradient of the centred
+  input (a sixth batch x d_sae x d_in matmul) only to sum it over the batch for b_dec; `relu_sae`
+  gets b_dec's share from b_enc's gradient instead, folds the biases and the decoder-norm-weighted
+  L1 into the matmuls (an extra row or column), and keeps one dense (batch, d_sae) temporary per
+  pass.
+
+Sparse codes are `idx (R, B, k)` (latent ids) with `vals (R, B, k)`; the gradients of W_dec and
+W_enc gather per latent with a stable sort and `embedding_bag`, which is deterministic on CPU and
+CUDA (no atomics), so a resumed run repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+# Rows of the (rows * k, d) gather in `_rowwise_dot` per chunk: keeps the temporary (a few MiB) in
+# cache instead of streaming batch * k * d_in values through memory.
+_GATHER_CHUNK_ROWS = 256
+
+
+def _flat_codes(idx: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """(R, B, k) latent ids -> (R * B, k) row ids into a (R * n_latents, d) table of all runs."""
+    R, B, k = idx.shape
+    offsets = torch.arange(R, device=idx.device).mul_(n_latents).view(R, 1, 1)
+    return (idx + offsets).view(R * B, k)
+
+
+def _bag_sum(codes: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(N, d): row n is sum_s weights[n, s] * table[codes[n, s]]."""
+    return F.embedding_bag(codes, table, per_sample_weights=weights, mode="sum")
+
+
+def _transposed_bag_sum(codes: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
+                        n_out: int) -> torch.Tensor:
+    """(n_out, d): row j is sum over (n, s) with codes[n, s] == j of weights[n, s] * rows[n].
+
+    The transpose of `_bag_sum`: a stable sort groups the entries by code, and `embedding_bag`
+    over those groups sums each one in a fixed order (no scatter, no atomics)."""
+    k = codes.shape[1]
+    flat = codes.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_out)
+    starts = counts.cumsum(0).sub_(counts)
+    return F.embedding_bag(order.div(k, rounding_mode="floor"), rows, starts,
+                           per_sample_weights=weights.reshape(-1)[order], mode="sum")
+
+
+def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(N, k): entry (n, s) is table[codes[n, s]] . rows[n]."""
+    N, k = codes.shape
+    out = rows.new_empty(N, k)
+    for start in range(0, N, _GATHER_CHUNK_ROWS):
+        stop = min(N, start + _GATHER_CHUNK_ROWS)
+        picked = table.index_select(0, codes[start:stop].reshape(-1)).view(stop - start, k, -1)
+        # Multiply-and-sum rather than bmm: a batch of (k x d) @ (d x 1) products is 3x slower.
+        torch.sum(picked.mul_(rows[start:stop].unsqueeze(1)), dim=-1, out=out[start:stop])
+    return out
+
+
+class _SparseDecode(Function):
+    @staticmethod
+    def forward(ctx: Any, idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        R, B, k = idx.shape
+        _, S, d = W_dec.shape
+        codes = _flat_codes(idx, S)
+        ctx.save_for_backward(codes, vals, W_dec)
+        return _bag_sum(codes, vals.reshape(R * B, k), W_dec.reshape(R * S, d)).view(R, B, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
+        codes, vals, W_dec = ctx.saved_tensors
+        R, S, d = W_dec.shape
+        B, k = vals.shape[1], vals.shape[2]
+        grad_rows = grad_out.reshape(R * B, d)
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_vals = _rowwise_dot(codes, W_dec.reshape(R * S, d), grad_rows).view(R, B, k)
+        if ctx.needs_input_grad[2]:
+            grad_W = _transposed_bag_sum(codes, vals.reshape(R * B, k), grad_rows, R * S).view(R, S, d)
+        return None, grad_vals, grad_W
+
+
+def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """`(R, B, d_in)`: out[r, b] = sum_s vals[r, b, s] * W_dec[r, idx[r, b, s]], without b_dec.
+
+    Equals `dense(vals) @ W_dec` for the dense (R, B, d_sae) latents that hold `vals` at `idx`
+    (ids distinct within a row), in O(B * k * d_in) forward and backward. `idx (R, B, k)` long,
+    `vals (R, B, k)`, `W_dec (R, d_sae, d_in)`; differentiable in vals and W_dec."""
+    return _SparseDecode.apply(idx, vals, W_dec)
+
+
+class _SparsePreActs(Function):
+    @staticmethod
+    def forward(ctx: Any, selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx, x, W_enc, b_dec)
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        idx, x, W_enc, b_dec = ctx.saved_tensors
+        R, d, S = W_enc.shape
+        B, k = idx.shape[1], idx.shape[2]
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[2:6]
+        codes = _flat_codes(idx, S)
+        grad_flat = grad.reshape(R * B, k)
+        grad_x = grad_W = grad_b_enc = grad_b_dec = None
+        if need_W or need_b_enc or need_b_dec:
+            # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
+            x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
+            x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1).view(R * B, d + 1)
+            per_latent = _transposed_bag_sum(codes, grad_flat, x_aug, R * S).view(R, S, d + 1)
+            if need_W:
+                grad_W = per_latent[..., :d].transpose(1, 2)
+            grad_b_enc = per_latent[..., d]
+        if need_x or need_b_dec:
+            if need_x:
+                # d pre / d x_c: the selected encoder columns, summed with the gradient as weights.
+                W_t = W_enc.transpose(1, 2).reshape(R * S, d)
+                grad_xc = _bag_sum(codes, grad_flat, W_t).view(R, B, d)
+                grad_x = grad_xc if x.dim() == 3 else grad_xc.sum(dim=0)
+                grad_b_dec = -grad_xc.sum(dim=1)
+            else:
+                # The batch sum of d pre / d x_c, without forming it per token: W_enc @ grad_b_enc.
+                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+        return (None, None, grad_x, grad_W, grad_b_enc if need_b_enc else None,
+                grad_b_dec if need_b_dec else None)
+
+
+def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                    b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """The pre-activations `(x - b_dec) @ W_enc + b_enc` at `idx (R, B, k)`, differentiable in x,
+    W_enc, b_enc and b_dec with a backward that touches only those B * k entries.
+
+    `selected` holds their values, already computed (a TopK step computes every pre-activation
+    without autograd to choose idx; the values are then gathered, not computed again). Shapes as
+    `StackedSAE.pre_acts`: x (B, d_in) or (R, B, d_in), W_enc (R, d_in, d_sae), b_enc (R, d_sae),
+    b_dec (R, d_in)."""
+    return _SparsePreActs.apply(selected, idx, x, W_enc, b_enc, b_dec)
+
+
+class _ReluSAE(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        R, d, S = W_enc.shape
+        B = x.shape[-2]
+        x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
+        # Biases ride in the matmuls as an extra row/column (no separate pass over (R, B, d_sae)).
+        x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
+        latents = torch.bmm(x_aug, torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)).relu_()
+        norms = W_dec.norm(dim=-1)
+        W_dec_aug = torch.cat([W_dec, norms.unsqueeze(-1)], dim=-1)
+        out = torch.bmm(latents, W_dec_aug)  # (R, B, d + 1): recon, then each token's weighted L1
+        recon = out[..., :d] + b_dec.unsqueeze(1)
+        l1 = out[..., d].mean(dim=-1)
+        ctx.save_for_backward(x_aug, W_enc, W_dec, norms, W_dec_aug, latents)
+        ctx.x_dim = x.dim()
+        ctx.set_materialize_grads(False)
+        return latents, recon, l1
+
+    @staticmethod
+    def backward(ctx: Any, grad_latents: torch.Tensor | None, grad_recon: torch.Tensor | None,
+                 grad_l1: torch.Tensor | None) -> tuple:
+        x_aug, W_enc, W_dec, norms, W_dec_aug, latents = ctx.saved_tensors
+        R, d, S = W_enc.shape
+        B = latents.shape[1]
+        need_x, need_W_enc, need_b_enc, need_b_dec, need_W_dec = ctx.needs_input_grad
+        grad_out = latents.new_zeros(R, B, d + 1)
+        if grad_recon is not None:
+            grad_out[..., :d] = grad_recon
+        if grad_l1 is not None:
+            grad_out[..., d] = (grad_l1 / B).unsqueeze(1)
+        grad_x = grad_W_enc = grad_b_enc = grad_b_dec = grad_W_dec = None
+        if need_W_dec:
+            g = torch.bmm(latents.transpose(1, 2), grad_out)  # (R, S, d + 1)
+            # The last column is the gradient of each row's norm: along the row, scaled by 1 / norm.
+            unit_scale = torch.where(norms > 0, g[..., d] / norms, torch.zeros_like(norms))
+            grad_W_dec = torch.addcmul(g[..., :d], W_dec, unit_scale.unsqueeze(-1))
+        if need_x or need_W_enc or need_b_enc or need_b_dec:
+            grad_pre = torch.bmm(grad_out, W_dec_aug.transpose(1, 2))
+            if grad_latents is not None:
+                grad_pre += grad_latents
+            grad_pre = torch.ops.aten.threshold_backward(grad_pre, latents, 0)
+            g = torch.bmm(x_aug.transpose(1, 2), grad_pre)  # (R, d + 1, S): W_enc's, then b_enc's
+            grad_W_enc, grad_b_enc = g[:, :d], g[:, d]
+            if need_x:
+                grad_xc = torch.bmm(grad_pre, W_enc.transpose(1, 2))
+                grad_x = grad_xc if ctx.x_dim == 3 else grad_xc.sum(dim=0)
+                grad_b_dec = -grad_xc.sum(dim=1)
+            else:
+                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+        if grad_recon is not None:
+            grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
+        return (grad_x, grad_W_enc if need_W_enc else None, grad_b_enc if need_b_enc else None,
+                grad_b_dec if need_b_dec else None, grad_W_dec)
+
+
+def relu_sae(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+             W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ReLU SAE's forward for R runs: `(latents (R, B, d_sae), recon (R, B, d_in), l1 (R,))`.
+
+    latents = relu((x - b_dec) @ W_enc + b_enc), recon = latents @ W_dec + b_dec, and
+    l1 = mean over the batch of sum_i latents_i * ||W_dec_i|| (the decoder-norm-weighted L1).
+    Differentiable in everything (latents too); the backward computes x's gradient (a full
+    matmul) only when x requires one. Shapes as `StackedSAE.pre_acts` and `decode`."""
+    return _ReluSAE.apply(x, W_enc, b_enc, b_dec, W_dec)
