@@ -1,4 +1,4 @@
-"""The command line: `pipeline cache | train | sweep | pretokenize | info | verify` (`python -m pipeline` too).
+"""The command line: `pipeline cache | train | sweep | pretokenize | info | verify | push | pull` (`python -m pipeline` too).
 
 Each command imports its stage lazily, so `pipeline info` never loads a model.
 """
@@ -194,6 +194,50 @@ def verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
         raise typer.Exit(1)
     state = "complete" if manifest["complete"] else "incomplete (resumable with --resume)"
     typer.echo(f"OK {path}: {n} shards, {rows:,} rows verified; {state}")
+
+
+@app.command()
+def push(
+    path: str = typer.Argument(..., help="A cache directory (has manifest.json), an SAE export, or a folder of exports."),
+    repo_id: str = typer.Argument(..., help="Hub repo ORG/NAME: a dataset repo for a cache, a model repo for SAEs."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to push to (created when missing); default main."),
+    max_commit_files: int = typer.Option(256, help="Most files in one commit."),
+    max_commit_mb: float = typer.Option(4096.0, help="Most MiB in one commit (an interrupted push re-sends at most this)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different cache (other config) in the repo."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's checksum before sending."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what a first push sends (commits, card); send nothing."),
+) -> None:
+    """Upload a cache (dataset repo) or SAEs (model repo, SAELens layout); rerun to resume."""
+    from pipeline import hub
+
+    config = hub.PushConfig(max_commit_files=max_commit_files, max_commit_bytes=int(max_commit_mb * 2**20),
+                            verify=verify, overwrite=overwrite)
+    if dry_run:
+        plan = hub.plan(path, repo_id, config)
+        for i, commit in enumerate(plan.commits):
+            typer.echo(f"commit {i + 1}: {len(commit.files)} files, {commit.bytes / 2**20:,.2f} MiB  {commit.message}")
+        typer.echo(plan.card)
+        return
+    plan = hub.push(path, repo_id, private=private, revision=revision, config=config, log=typer.echo)
+    kind = "datasets" if hub.is_cache(path) else ""
+    url = f"https://huggingface.co/{kind + '/' if kind else ''}{repo_id}"
+    typer.echo(f"pushed {path} to {url}: {len(plan.files)} files sent, {len(plan.skipped)} already there")
+
+
+@app.command()
+def pull(
+    repo_id: str = typer.Argument(..., help="Hub dataset repo ORG/NAME holding a cache."),
+    out: str = typer.Option(..., "--out", "-o", help="Directory to write the cache (or the part) into."),
+    hook: Optional[List[str]] = typer.Option(None, "--hook", help="Hook to pull (repeatable); default all."),
+    split: Optional[str] = typer.Option(None, help="train or eval; default both."),
+    shards: Optional[str] = typer.Option(None, help="Shard range of each pulled split, e.g. 0:10 (or 3, :5, 10:)."),
+    revision: Optional[str] = typer.Option(None, help="Branch, tag or commit; default main."),
+) -> None:
+    """Download a cache, or some hooks / one split / a shard range of it, checksum-verified."""
+    from pipeline.hub import pull_cache
+
+    pull_cache(repo_id, out, hooks=hook or None, split=split, shards=shards, revision=revision, log=typer.echo)
 
 
 def main() -> None:

@@ -37,7 +37,12 @@ DEFAULT_BUFFER_BATCHES = 16
 
 
 def open_source(path: str | Path):
-    """Our cache (a manifest.json) or a SAELens `CacheActivationsRunner` cache."""
+    """Our cache (a manifest.json), a SAELens `CacheActivationsRunner` cache, or a remote cache
+    (`hf://datasets/ORG/NAME`: shards fetched on first use into a local mirror)."""
+    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+        from pipeline.hub_stream import open_remote_cache
+
+        return open_remote_cache(path)
     path = Path(path)
     if (path / MANIFEST_FILE).is_file():
         from pipeline.reader import Cache
