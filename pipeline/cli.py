@@ -1,4 +1,4 @@
-"""The command line: `pipeline cache | train | sweep | pretokenize | info | verify | push | pull` (`python -m pipeline` too).
+"""The command line: `pipeline cache | train | sweep | eval | report | pretokenize | info | verify | push | pull` (`python -m pipeline` too).
 
 Each command imports its stage lazily, so `pipeline info` never loads a model.
 """
@@ -152,6 +152,52 @@ def sweep(
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None)
     ok = sum(r["status"] == "ok" for r in rows)
     typer.echo(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
+
+
+@app.command("eval")
+def eval_(
+    sae: str = typer.Argument(..., help="SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."),
+    cache: str = typer.Option(..., help="Cache whose manifest names the model and hook; its sequences are the contexts."),
+    split: Optional[str] = typer.Option(None, help="Split whose contexts and mean activation are used (default eval)."),
+    contexts: Optional[int] = typer.Option(None, help="Contexts to run (default 128)."),
+    batch_size: Optional[int] = typer.Option(None, help="Contexts per forward pass (default 8)."),
+    hook: Optional[str] = typer.Option(None, help="Hook to splice at (default: the SAE's hook_name)."),
+    model: Optional[str] = typer.Option(None, help="Load this model instead of the one the manifest names."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the results as JSON to this file."),
+) -> None:
+    """Stage 2: CE loss recovered (zero and mean ablation) and KL of an SAE spliced into the cache's model."""
+    overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
+    from trainer.evaluate_ce import EvalConfig, run_eval
+
+    run_eval(EvalConfig(**overrides))
+
+
+@app.command()
+def report(
+    sae: str = typer.Argument(..., help="SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."),
+    cache: str = typer.Option(..., help="Cache to read activations and contexts from."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for index.html (default report/)."),
+    split: Optional[str] = typer.Option(None, help="Split to stream over (default eval)."),
+    hook: Optional[str] = typer.Option(None, help="Hook to read (default: the SAE's hook_name)."),
+    latents: Optional[str] = typer.Option(None, help="Latents to show: 1,2,3 (default: chosen by --select)."),
+    n_latents: Optional[int] = typer.Option(None, help="How many latents to show (default 16)."),
+    select: Optional[str] = typer.Option(None, help="top (densest), random (live), or mixed (default: half each)."),
+    contexts: Optional[int] = typer.Option(None, help="Top-activating contexts per latent (default 10)."),
+    left: Optional[int] = typer.Option(None, help="Tokens shown before the activating token (default 40)."),
+    right: Optional[int] = typer.Option(None, help="Tokens shown after it (default 10)."),
+    max_rows: Optional[int] = typer.Option(None, help="Stop the pass after this many rows (default: all)."),
+    ce_contexts: Optional[int] = typer.Option(None, help="Also run `pipeline eval` on N contexts for the summary."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random choice of latents."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Stage 2: a static HTML page (densities, L0, top contexts per latent) to look at an SAE."""
+    overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
+    from trainer.report import ReportConfig, build_report, parse_latents
+
+    overrides["latents"] = parse_latents(latents)
+    page = build_report(ReportConfig(**{k: v for k, v in overrides.items() if v is not None}))
+    typer.echo(f"wrote {page} (open it in a browser; it needs no server)")
 
 
 @app.command()

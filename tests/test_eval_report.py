@@ -1,0 +1,194 @@
+"""`pipeline eval` (CE loss recovered, KL) and `pipeline report` (static HTML) on a tiny cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache_writer.run import CacheConfig, run_cache
+from tests.test_cache_writer import small_corpus
+from trainer.evaluate_ce import EvalConfig, evaluate_ce
+from trainer.export import export_saelens
+from trainer.inference import load_sae
+from trainer.report import ReportConfig, build_report, new_stats, update_stats
+from trainer.sae_standard import StandardConfig, StandardSAE
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """The shipped tiny model over small stdlib documents, of which the eval split holds some whole."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.set_num_threads(1)
+    run_cache(CacheConfig(out=str(root / "c"), dataset=small_corpus(root / "docs"), tokens=8000, context_size=64,
+                          eval_fraction=0.3, hooks=[HOOK]), progress=False)
+    return root / "c"
+
+
+def relu_sae(out: Path, W_enc: torch.Tensor, W_dec: torch.Tensor, hook: str = HOOK) -> Path:
+    """A standard (ReLU) SAE with zero biases, exported in SAELens's format."""
+    d_in, d_sae = W_enc.shape
+    model = StandardSAE([StandardConfig(d_in=d_in, d_sae=d_sae)])
+    model.load_run(0, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}, {})
+    return export_saelens(model, 0, out, {"hook_name": hook})
+
+
+def exact_sae(out: Path, d: int, hook: str = HOOK) -> Path:
+    """ReLU(x) - ReLU(-x) = x: W_enc = [I, -I], W_dec = [I; -I] reconstructs every input exactly."""
+    eye = torch.eye(d)
+    return relu_sae(out, torch.cat([eye, -eye], dim=1), torch.cat([eye, -eye], dim=0), hook)
+
+
+def zero_sae(out: Path, d: int, hook: str = HOOK) -> Path:
+    return relu_sae(out, torch.zeros(d, 2 * d), torch.zeros(2 * d, d), hook)
+
+
+def test_exact_sae_recovers_everything_and_zero_sae_nothing(cache, tmp_path):
+    exact = evaluate_ce(EvalConfig(sae=str(exact_sae(tmp_path / "exact", 128)), cache=str(cache), contexts=8))
+    assert exact["ce_zero_ablation"] > exact["ce_mean_ablation"] > exact["ce_clean"] + 0.1
+    assert exact["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["ce_recovered_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(exact["kl_spliced"]) < 1e-5 and exact["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["contexts"] == 8 and exact["predictions"] == 8 * 63
+    # BOS and separators have no cached rows: they are not replaced.
+    assert 0 < exact["spliced_positions"] < 8 * 64
+
+    zero = evaluate_ce(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 128)), cache=str(cache), contexts=8))
+    assert zero["ce_recovered_zero"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["ce_spliced"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-6)
+    assert zero["kl_spliced"] == pytest.approx(zero["kl_zero_ablation"], rel=1e-6)
+    assert zero["ce_recovered_mean"] < 0  # zeroing the residual stream is worse than its mean
+
+
+def test_hugging_face_module_hook(tmp_path):
+    """A Hugging Face model: the SAE goes in through a torch forward hook on the module path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tmp_path / "gpt2"), tokenizer="bytes",
+                          hooks=["transformer.h.0"], context_size=32, tokens=2000, eval_fraction=0.5), progress=False)
+    base = dict(cache=str(tmp_path / "c"), contexts=4, device="cpu")
+    exact = evaluate_ce(EvalConfig(sae=str(exact_sae(tmp_path / "exact", 32, "transformer.h.0")), **base))
+    assert exact["ce_spliced"] == pytest.approx(exact["ce_clean"], abs=1e-5) and abs(exact["kl_spliced"]) < 1e-6
+    assert exact["ce_zero_ablation"] != pytest.approx(exact["ce_clean"], abs=1e-5)  # the hook did replace
+    zero = evaluate_ce(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 32, "transformer.h.0")), **base))
+    assert zero["ce_spliced"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-6)
+
+
+def test_running_topk_equals_a_sort_of_everything():
+    torch.manual_seed(0)
+    rows, d_sae, k = 1000, 24, 5
+    latents = torch.randn(rows, d_sae).relu() * (torch.rand(rows, d_sae) < 0.2)
+    seq, pos = torch.arange(rows) // 10, torch.arange(rows) % 10
+    st = new_stats(d_sae, k, "cpu")
+    for start in range(0, rows, 96):  # chunks of another size than k, last one short
+        update_stats(st, latents[start:start + 96], seq[start:start + 96], pos[start:start + 96])
+    vals, idx = latents.topk(k, dim=0)
+    torch.testing.assert_close(st.top_vals, vals)
+    ok = vals > 0
+    assert torch.equal(st.top_seq[ok], seq[idx][ok]) and torch.equal(st.top_pos[ok], pos[idx][ok])
+    assert torch.equal(st.fired, (latents > 0).sum(0)) and int(st.l0_counts.sum()) == rows
+    assert int(st.hist.sum()) == int((latents > 0).sum())
+
+
+class _Dom(HTMLParser):
+    """ids, classes (with counts) and the body's attributes of an HTML document."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.classes: dict[str, int] = {}
+        self.body: dict[str, str] = {}
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        for c in (a.get("class") or "").split():
+            self.classes[c] = self.classes.get(c, 0) + 1
+        if tag == "body":
+            self.body = {k: v or "" for k, v in a.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory) -> Path:
+    """A small TopK SAE trained on the tiny cache (seconds)."""
+    from trainer.run import TrainConfig, run_train
+
+    out = tmp_path_factory.mktemp("runs")
+    run_train(TrainConfig(cache=str(cache), out=str(out), d_sae=256, k=8, batch_size=256, tokens=256 * 20,
+                          log_every=10, checkpoint_every=1000, wandb=False, device="cpu"))
+    return out / "topk-d256-k8"
+
+
+@pytest.fixture(scope="module")
+def report(cache, trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    return build_report(ReportConfig(sae=str(trained), cache=str(cache), out=str(out), n_latents=6, contexts=4))
+
+
+def test_report_html_has_histograms_and_context_tables(report, trained, cache, tmp_path):
+    text = report.read_text(encoding="utf-8")
+    dom = _Dom(text)
+    assert {"summary", "density-histogram", "l0-histogram", "latents"} <= dom.ids
+    assert dom.classes.get("latent") == 6 and dom.classes.get("activation-histogram") == 6
+    assert dom.classes.get("context-table", 0) >= 1 and dom.classes.get("max", 0) >= 1
+    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched
+    # Given latents are shown, in the given order.
+    page = build_report(ReportConfig(sae=str(trained), cache=str(cache), out=str(tmp_path), latents=[7, 3],
+                                     contexts=2, max_rows=500))
+    assert {"latent-7", "latent-3"} <= _Dom(page.read_text()).ids
+    assert page.read_text().index('id="latent-7"') < page.read_text().index('id="latent-3"')
+
+
+def _chromium() -> str | None:
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_report_opens_in_headless_chromium(report, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium): the page is not opened in a browser")
+    # Root (CI containers) needs --no-sandbox; a fresh profile keeps the run independent of $HOME.
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+           "--dump-dom", report.resolve().as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, HOME=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    dom = _Dom(out.stdout)
+    assert "density-histogram" in dom.ids and dom.classes.get("context-table", 0) >= 1
+    assert dom.body.get("data-ready") == "1"  # the page's script ran without an error before it
+
+
+@pytest.mark.parametrize("arch,fields", [("standard", {}), ("topk", {"k": 4}), ("jumprelu", {}), ("gated", {}),
+                                         ("batchtopk", {"k": 4})])
+def test_load_sae_rebuilds_each_exported_architecture(tmp_path, arch, fields):
+    from trainer.registry import get_architecture
+
+    cls = get_architecture(arch)
+    model = cls([cls.config_class(d_in=16, d_sae=40, seed=1, **fields)])
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        for p in model.parameters():  # move off the tied init so every weight matters
+            p.add_(0.05 * torch.randn_like(p))
+    sae = load_sae(export_saelens(model, 0, tmp_path / arch, {"hook_name": HOOK}))
+    assert sae.hook == HOOK and sae.d_sae == 40
+    with torch.no_grad():
+        torch.testing.assert_close(sae.reconstruct(x), model.decode(model.encode(x))[0], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,311 @@
+"""`pipeline eval`: how much of the language model's next-token loss an SAE keeps when it replaces
+its hook's activations.
+
+The model and hook come from the cache's manifest (the provenance `pipeline cache` recorded), the
+contexts from the cache's own sequences table (`eval` split): no dataset download, and the
+contexts are exactly those whose activations the SAE is evaluated on elsewhere. Four forward passes
+per batch of contexts:
+
+    clean     the model as is
+    spliced   the hook's activations replaced by the SAE's reconstruction
+    zero      the hook's activations replaced by 0
+    mean      the hook's activations replaced by their mean over the split's cached rows
+
+    CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)     for zero and mean
+    KL                = KL(p_clean || p_spliced) of the next-token distributions
+
+Only the positions the cache stores rows for are replaced (by default every token but BOS and
+separators, whose activations are outliers the SAE never saw); the cross-entropy and KL are
+averaged over every next-token prediction of the contexts, as SAELens's evals average the model's
+loss. Replacing at unstored positions would measure the SAE on inputs it was not trained on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cache_writer.model_adapter import HEAD_SUFFIX, ModelAdapter, _module_output, load_model
+from pipeline.errors import PipelineError
+from pipeline.reader import Cache
+from trainer.inference import LoadedSAE, load_sae
+
+Replace = Callable[[torch.Tensor], torch.Tensor]
+"""Maps the stored positions' activations (n, d) to what the model sees instead."""
+
+
+@dataclass
+class EvalConfig:
+    """Everything `pipeline eval` takes."""
+
+    sae: str
+    """SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."""
+    cache: str
+    """Cache whose manifest names the model and hook, and whose sequences are the contexts."""
+    split: str = "eval"
+    """Split whose contexts (and mean activation) are used."""
+    contexts: int = 128
+    """Contexts (sequences) to run; fewer if the split has fewer."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    hook: str | None = None
+    """Hook to splice at; default: the SAE's metadata hook_name, else the cache's only hook."""
+    model: str | None = None
+    """Load this model instead of the one the manifest names (same argument as `pipeline cache --model`)."""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+    out: str | None = None
+    """Also write the results as JSON here."""
+
+
+# ------------------------------------------------------------------------------ model and contexts
+
+
+def load_cache_model(cache: Cache, device: str, override: str | None = None) -> ModelAdapter:
+    """The model the cache was written with, loaded as `pipeline cache` loaded it."""
+    prov = cache.manifest.get("provenance") or {}
+    info = prov.get("model") or {}
+    cc = prov.get("cache_config") or {}
+    if not info and override is None:
+        raise PipelineError(f"cache {cache.path} records no model (its source was not a language model); "
+                            "pass --model")
+    if info.get("source") == "in-memory" and override is None:
+        raise PipelineError(f"cache {cache.path} was written from a model held in memory ({info.get('name')}); "
+                            "pass --model")
+    # cache_config holds the exact --model argument (hf:ID stays hf:ID); older manifests only the info.
+    name = override or cc.get("model") or info["name"]
+    adapter = load_model(name, device=device, dtype=cc.get("model_dtype") or info.get("dtype") or "float32",
+                         model_kwargs=cc.get("model_kwargs") or info.get("kwargs") or {},
+                         trust_remote_code=bool(cc.get("trust_remote_code", False)))
+    # TransformerLens's config dict holds the device, so its hash is only compared for the other sources.
+    keys = ["weights_xxh3_64"] + (["config_hash"] if info.get("source") != "transformer_lens" else [])
+    for key in keys:
+        if info.get(key) and adapter.info.get(key) and info[key] != adapter.info[key]:
+            warnings.warn(f"model {name!r} has {key} {adapter.info[key]}, the cache recorded {info[key]}: "
+                          "the activations the SAE was trained on may come from another model")
+    return adapter
+
+
+def stored_position_mask(cache: Cache, tokens: np.ndarray, tokenizer) -> np.ndarray:
+    """(n, T) bool: the positions of `tokens` the cache stores rows for (as cache_writer.run._blocks)."""
+    from cache_writer.run import parse_positions, special_ids
+
+    source = (cache.manifest.get("config") or {}).get("source") or {}
+    keep = np.zeros(tokens.shape, dtype=bool)
+    keep[:, parse_positions(source.get("positions"), tokens.shape[1])] = True
+    if source.get("exclude_special_tokens", True):
+        _, _, special = special_ids(tokenizer)
+        packing = source.get("packing") or {}
+        special |= {i for i in (packing.get("bos_token_id"), packing.get("separator_token_id")) if i is not None}
+        keep &= ~np.isin(tokens, np.array(sorted(special), dtype=np.int64))
+    return keep
+
+
+def split_sequences(cache: Cache, split: str, n: int | None) -> np.ndarray:
+    """The first `n` (all when None) contexts of a split's sequences table, (n, context_size) int64."""
+    parts, have = [], 0
+    for i in range(len(cache.shards(split))):
+        if n is not None and have >= n:
+            break
+        seq = np.asarray(cache.sequences(split, i))
+        parts.append(seq)
+        have += len(seq)
+    if not parts:
+        raise PipelineError(f"cache {cache.path} has no {split!r} sequences; write it with --eval-fraction > 0 "
+                            "or pass --split train")
+    return np.concatenate(parts)[:n].astype(np.int64)
+
+
+def split_mean(cache: Cache, hook: str, split: str) -> torch.Tensor:
+    """Mean activation (d,) of a hook over a split's cached rows, streamed shard by shard in float64."""
+    total, rows = torch.zeros(cache.hooks[hook], dtype=torch.float64), 0
+    for i in range(len(cache.shards(split))):
+        acts = cache.activations_tensor(hook, split, i)
+        for start in range(0, len(acts), 65_536):
+            total += acts[start:start + 65_536].double().sum(0)
+        rows += len(acts)
+    if rows == 0:  # no rows in the split: the train statistics the manifest keeps
+        return torch.tensor(cache.hook_stats(hook)["mean"], dtype=torch.float32)
+    return (total / rows).float()
+
+
+def resolve_hook(cache: Cache, sae: LoadedSAE, hook: str | None) -> str:
+    """The hook to splice at: given, else the SAE's own, else the cache's only one; checked for width."""
+    hook = hook or sae.hook or (next(iter(cache.hooks)) if len(cache.hooks) == 1 else None)
+    if hook is None:
+        raise PipelineError(f"SAE {sae.path} names no hook and cache {cache.path} has several "
+                            f"({', '.join(cache.hooks)}); pass --hook")
+    cache.check_hook(hook)
+    if cache.hooks[hook] != sae.d_in:
+        raise PipelineError(f"SAE {sae.path} has d_in = {sae.d_in}, but hook {hook} of cache {cache.path} "
+                            f"has width {cache.hooks[hook]}")
+    return hook
+
+
+# ------------------------------------------------------------------------------ patched forward passes
+
+
+def _replace_positions(act: torch.Tensor, mask: torch.Tensor, replace: Replace) -> torch.Tensor:
+    """act (B, T, d) with the rows at mask (B, T) replaced."""
+    out = act.clone()
+    out[mask] = replace(act[mask]).to(act.dtype)
+    return out
+
+
+def _patch_activation(act: torch.Tensor, head: int | None, mask: torch.Tensor, replace: Replace) -> torch.Tensor:
+    """A TransformerLens activation patched as the cache flattened it: one head's slice, the heads
+    flattened into one row (hook_z and friends), or the plain (B, T, d) activation."""
+    if head is not None:
+        out = act.clone()
+        out[:, :, head] = _replace_positions(act[:, :, head], mask, replace)
+        return out
+    if act.ndim == 4:
+        return _replace_positions(act.flatten(2), mask, replace).view_as(act)
+    return _replace_positions(act, mask, replace)
+
+
+def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: torch.Tensor,
+                replace: Replace | None) -> torch.Tensor:
+    """Logits (B, T, V) of the model with `replace` applied at the hook's stored positions (clean: None)."""
+    model = adapter.model
+    if adapter.kind == "transformer_lens":
+        if replace is None:
+            return model(tokens, return_type="logits")
+        m = HEAD_SUFFIX.match(hook)
+        base, head = (m["base"], int(m["head"])) if m else (hook, None)
+        fn = lambda act, hook=None: _patch_activation(act, head, mask, replace)  # noqa: E731
+        return model.run_with_hooks(tokens, fwd_hooks=[(base, fn)], return_type="logits")
+    handle = None
+    if replace is not None:
+        def fn(module, inputs, output):
+            new = _replace_positions(_module_output(output), mask, replace)
+            if isinstance(output, tuple):
+                return (new, *output[1:])
+            if hasattr(output, "last_hidden_state"):
+                output.last_hidden_state = new
+                return output
+            return new
+        handle = dict(model.named_modules())[hook].register_forward_hook(fn)
+    try:
+        return model(input_ids=tokens, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log p (B, T-1, V) of the predictions that have a next token, in float32."""
+    return logits[:, :-1].float().log_softmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------ the evaluation
+
+
+@torch.no_grad()
+def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: LoadedSAE | None = None) -> dict:
+    """The numbers `pipeline eval` prints (see the module docstring); `adapter`/`sae` skip loading."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    cache = Cache(cfg.cache)
+    sae = sae or load_sae(cfg.sae, device)
+    hook = resolve_hook(cache, sae, cfg.hook)
+    adapter = adapter or load_cache_model(cache, device, cfg.model)
+    adapter.check_hooks([hook])
+    from cache_writer.run import load_tokenizer
+
+    cc = (cache.manifest.get("provenance") or {}).get("cache_config") or {}
+    tokenizer = load_tokenizer(SimpleNamespace(tokenizer=cc.get("tokenizer")), adapter)
+    contexts = split_sequences(cache, cfg.split, cfg.contexts)
+    mask_all = stored_position_mask(cache, contexts, tokenizer)
+    mean = split_mean(cache, hook, cfg.split).to(device)
+
+    sums = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero_ablation=0.0, ce_mean_ablation=0.0, kl_spliced=0.0,
+                kl_zero_ablation=0.0, kl_mean_ablation=0.0)
+    sq_err = l0 = 0.0
+    act_sum = torch.zeros(sae.d_in, dtype=torch.float64)
+    act_sq = 0.0
+    n_pred = n_spliced = 0
+    for start in range(0, len(contexts), cfg.batch_size):
+        tokens = torch.from_numpy(contexts[start:start + cfg.batch_size]).to(adapter.device)
+        mask = torch.from_numpy(mask_all[start:start + cfg.batch_size]).to(adapter.device)
+        targets = tokens[:, 1:].unsqueeze(-1)
+        clean = _next_token_logprobs(logits_with(adapter, tokens, hook, mask, None))
+        sums["ce_clean"] += float(-clean.gather(-1, targets).sum())
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            nonlocal sq_err, act_sq, l0
+            x32 = x.float()
+            latents = sae.encode(x32)
+            recon = sae.model.decode(latents.unsqueeze(0))[0]
+            sq_err += float((recon - x32).pow(2).sum())
+            act_sum.add_(x32.double().sum(0).cpu())
+            act_sq += float(x32.double().pow(2).sum())
+            l0 += float((latents > 0).sum())
+            return recon
+
+        variants: dict[str, Replace] = {"spliced": reconstruct, "zero_ablation": torch.zeros_like,
+                                        "mean_ablation": lambda x: mean.to(x.dtype).expand_as(x)}
+        for name, replace in variants.items():
+            logp = _next_token_logprobs(logits_with(adapter, tokens, hook, mask, replace))
+            sums[f"ce_{name}"] += float(-logp.gather(-1, targets).sum())
+            sums[f"kl_{name}"] += float((clean.exp() * (clean - logp)).sum())
+        n_pred += targets.numel()
+        n_spliced += int(mask.sum())
+    if n_spliced == 0:
+        raise PipelineError(f"no position of the {len(contexts)} contexts has a cached row to replace")
+    out = {k: v / n_pred for k, v in sums.items()}
+    for ablation in ("zero_ablation", "mean_ablation"):
+        gap = out[f"ce_{ablation}"] - out["ce_clean"]
+        out[f"ce_recovered_{ablation.split('_')[0]}"] = (
+            (out[f"ce_{ablation}"] - out["ce_spliced"]) / gap if gap != 0 else math.nan)
+    # Explained variance of the SAE on exactly the activations it replaced (against their own mean).
+    total_var = act_sq - float(act_sum.pow(2).sum()) / n_spliced
+    out.update({
+        "ce_delta": out["ce_spliced"] - out["ce_clean"],
+        "explained_variance": 1 - sq_err / total_var if total_var > 0 else math.nan,
+        "l0": l0 / n_spliced, "contexts": len(contexts), "predictions": n_pred, "spliced_positions": n_spliced,
+        "sae": str(sae.path), "architecture": sae.architecture, "hook": hook, "model": adapter.name,
+        "cache": str(cache.path), "split": cfg.split,
+    })
+    if cfg.out:
+        import json
+
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def print_results(res: dict) -> None:
+    """The results as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"SAE {res['sae']} ({res['architecture']}) at {res['hook']} of model {res['model']}: "
+                  f"{res['contexts']} {res['split']} contexts of {res['cache']}, {res['predictions']:,} predictions, "
+                  f"{res['spliced_positions']:,} positions replaced")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("CE clean", "ce_clean", ".4f"), ("CE with SAE", "ce_spliced", ".4f"),
+            ("CE zero-ablated", "ce_zero_ablation", ".4f"), ("CE mean-ablated", "ce_mean_ablation", ".4f"),
+            ("CE loss recovered (zero)", "ce_recovered_zero", ".4f"),
+            ("CE loss recovered (mean)", "ce_recovered_mean", ".4f"), ("CE increase", "ce_delta", ".4f"),
+            ("KL(clean || SAE)", "kl_spliced", ".5f"), ("explained variance", "explained_variance", ".4f"),
+            ("L0", "l0", ".1f")]
+    for label, key, fmt in rows:
+        table.add_row(label, format(res[key], fmt))
+    console.print(table)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """`pipeline eval`: evaluate, print the table, return the results."""
+    res = evaluate_ce(cfg)
+    print_results(res)
+    return res

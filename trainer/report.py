@@ -1,0 +1,468 @@
+"""`pipeline report`: a static HTML page to look at a trained SAE.
+
+One streaming pass over a split of the cache encodes every row and keeps, for every latent at once
+(tensors over latents, never Python loops over rows): how often it fires, the L0 of each row, a
+histogram of its log10 activations, and its top-K activations with their (sequence, position),
+merged chunk by chunk with one `torch.topk` over [running top-K; chunk]. Then latents are chosen
+(given, densest, random, or half each) and each one's top contexts are read back from the split's
+sequences table, decoded (the manifest names the tokenizer) and shaded by the latent's activation
+on every token of the window (a second, small read of the rows of just those sequences).
+
+The page is one self-contained file (`OUT/index.html`): inline CSS, SVG charts and a few lines of
+JS, no server and no network. Stable ids and classes (`#summary`, `#density-histogram`,
+`#l0-histogram`, `.latent`, `.activation-histogram`, `.context-table`, `.tok.max`) let tests and
+scripts find its parts.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.reader import Cache
+from trainer.inference import LoadedSAE, load_sae
+
+# Per-latent activation histograms: log10 bins fixed in advance, so one pass serves every latent
+# whatever its scale (values outside land in the end bins).
+HIST_LO, HIST_HI, HIST_BINS = -4.0, 4.0, 80
+
+
+@dataclass
+class ReportConfig:
+    """Everything `pipeline report` takes."""
+
+    sae: str
+    """SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."""
+    cache: str
+    """Cache to read activations and contexts from."""
+    out: str = "report"
+    """Directory to write index.html into."""
+    split: str = "eval"
+    """Split to stream over."""
+    hook: str | None = None
+    """Hook to read; default: the SAE's metadata hook_name, else the cache's only hook."""
+    latents: list[int] | None = None
+    """Latents to show; default: chosen by `select`."""
+    n_latents: int = 16
+    """How many latents to show when none are given."""
+    select: str = "mixed"
+    """top (densest), random (among live latents), or mixed (half each)."""
+    contexts: int = 10
+    """Top-activating contexts per latent."""
+    left: int = 40
+    """Tokens shown before the activating token."""
+    right: int = 10
+    """Tokens shown after it."""
+    max_rows: int | None = None
+    """Stop the pass after this many rows (None: the whole split)."""
+    chunk_rows: int | None = None
+    """Rows encoded at once (default: about 256 MiB of latents, at most 8192)."""
+    seed: int = 0
+    """Seed of the random choice of latents."""
+    ce_contexts: int = 0
+    """Also run `pipeline eval` on this many contexts and show CE loss recovered in the summary (0: no)."""
+    device: str = "auto"
+    """auto, cpu, cuda, ..."""
+
+
+# ------------------------------------------------------------------------------ the streaming pass
+
+
+@dataclass
+class LatentStats:
+    """What the pass keeps for every latent: (d_sae,)-shaped counters and (K, d_sae) top-K."""
+
+    rows: int
+    """Rows seen."""
+    fired: torch.Tensor
+    """(d_sae,) rows where the latent was > 0."""
+    l0_counts: torch.Tensor
+    """(d_sae + 1,) rows by their L0."""
+    hist: torch.Tensor
+    """(d_sae, HIST_BINS) counts of log10 activation (positive activations only)."""
+    top_vals: torch.Tensor
+    """(K, d_sae) the largest activations, descending (0 where fewer fired)."""
+    top_seq: torch.Tensor
+    """(K, d_sae) their sequence (index into the split's sequences table; -1: none)."""
+    top_pos: torch.Tensor
+    """(K, d_sae) their position in the sequence."""
+
+    @property
+    def density(self) -> torch.Tensor:
+        return self.fired.double() / max(self.rows, 1)
+
+
+def new_stats(d_sae: int, k: int, device: str) -> LatentStats:
+    long = dict(dtype=torch.long, device=device)
+    return LatentStats(rows=0, fired=torch.zeros(d_sae, **long), l0_counts=torch.zeros(d_sae + 1, **long),
+                       hist=torch.zeros(d_sae, HIST_BINS, **long), top_vals=torch.zeros(k, d_sae, device=device),
+                       top_seq=torch.full((k, d_sae), -1, **long), top_pos=torch.zeros(k, d_sae, **long))
+
+
+def update_stats(st: LatentStats, latents: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
+    """Fold a chunk of latents (n, d_sae), with each row's sequence and position (n,), into `st`."""
+    n, d_sae = latents.shape
+    k = st.top_vals.shape[0]
+    active = latents > 0
+    st.rows += n
+    st.fired += active.sum(0)
+    st.l0_counts += torch.bincount(active.sum(1), minlength=d_sae + 1)
+    rows, cols = active.nonzero(as_tuple=True)
+    b = ((latents[rows, cols].log10() - HIST_LO) * (HIST_BINS / (HIST_HI - HIST_LO))).floor().long()
+    st.hist.view(-1).index_add_(0, cols * HIST_BINS + b.clamp(0, HIST_BINS - 1),
+                                torch.ones_like(cols))
+    # Running top-K per latent: candidates are the K kept so far, then the chunk's n rows. Index
+    # i < K is an old entry, i >= K is chunk row i - K: gathers, no (n, d_sae) index tensor.
+    vals, idx = torch.cat([st.top_vals, latents]).topk(k, dim=0)
+    old = idx < k
+    new_row = (idx - k).clamp(min=0)
+    st.top_seq = torch.where(old, st.top_seq.gather(0, idx.clamp(max=k - 1)), seq[new_row])
+    st.top_pos = torch.where(old, st.top_pos.gather(0, idx.clamp(max=k - 1)), pos[new_row])
+    st.top_vals = vals
+
+
+def default_chunk_rows(d_sae: int) -> int:
+    """Rows per encode such that the (rows, d_sae) float32 latents take about 256 MiB."""
+    return max(256, min(8192, 2**26 // d_sae))
+
+
+def stream_stats(cache: Cache, sae: LoadedSAE, hook: str, split: str, k: int, chunk_rows: int,
+                 max_rows: int | None, device: str) -> LatentStats:
+    """One pass over the split's shards, in disk order."""
+    st = new_stats(sae.d_sae, k, device)
+    for shard in range(len(cache.shards(split))):
+        acts = cache.activations_tensor(hook, split, shard)
+        tok = torch.from_numpy(np.ascontiguousarray(cache.tokens(split, shard)[:, 1:])).long()
+        for start in range(0, len(acts), chunk_rows):
+            stop = min(start + chunk_rows, len(acts))
+            if max_rows is not None:
+                stop = min(stop, start + max_rows - st.rows)
+            if stop <= start:
+                return st
+            x = acts[start:stop].to(device=device, dtype=torch.float32)
+            seq_pos = tok[start:stop].to(device)
+            update_stats(st, sae.encode(x), seq_pos[:, 0], seq_pos[:, 1])
+    return st
+
+
+def choose_latents(st: LatentStats, cfg: ReportConfig) -> list[int]:
+    """The latents to show, in page order."""
+    d_sae = st.fired.numel()
+    if cfg.latents:
+        bad = [i for i in cfg.latents if not 0 <= i < d_sae]
+        if bad:
+            raise PipelineError(f"latents {bad} are outside 0..{d_sae - 1}")
+        return list(dict.fromkeys(cfg.latents))
+    if cfg.select not in ("top", "random", "mixed"):
+        raise PipelineError(f"unknown select {cfg.select!r}; use top, random or mixed")
+    n = min(cfg.n_latents, d_sae)
+    by_density = torch.argsort(st.fired.cpu(), descending=True, stable=True).tolist()
+    n_top = n if cfg.select == "top" else 0 if cfg.select == "random" else (n + 1) // 2
+    chosen = by_density[:n_top]
+    taken = set(chosen)
+    alive = [i for i in (st.fired.cpu() > 0).nonzero().flatten().tolist() if i not in taken]
+    g = torch.Generator().manual_seed(cfg.seed)
+    chosen += sorted(alive[i] for i in torch.randperm(len(alive), generator=g)[:n - n_top].tolist())
+    return chosen
+
+
+# ------------------------------------------------------------------------------ contexts
+
+
+class SequenceTable:
+    """The split-wide sequences table, read a row at a time from its shards (memory-mapped)."""
+
+    def __init__(self, cache: Cache, split: str):
+        self.cache, self.split = cache, split
+        counts = [s["sequences"] for s in cache.shards(split)]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def shard_of(self, seq: int) -> int:
+        return int(np.searchsorted(self.starts, seq, side="right") - 1)
+
+    def __getitem__(self, seq: int) -> np.ndarray:
+        shard = self.shard_of(seq)
+        return np.asarray(self.cache.sequences(self.split, shard)[seq - self.starts[shard]])
+
+
+def context_activations(cache: Cache, sae: LoadedSAE, hook: str, split: str, table: SequenceTable,
+                        seqs: set[int], latents: list[int], device: str) -> dict[int, np.ndarray]:
+    """sequence -> (context_size, len(latents)) activations of the chosen latents at every stored
+    position of the sequence (0 where the cache has no row: BOS, separators)."""
+    out: dict[int, np.ndarray] = {}
+    ctx = int(cache.manifest.get("context_size") or 0)
+    by_shard: dict[int, list[int]] = {}
+    for s in seqs:
+        by_shard.setdefault(table.shard_of(s), []).append(s)
+    cols = torch.tensor(latents, device=device)
+    for shard, shard_seqs in by_shard.items():
+        tok = np.asarray(cache.tokens(split, shard))
+        rows = np.flatnonzero(np.isin(tok[:, 1], shard_seqs))
+        acts = cache.activations_tensor(hook, split, shard)
+        step = default_chunk_rows(sae.d_sae)
+        vals = torch.cat([sae.encode(acts[torch.from_numpy(rows[i:i + step])].to(device).float())[:, cols]
+                          for i in range(0, len(rows), step)]).cpu().numpy() if len(rows) else np.zeros((0, 0))
+        for s in shard_seqs:
+            out[s] = np.zeros((ctx or int(tok[:, 2].max()) + 1, len(latents)), dtype=np.float32)
+        for r, v in zip(rows, vals):
+            out[int(tok[r, 1])][int(tok[r, 2])] = v
+    return out
+
+
+def cache_tokenizer(cache: Cache) -> Any:
+    """The tokenizer the cache was written with (the manifest names it), or None if it cannot load."""
+    prov = cache.manifest.get("provenance") or {}
+    name = ((prov.get("cache_config") or {}).get("tokenizer") or prov.get("tokenizer")
+            or (cache.manifest.get("config") or {}).get("source", {}).get("tokenizer"))
+    if not name:
+        return None
+    from cache_writer.pretokenize import load_named_tokenizer
+
+    try:
+        return load_named_tokenizer(name)
+    except Exception as e:  # offline without the tokenizer's files: show token ids instead
+        warnings.warn(f"could not load tokenizer {name!r} ({str(e).splitlines()[0] if str(e) else e}); "
+                      "showing token ids")
+        return None
+
+
+def token_text(tokenizer: Any, token_id: int, special: set[int]) -> str:
+    """One token as displayed text (whitespace made visible)."""
+    if token_id in special:
+        return "<bos>" if getattr(tokenizer, "bos_token_id", None) == token_id else f"<{token_id}>"
+    if tokenizer is None:
+        return f"[{token_id}]"
+    text = tokenizer.decode_token(token_id) if hasattr(tokenizer, "decode_token") else tokenizer.decode([token_id])
+    return text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
+
+
+# ------------------------------------------------------------------------------ SVG and HTML
+
+
+def svg_bars(counts: list[float], edges: list[float], xlabel: str, ylabel: str = "count", elem_id: str = "",
+             cls: str = "chart", width: int = 520, height: int = 180, note: str = "") -> str:
+    """An inline SVG histogram: bar i spans edges[i]..edges[i+1] with height counts[i]."""
+    ml, mr, mt, mb = 48, 10, 10, 34
+    pw, ph = width - ml - mr, height - mt - mb
+    lo, hi = edges[0], edges[-1]
+    top = max(max(counts, default=0), 1)
+    sx = lambda v: ml + (v - lo) / ((hi - lo) or 1) * pw  # noqa: E731
+    sy = lambda c: mt + ph - c / top * ph  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="{cls}"' + (f' id="{elem_id}"' if elem_id else "")
+             + f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for c, a, b in zip(counts, edges[:-1], edges[1:]):
+        if c > 0:
+            x0, x1 = sx(a), sx(b)
+            parts.append(f'<rect class="bar" x="{x0:.1f}" y="{sy(c):.1f}" width="{max(x1 - x0 - 0.5, 0.8):.1f}" '
+                         f'height="{mt + ph - sy(c):.1f}"><title>{a:.3g} to {b:.3g}: {c:g}</title></rect>')
+    parts.append(f'<line class="axis" x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}"/>'
+                 f'<line class="axis" x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + ph}"/>')
+    for v in _ticks(lo, hi):
+        parts.append(f'<text class="tick" x="{sx(v):.1f}" y="{mt + ph + 13}" text-anchor="middle">{v:g}</text>')
+    parts.append(f'<text class="tick" x="{ml - 4}" y="{mt + 8}" text-anchor="end">{top:g}</text>'
+                 f'<text class="tick" x="{ml - 4}" y="{mt + ph}" text-anchor="end">0</text>'
+                 f'<text class="label" x="{ml + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">'
+                 f'{html.escape(xlabel)}</text>'
+                 f'<text class="label" x="12" y="{mt + ph / 2:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {mt + ph / 2:.0f})">{html.escape(ylabel)}</text>')
+    if note:
+        parts.append(f'<text class="note" x="{ml + pw}" y="{mt + 10}" text-anchor="end">{html.escape(note)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """About n round tick values in [lo, hi]."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if step * m >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def density_chart(st: LatentStats) -> str:
+    density = st.density.cpu()
+    alive = density[density > 0].log10()
+    dead = int((density == 0).sum())
+    lo = math.floor(float(alive.min())) if len(alive) else -6.0
+    edges = np.linspace(lo, 0.0, 41)
+    counts = np.histogram(alive.numpy(), bins=edges)[0] if len(alive) else np.zeros(40)
+    return svg_bars(counts.tolist(), edges.tolist(), "log10 feature density (fraction of tokens a latent fires on)",
+                    "latents", elem_id="density-histogram", note=f"{dead} dead latents not shown" if dead else "")
+
+
+def l0_chart(st: LatentStats) -> str:
+    counts = st.l0_counts.cpu().numpy()
+    top = int(np.flatnonzero(counts).max()) if counts.any() else 1
+    width = max(1, math.ceil((top + 1) / 60))  # at most ~60 bars: integer L0 values grouped
+    n_bins = math.ceil((top + 1) / width)
+    grouped = np.add.reduceat(counts[: n_bins * width], np.arange(0, n_bins * width, width))
+    edges = [i * width - 0.5 for i in range(n_bins + 1)]
+    return svg_bars(grouped.tolist(), edges, "L0 (latents active per token)", "tokens", elem_id="l0-histogram")
+
+
+def activation_chart(st: LatentStats, latent: int) -> str:
+    h = st.hist[latent].cpu().numpy()
+    nz = np.flatnonzero(h)
+    a, b = (int(nz.min()), int(nz.max()) + 1) if len(nz) else (0, HIST_BINS)
+    a, b = max(0, a - 1), min(HIST_BINS, b + 1)
+    step = (HIST_HI - HIST_LO) / HIST_BINS
+    edges = [HIST_LO + i * step for i in range(a, b + 1)]
+    return svg_bars(h[a:b].tolist(), edges, "log10 activation (where > 0)", "tokens", cls="activation-histogram",
+                    width=360, height=150)
+
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:20px;margin:0 0 8px}h2{font-size:16px;margin:24px 0 8px}h3{font-size:14px;margin:0 0 6px}
+table.summary td{padding:1px 12px 1px 0}table.summary td:first-child{color:#666}
+.charts{display:flex;flex-wrap:wrap;gap:24px}
+svg .bar{fill:#4878d0}svg .axis{stroke:#444}svg text{font-size:10px;fill:#444}svg .label{font-size:11px}
+svg .note{fill:#a33}
+.latent{border-top:1px solid #ddd;padding:12px 0;display:flex;gap:20px;align-items:flex-start}
+.latent .meta{flex:0 0 360px}.latent .meta p{margin:2px 0;color:#555}
+table.context-table{border-collapse:collapse;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace}
+table.context-table td{padding:1px 6px;border-bottom:1px solid #f0f0f0;vertical-align:top}
+table.context-table td.val{text-align:right;color:#555;white-space:nowrap}
+table.context-table td.ctx{white-space:pre-wrap;word-break:break-all}
+.tok{border-radius:2px}.tok.max{outline:1.5px solid #c00;font-weight:bold}.tok.special{color:#999}
+#filter{margin:8px 0}.hidden{display:none}
+"""
+
+JS = """
+document.body.dataset.ready = "1";
+const box = document.getElementById("filter-input");
+box.addEventListener("input", () => {
+  const want = box.value.split(/[ ,]+/).filter(Boolean);
+  for (const el of document.querySelectorAll(".latent")) {
+    el.classList.toggle("hidden", want.length > 0 && !want.includes(el.dataset.latent));
+  }
+});
+"""
+
+
+def render_context(tokens: np.ndarray, acts: np.ndarray, pos: int, scale: float, tokenizer: Any,
+                   special: set[int], left: int, right: int) -> str:
+    """One context window as token spans shaded by activation; the activating token outlined."""
+    spans = []
+    for p in range(max(0, pos - left), min(len(tokens), pos + right + 1)):
+        t, v = int(tokens[p]), float(acts[p])
+        cls = "tok" + (" max" if p == pos else "") + (" special" if t in special else "")
+        style = f' style="background:rgba(255,110,0,{min(1.0, v / scale):.2f})"' if v > 0 and scale > 0 else ""
+        spans.append(f'<span class="{cls}"{style} title="pos {p}: {v:.3g}">'
+                     f'{html.escape(token_text(tokenizer, t, special))}</span>')
+    return "".join(spans)
+
+
+def render_latent(st: LatentStats, latent: int, vals: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
+                  context: Any, tokenizer: Any, special: set[int], cfg: ReportConfig) -> str:
+    """One latent's block: density, activation histogram, and its top contexts (`context(seq)` gives
+    the sequence's tokens and this latent's activation at each of its positions)."""
+    scale = float(vals[0])
+    rows = []
+    for v, s, p in zip(vals, seqs, positions):
+        if v <= 0 or s < 0:  # fewer than K activations > 0 on the split
+            continue
+        tokens, acts = context(int(s))
+        ctx = render_context(tokens, acts, int(p), scale, tokenizer, special, cfg.left, cfg.right)
+        rows.append(f'<tr><td class="val">{v:.3g}</td><td class="ctx">{ctx}</td></tr>')
+    body = (f'<table class="context-table"><tbody>{"".join(rows)}</tbody></table>' if rows
+            else '<p class="empty">never fires on this split</p>')
+    d = float(st.density[latent])
+    return (f'<div class="latent" id="latent-{latent}" data-latent="{latent}"><div class="meta">'
+            f'<h3>latent {latent}</h3><p>density {d:.3g} ({math.log10(d) if d > 0 else float("-inf"):.2f} log10), '
+            f'max {scale:.3g}</p>{activation_chart(st, latent)}</div>{body}</div>')
+
+
+def render_page(cfg: ReportConfig, sae: LoadedSAE, cache: Cache, hook: str, st: LatentStats, chosen: list[int],
+                latent_html: list[str], extra: dict[str, str]) -> str:
+    density = st.density.cpu()
+    l0 = (st.l0_counts.cpu().double() * torch.arange(st.l0_counts.numel())).sum() / max(st.rows, 1)
+    prov = cache.manifest.get("provenance") or {}
+    summary = {
+        "SAE": str(sae.path), "architecture": sae.architecture + (f" (k = {sae.cfg['k']})" if "k" in sae.cfg else ""),
+        "d_in / d_sae": f"{sae.d_in} / {sae.d_sae}", "hook": hook, "model": (prov.get("model") or {}).get("name"),
+        "cache": f"{cache.path} ({cfg.split} split, {st.rows:,} rows read)", "mean L0": f"{float(l0):.2f}",
+        "dead latents": f"{int((density == 0).sum())} ({float((density == 0).double().mean()):.1%})",
+        "dense latents (> 10% of tokens)": str(int((density > 0.1).sum())), **extra,
+    }
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>SAE report: {html.escape(str(sae.path))}'
+        f'</title><style>{CSS}</style></head><body>'
+        f'<h1>SAE report</h1><table class="summary" id="summary">{rows}</table>'
+        f'<h2>Feature density and L0</h2><div class="charts">{density_chart(st)}{l0_chart(st)}</div>'
+        f'<h2>Latents ({len(chosen)}: {html.escape(cfg.select if not cfg.latents else "given")})</h2>'
+        f'<div id="filter"><label>show latents <input id="filter-input" placeholder="e.g. 12, 40"></label></div>'
+        f'<div id="latents">{"".join(latent_html)}</div><script>{JS}</script></body></html>'
+    )
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def ce_summary(cfg: ReportConfig, sae: LoadedSAE, device: str) -> dict[str, str]:
+    """`pipeline eval`'s headline numbers as summary rows (loads the cache's model)."""
+    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+
+    res = evaluate_ce(EvalConfig(sae=cfg.sae, cache=cfg.cache, split=cfg.split, contexts=cfg.ce_contexts,
+                                 hook=cfg.hook, device=device), sae=sae)
+    return {"CE clean / with SAE": f"{res['ce_clean']:.4f} / {res['ce_spliced']:.4f} ({res['contexts']} contexts)",
+            "CE loss recovered (zero / mean ablation)": f"{res['ce_recovered_zero']:.4f} / "
+                                                        f"{res['ce_recovered_mean']:.4f}",
+            "KL(clean || SAE)": f"{res['kl_spliced']:.5f}"}
+
+
+def parse_latents(spec: str | None) -> list[int] | None:
+    """'1,2,3' -> [1, 2, 3]."""
+    if not spec:
+        return None
+    try:
+        return [int(p) for p in spec.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise PipelineError(f"--latents {spec!r} is not a comma-separated list of latent ids") from None
+
+
+@torch.no_grad()
+def build_report(cfg: ReportConfig, sae: LoadedSAE | None = None, extra: dict[str, str] | None = None) -> Path:
+    """Write OUT/index.html; returns its path. `extra` adds rows to the summary (e.g. CE results)."""
+    from trainer.evaluate_ce import resolve_hook
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    cache = Cache(cfg.cache)
+    if not cache.manifest.get("has_tokens"):
+        raise PipelineError(f"cache {cache.path} stores no tokens, so there are no contexts to show")
+    if not cache.shards(cfg.split):
+        raise PipelineError(f"cache {cache.path} has no {cfg.split!r} rows; pass --split train")
+    sae = sae or load_sae(cfg.sae, device)
+    hook = resolve_hook(cache, sae, cfg.hook)
+    st = stream_stats(cache, sae, hook, cfg.split, cfg.contexts, cfg.chunk_rows or default_chunk_rows(sae.d_sae),
+                      cfg.max_rows, device)
+    chosen = choose_latents(st, cfg)
+    top_vals, top_seq, top_pos = (t[:, chosen].cpu().numpy() for t in (st.top_vals, st.top_seq, st.top_pos))
+    table = SequenceTable(cache, cfg.split)
+    seqs = {int(s) for s, v in zip(top_seq.flat, top_vals.flat) if v > 0 and s >= 0}
+    acts = context_activations(cache, sae, hook, cfg.split, table, seqs, chosen, device)
+    tokenizer = cache_tokenizer(cache)
+    packing = ((cache.manifest.get("config") or {}).get("source") or {}).get("packing") or {}
+    special = {i for i in (packing.get("bos_token_id"), packing.get("separator_token_id")) if i is not None}
+    latent_html = [render_latent(st, latent, top_vals[:, j], top_seq[:, j], top_pos[:, j],
+                                 lambda s, j=j: (table[s], acts[s][:, j]), tokenizer, special, cfg)
+                   for j, latent in enumerate(chosen)]
+    extra = dict(extra or {})
+    if cfg.ce_contexts:
+        extra.update(ce_summary(cfg, sae, device))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "index.html"
+    page.write_text(render_page(cfg, sae, cache, hook, st, chosen, latent_html, extra), encoding="utf-8")
+    return page
