@@ -14,6 +14,7 @@ import torch
 
 from cache_writer.model_adapter import ModelAdapter, load_model
 from cache_writer.text_source import iter_sequences, open_documents
+from pipeline import distributed
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_FILE, read_manifest
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
@@ -124,15 +125,22 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
 
     `adapter` replaces cfg.model (a model already in memory); `timings`, if given, receives the
     seconds spent per stage (tokenize, forward, and the writer's convert/commit/wait).
+
+    Under torchrun every rank runs this: forward batch b (of cfg.batch_size sequences) goes to rank
+    b % world size, each rank commits its own shards and progress, and rank 0 assembles the one
+    manifest at the end (pipeline.assemble).
     """
     out = Path(cfg.out)
     n_target = math.ceil(cfg.tokens / cfg.context_size)
-    if cfg.resume and (out / MANIFEST_FILE).exists():
-        m = read_manifest(out)
-        if m["complete"] and m["progress"]["units"] >= n_target:
-            print(f"{out} is complete with {m['progress']['units']} sequences; nothing to do")
-            return m
-    device = resolve_device(cfg.device)
+    world, rank = distributed.init(cfg.device), distributed.rank()
+    done_already = distributed.agree(_complete, out, n_target) if cfg.resume else None
+    if done_already is not None:
+        return done_already
+    if world > 1:
+        from pipeline.assemble import assemble, prepare
+
+        distributed.agree(prepare, out, world, cfg.resume, cfg.overwrite)
+    device = distributed.device_for(cfg.device)
     if adapter is None:
         adapter = load_model(cfg.model, device=device, dtype=cfg.model_dtype, model_kwargs=cfg.model_kwargs,
                              trust_remote_code=cfg.trust_remote_code)
@@ -166,21 +174,34 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         WriterConfig(format=cfg.format, dtype=cfg.dtype, compression=cfg.compression, shard_mb=cfg.shard_mb,
                      shuffle=cfg.shuffle, seed=cfg.seed),
         source_config=source_config, provenance=provenance, has_tokens=True,
-        resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size,
+        resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size // world,
+        part=(rank, world) if world > 1 else None,
     )
     sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
     done = writer.resume_units
-    sequences = itertools.islice(sequences, done, None)
+    # Where this rank starts in the source: one process right after what it committed; rank r of W
+    # at its next own batch (its k-th batch is the source's batch r + k * W).
+    at = done if world == 1 else (rank + math.ceil(done / cfg.batch_size) * world) * cfg.batch_size
+    sequences = itertools.islice(sequences, at, None)
+    if world > 1:
+        distributed.barrier()  # every rank has dropped what it will redo: list what is left
+        if rank == 0:
+            assemble(out, world, complete=False, batch_size=cfg.batch_size)
     special_ids_np = np.array(sorted(special), dtype=np.int64) if cfg.exclude_special_tokens else None
-    bar = _progress_bar(n_target * cfg.context_size, done * cfg.context_size, progress)
+    bar = _progress_bar(n_target * cfg.context_size // world, done * cfg.context_size, progress and rank == 0)
     clock = {"tokenize": 0.0, "forward": 0.0}
     try:
-        while done < n_target:
+        while at < n_target:
             t0 = time.perf_counter()
-            batch = list(itertools.islice(sequences, min(cfg.batch_size, n_target - done)))
+            batch = list(itertools.islice(sequences, min(cfg.batch_size, n_target - at)))
             if not batch:
-                print(f"the dataset ended after {done * cfg.context_size:,} tokens (asked for {cfg.tokens:,})")
+                if rank == 0:
+                    print(f"the dataset ended after {at * cfg.context_size:,} tokens (asked for {cfg.tokens:,})")
                 break
+            mine = world == 1 or (at // cfg.batch_size) % world == rank
+            at += len(batch)
+            if not mine:  # another rank's batch: tokenized here too, to know where the next one starts
+                continue
             splits = [s for s, _ in batch]
             tokens = np.array([t for _, t in batch], dtype=np.int64)
             t1 = time.perf_counter()
@@ -194,7 +215,7 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
     except KeyboardInterrupt:
         writer.abort()
         bar.close()
-        m = read_manifest(out)
+        m = read_manifest(writer.manifest_dir)
         raise PipelineError(
             f"interrupted: {sum(len(s['shards']) for s in m['splits'].values())} committed shards in {out} are "
             "intact; rerun with --resume to continue"
@@ -205,9 +226,23 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         raise
     bar.close()
     manifest = writer.close(complete=True)
+    if world > 1:
+        distributed.barrier()  # every rank's part is complete
+        manifest = distributed.agree(assemble, out, world, True, cfg.batch_size)
     if timings is not None:
         timings.update(clock, **writer.seconds)
     return manifest
+
+
+def _complete(out: Path, n_target: int) -> dict | None:
+    """The manifest of a complete cache that already holds `n_target` sequences (nothing to do)."""
+    if not (out / MANIFEST_FILE).exists():
+        return None
+    m = read_manifest(out)
+    if m["complete"] and m["progress"]["units"] >= n_target:
+        print(f"{out} is complete with {m['progress']['units']} sequences; nothing to do")
+        return m
+    return None
 
 
 def _blocks(tokens: np.ndarray, splits: list[str], acts: dict[str, torch.Tensor], pos_slice: slice,

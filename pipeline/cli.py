@@ -68,7 +68,7 @@ def train(
     cache: Optional[str] = typer.Option(None, help="Cache directory to train on."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the run's folder goes in."),
     name: Optional[str] = typer.Option(None, help="Run name (folder, W&B); default from arch, d_sae, k/l1."),
-    hook: Optional[str] = typer.Option(None, help="Hook to read (default: the cache's only hook)."),
+    hook: Optional[str] = typer.Option(None, "--hook", "--hook-in", help="Hook to read (default: the cache's only hook)."),
     arch: Optional[str] = typer.Option(None, help="topk, batchtopk, matryoshka, jumprelu, gated, standard, or yours."),
     d_sae: Optional[int] = typer.Option(None, help="Number of latents."),
     k: Optional[int] = typer.Option(None, help="TopK: latents per token."),
@@ -102,6 +102,8 @@ def train(
     init_from: Optional[str] = typer.Option(None, help="Start from a saved SAE (ours or SAELens's)."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
     wandb_project: Optional[str] = typer.Option(None, help="W&B project."),
+    ddp: Optional[bool] = typer.Option(None, "--ddp", help="Data-parallel under torchrun: each rank trains on its part of every batch."),
+    hook_out: Optional[str] = typer.Option(None, "--hook-out", help="Transcoder: reconstruct this hook from --hook."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:

@@ -42,6 +42,7 @@ from pipeline.manifest import (
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TOKEN_COLUMNS = ("token_id", "sequence", "position")
+PARTS_DIR = "ranks"  # per-rank manifests of a cache written by several processes
 
 
 @dataclass
@@ -192,8 +193,15 @@ class CacheWriter:
         resume: bool = False,
         overwrite: bool = False,
         expected_rows: int | None = None,
+        part: tuple[int, int] | None = None,
     ):
         self.path = Path(path)
+        # A part (rank, world size) of a cache written by several processes (pipeline.assemble): its
+        # shards carry the rank as a prefix, its manifest lives in ranks/rank-NNNNN/ and only rank 0
+        # writes the cache's own manifest, after every rank has closed.
+        self.part = part
+        self.manifest_dir = self.path if part is None else part_dir(self.path, part[0])
+        self.shard_prefix = "" if part is None else f"rank{part[0]:05d}-"
         self.config = config or WriterConfig()
         self.hooks = dict(hooks)
         if not self.hooks:
@@ -241,11 +249,18 @@ class CacheWriter:
     # ------------------------------------------------------------------------- opening / resume
 
     def _open(self, content_config: dict, provenance: dict, resume: bool, overwrite: bool) -> dict:
-        path = self.path
-        if (path / MANIFEST_FILE).exists():
-            if overwrite:
+        path = self.manifest_dir
+        if self.part is not None and not (path / MANIFEST_FILE).exists():
+            pass  # a rank's first run: rank 0 has already checked, wiped or created the cache directory
+        elif (path / MANIFEST_FILE).exists():
+            if overwrite and self.part is None:
                 self._wipe()
             elif resume:
+                if self.part is None and (self.path / PARTS_DIR).is_dir():
+                    raise PipelineError(
+                        f"{self.path} was written by several processes; resume it with torchrun and the same "
+                        "--nproc-per-node (and --nnodes)"
+                    )
                 manifest = read_manifest(path)
                 diffs = config_differences(manifest["config"], content_config)
                 if diffs:
@@ -259,6 +274,8 @@ class CacheWriter:
                 manifest["complete"] = False
                 write_manifest(path, manifest)
                 return manifest
+            elif self.part is not None:  # overwrite: rank 0 wiped the cache, this part is stale
+                pass
             else:
                 manifest = read_manifest(path)
                 rows = sum(s["rows"] for s in manifest["splits"].values())
@@ -271,6 +288,7 @@ class CacheWriter:
                 f"{path} is not empty and holds no cache; choose a new or empty directory for --out"
             )
         path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         manifest = new_manifest(
             backend=self.config.format, dtype=self.config.dtype, hooks=self.hooks, config=content_config,
             provenance=provenance, compression=self.config.compression, has_tokens=self.has_tokens,
@@ -279,11 +297,7 @@ class CacheWriter:
         return manifest
 
     def _wipe(self) -> None:
-        read_manifest(self.path)  # only ever delete something that is a cache of ours
-        for child in ("hooks", "tokens"):
-            if (self.path / child).exists():
-                shutil.rmtree(self.path / child)
-        (self.path / MANIFEST_FILE).unlink()
+        wipe_cache(self.path)
 
     def _tables(self, split: str) -> list[str]:
         tables = [f"hooks/{h}/{split}" for h in self.hooks]
@@ -300,6 +314,8 @@ class CacheWriter:
                 if not directory.is_dir():
                     continue
                 for entry in directory.iterdir():
+                    if not entry.name.startswith(self.shard_prefix):
+                        continue  # another rank's shard (a part only ever cleans up its own)
                     is_index = entry.name in ("state.json", "dataset_info.json")
                     if entry.name.endswith(TMP_SUFFIX) or (not is_index and entry.name not in claimed):
                         remove_entry(entry)
@@ -329,21 +345,15 @@ class CacheWriter:
         manifest["progress"]["final_partial"] = False
 
     def _rewrite_indexes(self, manifest: dict, split: str) -> None:
-        if self.config.format != "arrow":
-            return
+        if self.config.format != "arrow" or self.part is not None:
+            return  # parts: rank 0 writes the index of every rank's shards when it assembles them
         names = [s["name"] for s in manifest["splits"][split]["shards"]]
         for table, columns in self._table_templates(split, manifest["context_size"]).items():
             if (self.path / table).is_dir():
                 write_table_index("arrow", self.path, table, names, columns)
 
     def _table_templates(self, split: str, context_size: int | None) -> dict[str, dict[str, np.ndarray]]:
-        """Empty columns with each table's dtypes and widths (for index files)."""
-        store = np.uint16 if self.config.dtype == "bfloat16" else np.dtype(self.config.dtype)
-        out = {f"hooks/{h}/{split}": {h: np.zeros((0, d), store)} for h, d in self.hooks.items()}
-        if self.has_tokens:
-            out[f"tokens/{split}/rows"] = {c: np.zeros(0, np.int32) for c in TOKEN_COLUMNS}
-            out[f"tokens/{split}/sequences"] = {"token_ids": np.zeros((0, context_size), np.int32)}
-        return out
+        return table_templates(self.hooks, self.config.dtype, self.has_tokens, split, context_size)
 
     # ------------------------------------------------------------------------- producer side
 
@@ -551,7 +561,7 @@ class CacheWriter:
                         # extending the cache redoes it, so extension equals one longer run.
                         self.manifest["progress"]["final_partial"] = self.manifest["progress"]["groups"] > 0
                         self.manifest["complete"] = True
-                        write_manifest(self.path, self.manifest)
+                        write_manifest(self.manifest_dir, self.manifest)
                     return
                 else:
                     return
@@ -608,7 +618,7 @@ class CacheWriter:
                 if p.rows == 0:
                     continue
                 index = nxt["shards"][split]
-                name = f"shard-{index:05d}"
+                name = f"{self.shard_prefix}shard-{index:05d}"
                 dest = self._destinations(split, index, p.rows)
                 tables: dict[str, dict[str, np.ndarray]] = {}
                 for hook, parts in p.acts.items():
@@ -666,7 +676,7 @@ class CacheWriter:
         m["progress"]["units"] += units
         m["progress"]["groups"] = group + 1
         m["progress"]["final_partial"] = False
-        write_manifest(self.path, m)
+        write_manifest(self.manifest_dir, m)
 
     def _destinations(self, split: str, shard_index: int, rows: int) -> np.ndarray | None:
         """Where each collected row goes in the shard: the inverse of the shard's seeded permutation.
@@ -676,7 +686,8 @@ class CacheWriter:
         """
         if not self.config.shuffle:
             return None
-        perm = np.random.default_rng([self.config.seed, SPLITS.index(split), shard_index]).permutation(rows)
+        key = [self.config.seed, SPLITS.index(split), shard_index] + ([self.part[0]] if self.part else [])
+        perm = np.random.default_rng(key).permutation(rows)
         dest = np.empty(rows, dtype=np.int64)
         dest[perm] = np.arange(rows)
         return dest
@@ -704,6 +715,31 @@ class CacheWriter:
 
         list(self._pool.map(copy, range(len(parts))))
         return out
+
+
+def table_templates(hooks: dict[str, int], dtype: str, has_tokens: bool, split: str,
+                    context_size: int | None) -> dict[str, dict[str, np.ndarray]]:
+    """Empty columns with each table's dtypes and widths (for index files)."""
+    store = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    out = {f"hooks/{h}/{split}": {h: np.zeros((0, d), store)} for h, d in hooks.items()}
+    if has_tokens:
+        out[f"tokens/{split}/rows"] = {c: np.zeros(0, np.int32) for c in TOKEN_COLUMNS}
+        out[f"tokens/{split}/sequences"] = {"token_ids": np.zeros((0, context_size), np.int32)}
+    return out
+
+
+def part_dir(path: Path, rank: int) -> Path:
+    """Where rank `rank` of a multi-process cache keeps its own manifest (its progress, for resume)."""
+    return Path(path) / PARTS_DIR / f"rank-{rank:05d}"
+
+
+def wipe_cache(path: Path) -> None:
+    """Delete a cache of ours (--overwrite): its tables, its ranks' parts and its manifest."""
+    read_manifest(path)  # only ever delete something that is a cache of ours
+    for child in ("hooks", "tokens", PARTS_DIR):
+        if (path / child).exists():
+            shutil.rmtree(path / child)
+    (path / MANIFEST_FILE).unlink()
 
 
 def _as_int32(x: Any) -> np.ndarray:

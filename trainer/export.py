@@ -17,18 +17,18 @@ from pipeline.errors import PipelineError
 
 
 def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: torch.Tensor | None = None,
-                   input_scale: float = 1.0) -> Path:
+                   input_scale: float = 1.0, output_scale: float | None = None) -> Path:
     """Write run `run` of a stack to `out` in SAELens's format.
 
     `input_scale` is the factor the loader multiplied activations by during training
     (`ActivationLoader.scale`); it is folded into the weights, so the export reads raw activations:
     with x' = c x, pre-activations (c x - b_dec) W_enc = (x - b_dec / c)(c W_enc) are unchanged and
-    the reconstruction divides by c."""
+    the reconstruction divides by c. A transcoder's target hook has its own `output_scale`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights, arch_cfg = model.export_run(run)
     weights = fold_input_scale({k: v.detach().to("cpu", torch.float32).clone() for k, v in weights.items()},
-                               input_scale)
+                               input_scale, output_scale)
     cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            **arch_cfg, "metadata": metadata}
@@ -40,12 +40,15 @@ def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: t
     return out
 
 
-def fold_input_scale(weights: dict[str, torch.Tensor], c: float) -> dict[str, torch.Tensor]:
-    """Weights of an SAE for inputs x from those of one trained on c * x (in place; 1 / c undoes it)."""
+def fold_input_scale(weights: dict[str, torch.Tensor], c: float, c_out: float | None = None) -> dict[str, torch.Tensor]:
+    """Weights of an SAE for inputs x from those of one trained on c * x (in place; 1 / c undoes it).
+    A transcoder trained to map c * x to c_out * y: W_enc * c, and its output divided by c_out."""
+    c_out = c if c_out is None else c_out
     if c != 1.0:
         weights["W_enc"] *= c
-        weights["W_dec"] /= c
-        weights["b_dec"] /= c
+    if c_out != 1.0:
+        weights["W_dec"] /= c_out
+        weights["b_dec"] /= c_out
     return weights
 
 
@@ -75,18 +78,21 @@ def load_saelens(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, cfg
 
 
-def init_from(model, path: str | Path, run: int | None = None, input_scale: float = 1.0) -> dict:
+def init_from(model, path: str | Path, run: int | None = None, input_scale: float = 1.0,
+              output_scale: float | None = None) -> dict:
     """Load a saved SAE into run `run` of `model` (every run when None), to continue training it on
     activations multiplied by `input_scale` (the loader's normalisation).
 
     The saved d_in and d_sae must match the model's; returns the saved cfg."""
     weights, cfg = load_saelens(path)
-    fold_input_scale(weights, 1.0 / input_scale)
-    for name in ("d_in", "d_sae"):
-        saved, ours = cfg.get(name), getattr(model, name)
+    fold_input_scale(weights, 1.0 / input_scale, 1.0 / (output_scale if output_scale is not None else input_scale))
+    cfg.setdefault("d_out", cfg.get("d_in"))
+    for name in ("d_in", "d_sae", "d_out"):
+        saved, ours = cfg.get(name), getattr(model, name, cfg.get(name))
         if saved != ours:
             raise PipelineError(f"SAE in {path} has {name} = {saved}, but this run has {name} = {ours}"
-                                + (" (the cache's hook width)" if name == "d_in" else "; pass --d-sae " + str(saved)))
+                                + {"d_in": " (the cache's hook width)", "d_out": " (the width of --hook-out)"}.get(
+                                    name, f"; pass --d-sae {saved}"))
     for r in range(model.n_runs) if run is None else [run]:
         model.load_run(r, weights, cfg)
     return cfg

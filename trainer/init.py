@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 
 @torch.no_grad()
 def init_tied_weights_(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,
-                       seeds: Sequence[int], dec_init_norm: torch.Tensor) -> None:
+                       seeds: Sequence[int], dec_init_norm: torch.Tensor, tied: bool = True) -> None:
     """Fill `W_dec (R, d_sae, d_in)` with random rows of norm `dec_init_norm[r]`, set
     `W_enc (R, d_in, d_sae)` to its per-run transpose and `b_enc` to 0, in place.
 
@@ -28,9 +28,13 @@ def init_tied_weights_(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Te
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         # Drawn on the CPU in float32 whatever the target device/dtype: the same seed gives the
         # same SAE everywhere.
-        w = torch.randn(d_sae, d_in, generator=g, dtype=torch.float32)
+        w = torch.randn(d_sae, W_dec.shape[-1], generator=g, dtype=torch.float32)
         w = w / w.norm(dim=-1, keepdim=True) * float(dec_init_norm[r])
         W_dec[r].copy_(w)
+        if W_enc.shape[1] != W_dec.shape[-1] or not tied:
+            # A transcoder reads one space and writes another: the encoder gets its own directions.
+            w = torch.randn(d_sae, W_enc.shape[1], generator=g, dtype=torch.float32)
+            w = w / w.norm(dim=-1, keepdim=True) * float(dec_init_norm[r])
         W_enc[r].copy_(w.T)
     b_enc.zero_()
 
@@ -83,14 +87,15 @@ def search_init_scale_(model, sample: torch.Tensor, grid: torch.Tensor | None = 
     log-spaced grid, then a finer one around each run's best. Returns the chosen scales (R,)."""
     W_enc, W_dec = model.W_enc, model.W_dec
     R = W_dec.shape[0]
-    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (R, d_sae, d_in)
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (R, d_sae, d_out)
+    unit_enc = W_enc / W_enc.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (R, d_in, d_sae)
     unit_dec = getattr(model, "unit_norm_decoder", False)
     x = sample.to(device=W_dec.device, dtype=W_dec.dtype)
 
     def set_scale(s: torch.Tensor) -> None:  # s: (R,)
         s3 = s.view(R, 1, 1).to(W_dec.dtype)
         W_dec.copy_(unit if unit_dec else unit * s3)
-        W_enc.copy_(unit.transpose(1, 2) * s3)
+        W_enc.copy_(unit_enc * s3)
 
     def mse_at(scales: torch.Tensor) -> torch.Tensor:  # scales (G, R): one forward per row -> (G, R)
         out = []

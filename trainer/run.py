@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, distributed
 from pipeline.errors import PipelineError
-from pipeline.loader import ActivationLoader
+from pipeline.loader import ActivationLoader, open_source
 from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
 from trainer.export import export_saelens, init_from
 from trainer.logs import ConsoleLog, WandbLog
+from trainer.distributed import RankBatches, data_parallel, loader_share
 from trainer.train import LoopConfig, train_stack
 
 
@@ -39,6 +40,8 @@ class TrainConfig:
     """Run name (its folder and W&B name); default from arch, d_sae and k or l1."""
     hook: str | None = None
     """Hook to read; default: the cache's only hook."""
+    hook_out: str | None = None
+    """Transcoder: the hook to reconstruct from `hook` (the cache holds both); None: an SAE."""
     arch: str = "topk"
     """Registered architecture name."""
     d_sae: int = 1024
@@ -101,6 +104,9 @@ class TrainConfig:
     """Log to W&B (offline when no API key is configured)."""
     wandb_project: str = "sae-cache-pipeline"
     """W&B project."""
+    ddp: bool = False
+    """Data-parallel under torchrun: each rank trains on its part of every --batch-size rows
+    (trainer.distributed); rank 0 logs, checkpoints and exports."""
 
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
@@ -131,11 +137,17 @@ def sparsity_knob(cfg: TrainConfig) -> tuple[str, float] | None:
     return None
 
 
-def run_config(cfg: TrainConfig, d_in: int):
-    """The architecture's own config for this run: the TrainConfig fields it has, then arch_options."""
+def run_config(cfg: TrainConfig, d_in: int, d_out: int | None = None):
+    """The architecture's own config for this run: the TrainConfig fields it has, then arch_options.
+    `d_out`: a transcoder's output width."""
     cls = get_architecture(cfg.arch)
     names = arch_fields(cfg.arch)
     fields = {"d_in": d_in, "d_sae": cfg.d_sae, "seed": cfg.seed}
+    if d_out is not None:
+        if "d_out" not in names:
+            raise PipelineError(f"architecture {cfg.arch!r} cannot be trained as a transcoder (--hook-out); "
+                                "use topk, standard or jumprelu")
+        fields["d_out"] = d_out
     for ours, theirs in ARCH_FIELDS.items():
         if theirs in names and getattr(cfg, ours) is not None:
             fields[theirs] = getattr(cfg, ours)
@@ -147,9 +159,9 @@ def run_config(cfg: TrainConfig, d_in: int):
     return cls.config_class(**fields)
 
 
-def build_model(cfg: TrainConfig, d_in: int) -> StackedSAE:
+def build_model(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> StackedSAE:
     """A stack of one run."""
-    return get_architecture(cfg.arch)([run_config(cfg, d_in)])
+    return get_architecture(cfg.arch)([run_config(cfg, d_in, d_out)])
 
 
 def snapshot_steps(total_steps: int, n: int, spacing: str) -> list[int]:
@@ -167,19 +179,20 @@ def snapshot_steps(total_steps: int, n: int, spacing: str) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model: StackedSAE, batches: list[torch.Tensor], dense_threshold: float = 0.1) -> tuple[dict, torch.Tensor]:
-    """Metrics per run over `batches` (the eval split), and each latent's firing frequency (R, d_sae).
-
-    Explained variance is against the split's own mean."""
-    rows = sum(len(x) for x in batches)
-    mean = sum(x.sum(0) for x in batches) / rows
+def evaluate(model: StackedSAE, batches: list, dense_threshold: float = 0.1) -> tuple[dict, torch.Tensor]:
+    """Metrics per run over `batches` (the eval split: tensors, or (input, target) pairs for a
+    transcoder), and each latent's firing frequency (R, d_sae). Explained variance is against the
+    split's own mean."""
+    pairs = [b if isinstance(b, (tuple, list)) else (b, b) for b in batches]
+    rows = sum(len(x) for x, _ in pairs)
+    mean = sum(y.sum(0) for _, y in pairs) / rows
     fired = torch.zeros(model.n_runs, model.d_sae, device=mean.device)
     sq_err = total = l0 = 0.0
-    for x in batches:
+    for x, y in pairs:
         latents = model.encode(x)
         recon = model.decode(latents)
-        sq_err = sq_err + (x.unsqueeze(0) - recon).pow(2).sum(dim=(1, 2))
-        total += (x - mean).pow(2).sum()
+        sq_err = sq_err + (y.unsqueeze(0) - recon).pow(2).sum(dim=(1, 2))
+        total += (y - mean).pow(2).sum()
         fired += (latents > 0).sum(dim=1)
         l0 = l0 + (latents > 0).sum(dim=(1, 2)).float()
     density = (fired / rows).cpu()
@@ -189,23 +202,43 @@ def evaluate(model: StackedSAE, batches: list[torch.Tensor], dense_threshold: fl
     return metrics, density
 
 
-def eval_batches(cfg: TrainConfig, hook: str, device: str, scale: float, rows: int | None,
-                 split: str = "eval") -> list[torch.Tensor]:
+def eval_batches(cfg: TrainConfig, hook: str | tuple[str, str], device: str, scale: float | tuple[float, float],
+                 rows: int | None, split: str = "eval") -> list:
     """The first `rows` rows (all when None) of a split (shuffled as the loader does), scaled as
-    training sees them."""
-    loader = ActivationLoader(cfg.cache, hooks=hook, batch_size=cfg.batch_size, split=split, device=device,
-                              tokens=rows, drop_last=False, seed=cfg.seed + 1)
+    training sees them: tensors for one hook, (input, target) pairs for a transcoder's two."""
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    scales = list(scale) if isinstance(scale, (tuple, list)) else [scale]
+    loader = ActivationLoader(cfg.cache, hooks=hooks[0] if len(hooks) == 1 else hooks, batch_size=cfg.batch_size,
+                              split=split, device=device, tokens=rows, drop_last=False, seed=cfg.seed + 1)
     n = loader.source.rows(split)
-    batches = [x * scale if scale != 1.0 else x for x in loader]
-    if rows is not None and rows < n:  # `tokens` rounds up to whole batches
-        kept, out = 0, []
-        for x in batches:
-            out.append(x[: rows - kept])
-            kept += len(out[-1])
-            if kept >= rows:
-                break
-        batches = out
-    return batches
+    keep = rows if rows is not None and rows < n else None  # `tokens` rounds up to whole batches
+    out, kept = [], 0
+    for b in loader:
+        parts = [b] if len(hooks) == 1 else [b[h] for h in hooks]
+        parts = [t * c if c != 1.0 else t for t, c in zip(parts, scales)]
+        if keep is not None:
+            parts = [t[: keep - kept] for t in parts]
+        out.append(parts[0] if len(parts) == 1 else tuple(parts))
+        kept += len(parts[0])
+        if keep is not None and kept >= keep:
+            break
+    return out
+
+
+class PairedBatches:
+    """A two-hook loader's batches as (input, target) pairs for a transcoder; its state is the loader's."""
+
+    def __init__(self, loader: ActivationLoader, hook_in: str, hook_out: str):
+        self.loader, self.hook_in, self.hook_out = loader, hook_in, hook_out
+
+    def __iter__(self):
+        return ((b[self.hook_in], b[self.hook_out]) for b in self.loader)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def weight_identity(cfg: TrainConfig) -> dict:
@@ -239,31 +272,45 @@ def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
 
 
 def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metrics: dict,
-                  density: torch.Tensor | None, scale: float) -> None:
+                  density: torch.Tensor | None, scale: float, out_scale: float | None = None) -> None:
     """Run `run`'s export (with its eval density as sparsity) and summary.json into `out`."""
     metadata = {**metadata, "l0": metrics.get("eval_l0", metrics.get("l0")),
                 "num_dead_features": int((density[run] == 0).sum()) if density is not None else None}
     sparsity = torch.log10(density[run] + 1e-10) if density is not None else None
-    export_saelens(model, run, out, metadata, sparsity, input_scale=scale)
+    export_saelens(model, run, out, metadata, sparsity, input_scale=scale, output_scale=out_scale)
     (out / "summary.json").write_text(json.dumps(metrics, indent=1))
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    train = ActivationLoader(cfg.cache, hooks=cfg.hook, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
-                             tokens=cfg.tokens, normalize=cfg.normalize)
-    if len(train.hooks) != 1:
+    world = distributed.init(cfg.device)
+    device = distributed.device_for(cfg.device)
+    ddp = data_parallel(cfg.ddp, world)  # None for one process
+    main = ddp is None or ddp.rank == 0
+    hooks = cfg.hook if cfg.hook_out is None else [cfg.hook, cfg.hook_out]
+    if cfg.hook_out is not None:
+        have = open_source(cfg.cache).hooks
+        if cfg.hook is None:
+            raise PipelineError("a transcoder (--hook-out) needs --hook, the hook it reads")
+        if cfg.hook_out not in have:
+            raise PipelineError(f"hook_out {cfg.hook_out!r} is not in the cache {cfg.cache}; it has {', '.join(have)}")
+    train = ActivationLoader(cfg.cache, hooks=hooks, seed=cfg.seed, device=device, normalize=cfg.normalize,
+                             **loader_share(cfg.batch_size, cfg.tokens, ddp))
+    if cfg.hook_out is None and len(train.hooks) != 1:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")
     hook = train.hooks[0]
     d_in = train.source.hooks[hook]
     scale = train.scale[hook]
-    model = build_model(cfg, d_in)
+    # A transcoder reads `hook` and reconstructs `hook_out`, each scaled by its own factor.
+    io_hooks = hook if cfg.hook_out is None else (hook, cfg.hook_out)
+    io_scales = scale if cfg.hook_out is None else (scale, train.scale[cfg.hook_out])
+    out_scale = train.scale[cfg.hook_out] if cfg.hook_out else None
+    model = build_model(cfg, d_in, train.source.hooks[cfg.hook_out] if cfg.hook_out else None)
     name = cfg.run_name()
     out = Path(cfg.out) / name
     if (out / CHECKPOINT).exists() and not cfg.resume:
         raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
                             "or choose another --out or --name")
-    init_cfg = init_from(model, cfg.init_from, input_scale=scale) if cfg.init_from else None
+    init_cfg = init_from(model, cfg.init_from, input_scale=scale, output_scale=out_scale) if cfg.init_from else None
     model = model.to(device)
     out.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(cfg.tokens / cfg.batch_size)
@@ -271,21 +318,23 @@ def run_train(cfg: TrainConfig) -> dict:
     loop = LoopConfig(lr=cfg.lr, lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay, total_steps=steps,
                       max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
                       b_dec_init="keep" if init_cfg else cfg.b_dec_init,
-                      init_scale_search=cfg.init_scale_search and not init_cfg, metrics_path=str(out / "metrics.jsonl"))
+                      init_scale_search=cfg.init_scale_search and not init_cfg, metrics_path=str(out / "metrics.jsonl") if main else None)
     identity = weight_identity(cfg)
     has_eval = bool(train.source.shards("eval"))
     evaluator = None
-    if cfg.eval_every and has_eval:
-        held = eval_batches(cfg, hook, device, scale, cfg.eval_tokens)
+    if cfg.eval_every and has_eval and main:
+        held = eval_batches(cfg, io_hooks, device, io_scales, cfg.eval_tokens)
         evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
     metadata = export_metadata(cfg, train.source, hook, name)
+    if cfg.hook_out:
+        metadata["hook_name_out"] = cfg.hook_out
 
     def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
         export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
-                       input_scale=scale)
+                       input_scale=scale, output_scale=out_scale)
 
-    console = ConsoleLog(cfg.tokens, description=name)
-    wandb_log = WandbLog(cfg.wandb_project, [name], [asdict(cfg)], [out]) if cfg.wandb else None
+    console = ConsoleLog(cfg.tokens, description=name) if main else None
+    wandb_log = WandbLog(cfg.wandb_project, [name], [asdict(cfg)], [out]) if cfg.wandb and main else None
 
     def log(m: dict) -> None:
         console(m)
@@ -293,25 +342,30 @@ def run_train(cfg: TrainConfig) -> dict:
             wandb_log(m)
 
     try:
-        last = train_stack(model, train, loop, evaluator=evaluator, eval_every=cfg.eval_every, log=log, run_dir=out,
+        batches = train if cfg.hook_out is None else PairedBatches(train, hook, cfg.hook_out)
+        last = train_stack(model, RankBatches(batches) if ddp else batches, loop, evaluator=evaluator,
+                           eval_every=cfg.eval_every, log=log if main else None, run_dir=out,
                            checkpoint_every=cfg.checkpoint_every, config=identity,
                            snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
-                           snapshot=snapshot)
+                           snapshot=snapshot if main else None, ddp=ddp)
+        if not main:  # rank 0 evaluates and exports the (identical) weights
+            return {**last, "run_dir": str(out)}
         console.close()
         calibrate(model, cfg, hook, device, scale)
         metrics = dict(last)
         density = None
         if has_eval:
-            eval_metrics, density = evaluate(model, eval_batches(cfg, hook, device, scale, None))
+            eval_metrics, density = evaluate(model, eval_batches(cfg, io_hooks, device, io_scales, None))
             metrics.update(eval_metrics)
         metrics["run_dir"] = str(out)
         finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)
-                                                for k, v in metrics.items()}, density, scale)
+                                                for k, v in metrics.items()}, density, scale, out_scale)
         if wandb_log:
             wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
                                 if k != "failed"}])
     finally:
-        console.close()
+        if console:
+            console.close()
         if wandb_log:
             wandb_log.close()
     return metrics

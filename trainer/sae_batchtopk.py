@@ -62,10 +62,14 @@ class BatchTopKSAE(TopKSAE):
     TopK's k annealing, dead-latent counts and AuxK loss apply unchanged (inherited)."""
 
     config_class = BatchTopKConfig
+    supports_transcoder = False  # its forward reconstructs its input only
     unit_norm_decoder = True
 
     def __init__(self, cfgs: BatchTopKConfig | Sequence[BatchTopKConfig]):
         super().__init__(cfgs)
+        # The batch-wide selection: data-parallel training (trainer.distributed) swaps in one over
+        # every rank's rows.
+        self.select = batch_topk_per_run
         for c in self.cfgs:
             if not 0 < c.threshold_lr <= 1:
                 raise PipelineError(f"threshold_lr = {c.threshold_lr} must be in (0, 1]")
@@ -151,7 +155,7 @@ class BatchTopKSAE(TopKSAE):
         inference threshold so far, logged), `latents` (R, batch, d_sae) and `recon` (R, batch, d_in).
         loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK. Backpropagate `loss.sum()`."""
         pre = self.pre_acts(x)
-        latents = batch_topk_per_run(pre, self.k, self.k_max)
+        latents = self.select(pre, self.k, self.k_max)
         recon = self.decode(latents)
         residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)

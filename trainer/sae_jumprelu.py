@@ -55,6 +55,8 @@ class JumpReLUConfig:
     """Seed of this run's initial weights."""
     dec_init_norm: float = 1.0
     """Norm of each decoder row at init (the decoder is kept unit-norm during training)."""
+    d_out: int | None = None
+    """Transcoder: width of the other hook it reconstructs (None: an SAE, reconstructing its input)."""
 
     def l0_scale(self, step: int) -> float:
         """The warm-up factor min(1, step / l0_warmup_steps) to pass to forward."""
@@ -121,6 +123,7 @@ class JumpReLUSAE(StackedSAE):
     """A stack of R JumpReLU SAEs of the same shape, trained on the same batches."""
 
     config_class = JumpReLUConfig
+    supports_transcoder = True
     # Unit-norm decoder rows (the loop projects gradients and renormalises, trainer.optim).
     unit_norm_decoder = True
 
@@ -149,7 +152,8 @@ class JumpReLUSAE(StackedSAE):
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
         weights, _ = super().export_run(run)
-        return {**weights, "threshold": self.threshold[run]}, {"architecture": "jumprelu"}
+        arch = self.transcoder_cfg("jumprelu_transcoder") if self.is_transcoder else {"architecture": "jumprelu"}
+        return {**weights, "threshold": self.threshold[run]}, arch
 
     @torch.no_grad()
     def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
@@ -165,7 +169,8 @@ class JumpReLUSAE(StackedSAE):
 
     # -- the training step's forward -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, l0_scale: float | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                l0_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae) and `recon`
@@ -177,7 +182,7 @@ class JumpReLUSAE(StackedSAE):
         bandwidth = self.bandwidth.view(-1, 1, 1)
         latents = JumpReLUFunction.apply(pre, threshold, bandwidth)
         recon = self.decode(latents)
-        mse = self.mse(x, recon)
+        mse = self.mse(x if target is None else target, recon)
         l0 = StepFunction.apply(pre, threshold, bandwidth).sum(dim=-1).mean(dim=-1)  # (R,): the L0 itself
         aux_loss = (self._l0_scale if l0_scale is None else l0_scale) * self.l0_coefficient * l0
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0.detach(),

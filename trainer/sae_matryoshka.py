@@ -26,7 +26,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from trainer.registry import register_architecture
-from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk_per_run
+from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE
 from trainer.stack import shared
 
 
@@ -86,7 +86,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         `latents` (R, batch, d_sae) and `recon` (R, batch, d_in). loss = prefix_mse + aux_loss.
         Backpropagate `loss.sum()`."""
         pre = self.pre_acts(x)
-        latents = batch_topk_per_run(pre, self.k, self.k_max)
+        latents = self.select(pre, self.k, self.k_max)
         target = x if x.dim() == 3 else x.unsqueeze(0)
         recons = self.prefix_recons(latents)
         mses = torch.stack([(target - r).pow(2).sum(dim=-1).mean(dim=-1) for r in recons])  # (G, R)

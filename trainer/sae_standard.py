@@ -38,6 +38,8 @@ class StandardConfig:
     """Seed of this run's initial weights."""
     dec_init_norm: float = 0.1
     """Norm of each decoder row at init (SAELens's default decoder_init_norm)."""
+    d_out: int | None = None
+    """Transcoder: width of the other hook it reconstructs (None: an SAE, reconstructing its input)."""
 
     def l1_scale(self, step: int) -> float:
         """The warm-up factor min(1, step / l1_warmup_steps) to pass to forward."""
@@ -49,6 +51,7 @@ class StandardSAE(StackedSAE):
     """A stack of R standard SAEs of the same shape, trained on the same batches."""
 
     config_class = StandardConfig
+    supports_transcoder = True
     # The L1 term already charges for decoder norm, so the decoder is left free.
     unit_norm_decoder = False
 
@@ -72,7 +75,8 @@ class StandardSAE(StackedSAE):
 
     # -- the training step's forward -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, l1_scale: float | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                l1_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae) and
@@ -80,10 +84,16 @@ class StandardSAE(StackedSAE):
         over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
         loss = mse + aux_loss. `l1_scale` is the warm-up factor (default: the one `on_step` set).
         mse is the squared error summed over d_in and averaged over the batch (SAELens's training
-        MSE). Backpropagate `loss.sum()`: runs share no parameters."""
+        MSE). `target`: what a transcoder reconstructs (None: x). Backpropagate `loss.sum()`: runs
+        share no parameters."""
         self._check_input(x)
-        latents, recon, l1 = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
-        mse = self.mse(x, recon)
+        if self.is_transcoder:  # the fused kernel assumes one width in and out: plain autograd here
+            latents = self.pre_acts(x).relu()
+            recon = self.decode(latents)
+            l1 = (latents * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(dim=-1).mean(dim=-1)
+        else:
+            latents, recon, l1 = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+        mse = self.mse(x if target is None else target, recon)
         aux_loss = (self._l1_scale if l1_scale is None else l1_scale) * self.l1_coefficient * l1
         l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l1": l1, "l0": l0,

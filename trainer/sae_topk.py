@@ -42,6 +42,8 @@ class TopKConfig:
     """Seed of this run's initial weights."""
     dec_init_norm: float = 1.0
     """Norm of each decoder row at init (the decoder is kept unit-norm during training)."""
+    d_out: int | None = None
+    """Transcoder: width of the other hook it reconstructs (None: an SAE, reconstructing its input)."""
     initial_k: int | None = None
     """k annealing: start at this larger k and decrease linearly to k (None: no annealing)."""
     k_anneal_steps: int = 0
@@ -80,6 +82,7 @@ class TopKSAE(StackedSAE):
     """A stack of R TopK SAEs of the same shape, trained on the same batches."""
 
     config_class = TopKConfig
+    supports_transcoder = True
     # Gao et al. keep decoder rows unit-norm: the loop removes the gradient parallel to each row
     # before the optimiser step and renormalises after it (trainer.optim).
     unit_norm_decoder = True
@@ -120,7 +123,9 @@ class TopKSAE(StackedSAE):
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
         weights, _ = super().export_run(run)
-        return weights, {"architecture": "topk", "k": self.cfgs[run].k, "rescale_acts_by_decoder_norm": False}
+        # SAELens has no TopK transcoder: ours is "topk_transcoder" (docs/FORMAT.md).
+        arch = self.transcoder_cfg("topk_transcoder") if self.is_transcoder else {"architecture": "topk"}
+        return weights, {**arch, "k": self.cfgs[run].k, "rescale_acts_by_decoder_norm": False}
 
     # -- forward pieces ------------------------------------------------------------------------
 
@@ -181,12 +186,13 @@ class TopKSAE(StackedSAE):
         encoder gradient when pre has none (then `top` already holds their values)."""
         if x is None:
             return pre.gather(-1, idx)
-        return sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.b_dec)
+        return sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias)
 
     # -- the training step's forward -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything a training step needs, per run.
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Everything a training step needs, per run. `target`: what a transcoder reconstructs
+        (None: x itself).
 
         Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae) and `recon`
         (R, batch, d_in). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK.
@@ -204,7 +210,8 @@ class TopKSAE(StackedSAE):
             top, idx = pre.topk(self.k_max, dim=-1, sorted=True)
         vals = relu_first_k(self._selected(pre, top, idx, x), self.k)
         recon = sparse_decode(idx, vals, self.W_dec) + self.b_dec.unsqueeze(1)
-        residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
+        y = x if target is None else target
+        residual = (y if y.dim() == 3 else y.unsqueeze(0)) - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
         aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x)
         vals = vals.detach()

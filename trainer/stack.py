@@ -47,6 +47,8 @@ class StackedSAE(nn.Module):
     """
 
     config_class: type = object
+    supports_transcoder: bool = False
+    """Whether a config's `d_out` may make it a transcoder (its forward takes a `target`)."""
 
     def __init__(self, cfgs: Any):
         super().__init__()
@@ -54,16 +56,36 @@ class StackedSAE(nn.Module):
         R = len(self.cfgs)
         self.d_in = d_in = shared(self.cfgs, "d_in")
         self.d_sae = d_sae = shared(self.cfgs, "d_sae")
+        d_out = shared(self.cfgs, "d_out") if hasattr(self.cfgs[0], "d_out") else None
+        if d_out is not None and not self.supports_transcoder:
+            raise PipelineError(f"architecture {getattr(self, 'architecture_name', type(self).__name__)!r} cannot be "
+                                "trained as a transcoder; use topk, standard or jumprelu")
+        # A transcoder reads d_in and reconstructs another hook of width d_out; an SAE has d_out = d_in.
+        self.is_transcoder = d_out is not None
+        self.d_out = d_out = d_out if d_out is not None else d_in
         self.W_enc = nn.Parameter(torch.empty(R, d_in, d_sae))
         self.b_enc = nn.Parameter(torch.empty(R, d_sae))
-        self.W_dec = nn.Parameter(torch.empty(R, d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(R, d_in))
+        self.W_dec = nn.Parameter(torch.empty(R, d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(R, d_out))
+        # What is subtracted from the input: b_dec for an SAE. A transcoder's b_dec lives in the output
+        # space (SAELens's Transcoder has no input bias); it centres its input on a fixed b_in set from
+        # the data at the start (training is slow without), folded into b_enc on export.
+        self.register_buffer("b_in", torch.zeros(R, d_in) if self.is_transcoder else None)
         init_tied_weights_(self.W_enc.data, self.W_dec.data, self.b_enc.data, [c.seed for c in self.cfgs],
-                           per_run(self.cfgs, "dec_init_norm", torch.float32))
+                           per_run(self.cfgs, "dec_init_norm", torch.float32), tied=not self.is_transcoder)
 
     @property
     def n_runs(self) -> int:
         return self.W_enc.shape[0]
+
+    @property
+    def input_bias(self) -> torch.Tensor:
+        """(R, d_in) subtracted from the input before encoding: b_dec, or zeros for a transcoder."""
+        return self.b_in if self.is_transcoder else self.b_dec
+
+    def transcoder_cfg(self, architecture: str) -> dict:
+        """cfg.json fields of a transcoder export (SAELens's Transcoder: no b_dec on the input)."""
+        return {"architecture": architecture, "d_out": self.d_out, "apply_b_dec_to_input": False}
 
     # -- hooks the training loop calls (an architecture overrides what it needs) ----------------
 
@@ -79,7 +101,9 @@ class StackedSAE(nn.Module):
         The base gives a ReLU SAE ("standard"); an architecture with another inference form
         (TopK, JumpReLU, ...) overrides it. Weights are this run's slice; the caller copies them."""
         weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
-        return weights, {"architecture": "standard"}
+        if self.is_transcoder:  # (x - b_in) @ W_enc + b_enc = x @ W_enc + (b_enc - b_in @ W_enc)
+            weights["b_enc"] = weights["b_enc"] - self.b_in[run] @ weights["W_enc"]
+        return weights, self.transcoder_cfg("transcoder") if self.is_transcoder else {"architecture": "standard"}
 
     @torch.no_grad()
     def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
@@ -92,9 +116,19 @@ class StackedSAE(nn.Module):
                 raise PipelineError(f"saved {name} has shape {tuple(weights[name].shape)}; this SAE needs "
                                     f"{tuple(target.shape)}")
             target.copy_(weights[name])
+        if self.is_transcoder:
+            self.b_in[run].zero_()  # an export has its input centring folded into b_enc
 
-    def init_b_dec(self, sample: torch.Tensor, method: str = "mean") -> None:
-        """b_dec from a sample batch: "mean" or "geometric_median" (see trainer.init.init_b_dec_)."""
+    def init_b_dec(self, sample: torch.Tensor, method: str = "mean", target: torch.Tensor | None = None) -> None:
+        """b_dec from a sample batch: "mean" or "geometric_median" (see trainer.init.init_b_dec_).
+        A transcoder's b_dec comes from its `target` sample, and its input centring b_in from `sample`."""
+        if self.is_transcoder:
+            if target is None:
+                raise PipelineError("a transcoder's b_dec is initialised from its target batch; pass target")
+            init_b_dec_(self.b_dec.data, target, method)
+            if method != "keep":
+                init_b_dec_(self.b_in, sample, method)
+            return
         init_b_dec_(self.b_dec.data, sample, method)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -107,16 +141,17 @@ class StackedSAE(nn.Module):
         """Encoder pre-activations (R, batch, d_sae); x is (batch, d_in) or (R, batch, d_in)."""
         self._check_input(x)
         # (batch, d_in) - (R, 1, d_in) broadcasts to (R, batch, d_in): every run sees the same batch.
-        x_centred = x - self.b_dec.unsqueeze(1)
+        x_centred = x - self.input_bias.unsqueeze(1)
         # b_enc enters the matmul's accumulator: no second pass over the (R, batch, d_sae) result.
         return torch.baddbmm(self.b_enc.unsqueeze(1), x_centred, self.W_enc)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (R, batch, d_in) from latents (R, batch, d_sae)."""
+        """Reconstruction (R, batch, d_out) from latents (R, batch, d_sae)."""
         return torch.einsum("rbs,rsi->rbi", latents, self.W_dec) + self.b_dec.unsqueeze(1)
 
     @staticmethod
     def mse(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """(R,) squared error summed over d_in, averaged over the batch (SAELens's training MSE)."""
+        """(R,) squared error summed over the width, averaged over the batch (SAELens's training MSE).
+        `x` is the target: the input for an SAE, the other hook for a transcoder."""
         target = x if x.dim() == 3 else x.unsqueeze(0)
         return (target - recon).pow(2).sum(dim=-1).mean(dim=-1)

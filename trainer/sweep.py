@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline import distributed
 from pipeline.config import load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from trainer.distributed import spread_stacks
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
 from trainer.run import (ARCH_FIELDS, TrainConfig, arch_fields, calibrate, eval_batches, evaluate, export_metadata,
@@ -37,7 +39,7 @@ from trainer.train import LoopConfig, RunDiverged, StackTrainer
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
 SWEEP_WIDE = ("cache", "out", "batch_size", "device", "normalize", "log_every", "checkpoint_every", "resume",
-              "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing")
+              "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp")
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
 STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
                 "init_scale_search", "k_anneal_steps", "init_from")
@@ -138,6 +140,8 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
     for r in name_runs(runs):
         r = replace(r, hook=r.hook or default_hook)
         try:
+            if r.hook_out is not None:
+                raise PipelineError("transcoders are trained with `pipeline train --hook-out`, not in sweeps yet")
             if r.hook not in d_in:
                 raise PipelineError(f"hook {r.hook!r} is not in the cache; it has {', '.join(d_in)}")
             get_architecture(r.arch)(run_config(r, d_in[r.hook]))  # its own checks (k <= d_sae, ...)
@@ -205,21 +209,33 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
               max_steps: int | None = None) -> list[dict]:
     """Train every run of the sweep; returns one summary row per run (refused runs included)."""
     cfg0 = TrainConfig(**{k: v for k, v in {**spec.get("base", {}), **overrides}.items()})
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg0.device == "auto" else cfg0.device)
+    # Under torchrun the sweep's stacks are spread over the ranks, each with its own loader over the
+    # whole cache (the batches a single process would see); rank 0 writes the summary of all.
+    world, rank = distributed.init(cfg0.device), distributed.rank()
+    device = torch.device(distributed.device_for(cfg0.device))
     d_in = dict(open_source(cfg0.cache).hooks)
     plan = plan_sweep(spec, overrides, name, d_in)
     base, out = plan.base, Path(plan.base.out)
+    if base.ddp:
+        raise PipelineError("a sweep spreads its SAEs over the ranks and trains each in one process; "
+                            "drop ddp (it is for `pipeline train`)")
     for run_name, why in plan.refused.items():
-        print(f"refused {run_name}: {why}", flush=True)
+        if rank == 0:
+            print(f"refused {run_name}: {why}", flush=True)
     if not plan.runs:
         raise PipelineError("no run of the sweep can start: " + "; ".join(f"{k}: {v}" for k, v in plan.refused.items()))
-    check_memory(plan, d_in, memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)))
+    costs = [sum(plan.runs[i].d_sae * max(plan.runs[i].tokens, 1) for i in idx) for idx in plan.stacks]
+    mine = spread_stacks(plan.stacks, costs, world)[rank]
+    if not mine:  # more ranks than stacks: nothing to train here, only the summary to join
+        return _summarize([], plan, out)
+    check_memory(replace(plan, stacks=mine), d_in,
+                 memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)))
 
-    hooks = sorted({r.hook for r in plan.runs})
+    hooks = sorted({plan.runs[i].hook for idx in mine for i in idx})
     loader = ActivationLoader(base.cache, hooks=hooks, batch_size=base.batch_size, seed=base.seed, device=device,
-                              tokens=max(r.tokens for r in plan.runs), normalize=base.normalize)
+                              tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize)
     stacks = []
-    for idx in plan.stacks:
+    for idx in mine:
         runs = [plan.runs[i] for i in idx]
         cls = get_architecture(runs[0].arch)
         model = cls([run_config(r, d_in[r.hook]) for r in runs]).to(device)
@@ -229,7 +245,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                           total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
         trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
         stacks.append({"runs": runs, "trainer": trainer, "hook": runs[0].hook, "seconds": 0.0})
-    if any(r.init_from for r in plan.runs):
+    if any(r.init_from for s in stacks for r in s["runs"]):
         from trainer.export import init_from
 
         for s in stacks:
@@ -237,7 +253,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                 if r.init_from:
                     init_from(s["trainer"].model, r.init_from, run=j, input_scale=loader.scale[s["hook"]])
 
-    sweep_dir = out / "_sweep"
+    sweep_dir = out / "_sweep" if world == 1 else out / "_sweep" / f"rank-{rank:05d}-of-{world:05d}"
     if (sweep_dir / CHECKPOINT).exists() and not base.resume:
         raise PipelineError(f"{out} holds a sweep checkpoint; pass --resume to continue it or choose another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -366,9 +382,18 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
             finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])
             rows.append(_row(r, per_run))
+    return _summarize(rows, plan, out)
+
+
+def _summarize(rows: list[dict], plan: SweepPlan, out: Path) -> list[dict]:
+    """Every rank's rows in the order one process gives (stack by stack), then the refused runs;
+    rank 0 writes summary.csv and pareto.png. Returns all rows on every rank."""
+    order = {plan.runs[i].name: n for n, i in enumerate(i for idx in plan.stacks for i in idx)}
+    rows = sorted((r for part in distributed.all_gather(rows) for r in part), key=lambda r: order[r["run"]])
     for run_name, why in plan.refused.items():
         rows.append({"run": run_name, "status": f"refused: {why}"})
-    write_summary(rows, out)
+    if distributed.is_main():
+        write_summary(rows, out)
     return rows
 
 

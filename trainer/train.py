@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -23,6 +23,9 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.init import search_init_scale_
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
 from trainer.stack import StackedSAE
+
+if TYPE_CHECKING:
+    from trainer.distributed import DataParallel
 
 
 @dataclass
@@ -86,10 +89,12 @@ class StackTrainer:
 
     `train_stack` drives one; a sweep drives several on the same batches. `run_steps[r]` is run r's
     own step budget (its lr schedule's length; the run is frozen once it has taken them), None for
-    as many as the batches give."""
+    as many as the batches give. With `ddp` (trainer.distributed.DataParallel) every rank steps on
+    its part of each global batch and the stack trains as one process would on the whole batch."""
 
-    def __init__(self, model: StackedSAE, cfg: LoopConfig, run_steps: Sequence[int | None] | None = None):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: StackedSAE, cfg: LoopConfig, run_steps: Sequence[int | None] | None = None,
+                 ddp: "DataParallel | None" = None):
+        self.model, self.cfg, self.ddp = model, cfg, ddp
         self.opt = StackedAdam(dict(model.named_parameters()), lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
         self.base_lr = self.opt.lr.clone()
         R, d_sae = model.W_dec.shape[0], model.W_dec.shape[1]
@@ -102,28 +107,41 @@ class StackTrainer:
         self.unit_norm = getattr(model, "unit_norm_decoder", False)
         self.on_step, self.after_step = getattr(model, "on_step", None), getattr(model, "after_step", None)
 
-    def init_from_data(self, first: torch.Tensor) -> None:
-        """b_dec and the initial scale from the first batch (a fresh run only)."""
-        sample = first.float()
+    def init_from_data(self, first: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """b_dec and the initial scale from the first batch (a fresh run only); `target` is a
+        transcoder's output batch (b_dec lives in its space)."""
+        gather = (lambda t: t.float()) if self.ddp is None else (lambda t: self.ddp.gather_rows(t.float()))
+        sample = gather(first)
+        target = gather(target) if target is not None else None
         if hasattr(self.model, "init_b_dec"):
-            try:
-                self.model.init_b_dec(sample, self.cfg.b_dec_init)
-            except TypeError:  # a user architecture whose init_b_dec takes the sample only
-                self.model.init_b_dec(sample)
-        if self.cfg.init_scale_search and hasattr(self.model, "W_enc") and hasattr(self.model, "W_dec"):
+            if target is not None:
+                self.model.init_b_dec(sample, self.cfg.b_dec_init, target=target)
+            else:
+                try:
+                    self.model.init_b_dec(sample, self.cfg.b_dec_init)
+                except TypeError:  # a user architecture whose init_b_dec takes the sample only
+                    self.model.init_b_dec(sample)
+        # Not for transcoders: random untied directions reconstruct nothing at any scale, and the
+        # search then picks a tiny one that slows the start (measured).
+        if self.cfg.init_scale_search and target is None and hasattr(self.model, "W_enc") and hasattr(self.model, "W_dec"):
             search_init_scale_(self.model, sample)
+        if self.ddp is not None:
+            self.ddp.broadcast_module(self.model)  # every rank starts from rank 0's weights
 
     def done(self) -> list[bool]:
         """Per run: has it taken its step budget (host values, no device sync)."""
         return [n is not None and self.step >= n for n in self.run_steps]
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One step of every run that is neither done nor failed; returns the forward's output."""
+    def train_step(self, batch: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One step of every run that is neither done nor failed; returns the forward's output.
+        `target`: what a transcoder reconstructs (None: the batch itself)."""
         model, opt = self.model, self.opt
         if self.on_step is not None:
             self.on_step(self.step, self.cfg.total_steps)
-        out = model(batch)
-        self.failed |= ~torch.isfinite(out["loss"].detach())
+        args = (batch,) if target is None else (batch, target)
+        out = model(*args) if self.ddp is None else self.ddp.forward(model, *args)
+        bad = ~torch.isfinite(out["loss"].detach())
+        self.failed |= bad if self.ddp is None else self.ddp.any(bad)
         done = self.done()
         factors = [0.0 if d else lr_factor(self.step, self.cfg, n) for d, n in zip(done, self.run_steps)]
         frozen = self.failed | torch.tensor(done, device=self.failed.device)
@@ -132,29 +150,38 @@ class StackTrainer:
         opt.zero_grad()
         torch.where(frozen, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
         _zero_frozen_grads(opt.params.values(), frozen)
+        if self.ddp is not None:
+            self.ddp.average_grads(opt.params.values())  # before clipping: the global batch's gradient
         if self.unit_norm:
             remove_parallel_grad(model.W_dec)
         opt.step()
         if self.unit_norm:
             normalize_decoder(model.W_dec)
+        seen, rows = (out, batch.shape[0]) if self.ddp is None else self.ddp.global_out(out, batch.shape[0])
         if self.after_step is not None:
-            self.after_step(out, batch.shape[0])
-        self.fired += (out["latents"] > 0).sum(dim=1)
+            self.after_step(seen, rows)
+        if "latent_idx" in seen:  # sparse codes: count from them, not from (R, B, d_sae) latents
+            self.fired.scatter_add_(1, seen["latent_idx"].flatten(1),
+                                    (seen["latent_vals"] > 0).flatten(1).to(self.fired.dtype))
+        else:
+            self.fired += (seen["latents"] > 0).sum(dim=1)
         self.step += 1
-        self.window_tokens += batch.shape[0]
+        self.window_tokens += rows
         return out
 
-    def metrics(self, out: dict[str, torch.Tensor], batch: torch.Tensor) -> dict:
+    def metrics(self, out: dict[str, torch.Tensor], batch: torch.Tensor, target: torch.Tensor | None = None) -> dict:
         """Every (R,) term of the forward output, explained variance, lr, and the dead / dense
         fractions over the window since the last call (which this starts anew)."""
         with torch.no_grad():
             m = {name: v.tolist() for name, v in out.items() if v.dim() == 1}
-            m["explained_variance"] = explained_variance(batch, out["recon"]).tolist()
+            m["explained_variance"] = explained_variance(batch if target is None else target, out["recon"]).tolist()
             density = self.fired / max(self.window_tokens, 1)
             m["dead_fraction"] = (self.fired == 0).float().mean(dim=1).tolist()
             m["dense_fraction"] = (density > self.cfg.dense_threshold).float().mean(dim=1).tolist()
         m["lr"] = self.opt.lr.tolist()
         m["failed"] = self.failed.nonzero().flatten().tolist()
+        if self.ddp is not None:
+            m = self.ddp.mean_metrics(m)
         self.fired.zero_()
         self.window_tokens = 0
         return m
@@ -175,21 +202,24 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
                 checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None,
                 snapshot_steps: Sequence[int] = (), snapshot: Callable[[StackedSAE, int, int], None] | None = None,
-                ) -> dict:
+                ddp: "DataParallel | None" = None) -> dict:
     """Train every run of `model` on each batch; returns the last metrics (lists per run).
 
-    `batches` is any iterable of `(batch, d_in)` tensors. With `run_dir`, a checkpoint is written
+    `batches` is any iterable of `(batch, d_in)` tensors, or of `(x, target)` pairs for a
+    transcoder. With `run_dir`, a checkpoint is written
     every `checkpoint_every` steps and at the end, and an existing one is resumed: `batches` must
     then have `state_dict`/`load_state_dict` (as `ActivationLoader`) and training continues exactly
     where it stopped. `max_steps` stops early. `evaluator(model)` runs every `eval_every` steps
     (at a logging step) and its dict joins that line. `snapshot(model, step, tokens)` is called
-    after each step in `snapshot_steps` (exports kept along the way).
+    after each step in `snapshot_steps` (exports kept along the way). With `ddp`, every rank calls
+    this on its part of each global batch (trainer.distributed); rank 0 alone writes the checkpoints,
+    and the caller gives the other ranks no log, metrics file, evaluator or snapshot.
 
     A run whose loss is NaN/Inf is frozen (no update from that step on) and reported in the
     `failed` list of each line; when every run has failed, `RunDiverged` is raised without writing
     another checkpoint, so the last one holds the last good weights.
     """
-    trainer = StackTrainer(model, cfg)
+    trainer = StackTrainer(model, cfg, ddp=ddp)
     config = config or {}
     resumed = load_checkpoint(run_dir, {"": (model, trainer.opt)}, config) if run_dir else None
     tokens = 0
@@ -203,7 +233,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     if first is None:
         return {}
     if not resumed:
-        trainer.init_from_data(first)
+        trainer.init_from_data(*_pair(first))
     snapshot_steps = set(snapshot_steps)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
     t0, last, start_tokens = time.perf_counter(), {}, tokens
@@ -211,16 +241,18 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     def checkpoint() -> None:
         state = {**trainer.state(), "tokens": tokens, "config": config}
         if hasattr(batches, "state_dict"):
-            state["loader"] = batches.state_dict()
-        save_checkpoint(run_dir, {"": (model, trainer.opt)}, state)
+            state["loader"] = batches.state_dict()  # with ddp, a collective: every rank comes here
+        if ddp is None or ddp.rank == 0:
+            save_checkpoint(run_dir, {"": (model, trainer.opt)}, state)
 
     try:
-        for batch in _chain(first, it):
-            out = trainer.train_step(batch)
+        for item in _chain(first, it):
+            batch, target = _pair(item)
+            out = trainer.train_step(batch, target)
             step = trainer.step
-            tokens += batch.shape[0]
+            tokens += batch.shape[0] * (ddp.world if ddp else 1)
             if step % cfg.log_every == 0 or (cfg.total_steps and step == cfg.total_steps):
-                last = trainer.metrics(out, batch)
+                last = trainer.metrics(out, batch, target)
                 last.update(step=step, tokens=tokens, tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
                 if evaluator is not None and eval_every and step % eval_every == 0:
                     last.update(evaluator(model))
@@ -256,6 +288,11 @@ def _zero_frozen_grads(params: Iterable[torch.Tensor], frozen: torch.Tensor) -> 
     for p in params:
         if p.grad is not None:
             p.grad.copy_(torch.where(frozen.view(-1, *([1] * (p.dim() - 1))), torch.zeros((), device=p.device), p.grad))
+
+
+def _pair(item) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input, target) of a batch: a transcoder's batches are pairs, an SAE's are its input alone."""
+    return (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
 
 
 def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -1,0 +1,106 @@
+"""torch.distributed for every stage: the process group torchrun describes, or none at all.
+
+`torchrun --nproc-per-node N -m pipeline ...` sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR /
+MASTER_PORT; `init()` joins that group (nccl on GPUs, gloo on CPU). Without torchrun the world
+size is 1 and nothing here needs a process group: every helper is then a no-op, so one process
+runs exactly the code it ran before.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    try:
+        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise PipelineError("RANK / WORLD_SIZE / LOCAL_RANK are not integers; launch with torchrun") from None
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else env_world()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else env_world()[0]
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device_for(device: str) -> str:
+    """The device this rank works on: torchrun gives one GPU per local rank ('auto'/'cuda' -> cuda:LOCAL_RANK)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world_size() > 1:
+        device = f"cuda:{env_world()[2]}"
+    return device
+
+
+def init(device: str = "auto") -> int:
+    """Join torchrun's process group (once); returns the world size. A no-op for one process."""
+    _, size, local = env_world()
+    if size <= 1 or dist.is_initialized():
+        return world_size()
+    if not dist.is_available():
+        raise PipelineError("this torch build has no torch.distributed; run one process (without torchrun)")
+    if "MASTER_ADDR" not in os.environ:
+        raise PipelineError("WORLD_SIZE is set but MASTER_ADDR is not; launch with torchrun, which sets both")
+    on_gpu = device_for(device).startswith("cuda")
+    if on_gpu:
+        torch.cuda.set_device(local)
+    # nccl only moves CUDA tensors; gloo moves CPU ones (and is what CPU-only machines have).
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    return dist.get_world_size()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank (any picklable value)."""
+    if world_size() <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (any picklable value)."""
+    if world_size() <= 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(fn, *args, **kwargs) -> Any:
+    """Run `fn` on rank 0 only and hand its result, or its PipelineError, to every rank.
+
+    Checks that only rank 0 may do (it alone touches shared state) then fail on every rank with the
+    same one-line message instead of leaving the others waiting at the next collective.
+    """
+    result: tuple = ("ok", None)
+    if is_main():
+        try:
+            result = ("ok", fn(*args, **kwargs))
+        except PipelineError as e:
+            result = ("error", (type(e), str(e)))
+    result = broadcast(result)
+    if result[0] == "error":
+        cls, message = result[1]
+        raise cls(message)
+    return result[1]
