@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -130,7 +131,13 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
     b % world size, each rank commits its own shards and progress, and rank 0 assembles the one
     manifest at the end (pipeline.assemble).
     """
-    out = Path(cfg.out)
+    from pipeline.hub import hub_repo_of
+
+    repo = hub_repo_of(cfg.out)
+    # `--out hf://datasets/ORG/NAME`: shards are written to a local staging folder and uploaded as
+    # they are committed (a resumed run resumes the upload: what the Hub has is skipped).
+    out = Path(os.environ.get("SAE_PIPELINE_HUB_STAGING", "caches/hub")) / repo.replace("/", "--") if repo \
+        else Path(cfg.out)
     n_target = math.ceil(cfg.tokens / cfg.context_size)
     world, rank = distributed.init(cfg.device), distributed.rank()
     done_already = distributed.agree(_complete, out, n_target) if cfg.resume else None
@@ -140,6 +147,12 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         from pipeline.assemble import assemble, prepare
 
         distributed.agree(prepare, out, world, cfg.resume, cfg.overwrite)
+    uploader = None  # created before the model loads: a missing token fails fast
+    if repo and world == 1:
+        from pipeline.hub import HubUploader
+
+        print(f"writing to {out} and uploading each committed shard to the Hub dataset {repo}")
+        uploader = HubUploader(out, repo)
     device = distributed.device_for(cfg.device)
     if adapter is None:
         adapter = load_model(cfg.model, device=device, dtype=cfg.model_dtype, model_kwargs=cfg.model_kwargs,
@@ -175,7 +188,7 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
                      shuffle=cfg.shuffle, seed=cfg.seed),
         source_config=source_config, provenance=provenance, has_tokens=True,
         resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size // world,
-        part=(rank, world) if world > 1 else None,
+        part=(rank, world) if world > 1 else None, on_commit=uploader.on_commit if uploader else None,
     )
     sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
     done = writer.resume_units
@@ -226,9 +239,15 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         raise
     bar.close()
     manifest = writer.close(complete=True)
+    if uploader is not None:
+        uploader.close()
     if world > 1:
         distributed.barrier()  # every rank's part is complete
         manifest = distributed.agree(assemble, out, world, True, cfg.batch_size)
+        if repo and rank == 0:
+            from pipeline.hub import push_cache
+
+            push_cache(out, repo)
     if timings is not None:
         timings.update(clock, **writer.seconds)
     return manifest

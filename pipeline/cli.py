@@ -137,6 +137,8 @@ def sweep(
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the sweep in --out."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="W&B, one run per SAE (offline without a key)."),
     memory_gb: Optional[float] = typer.Option(None, help="Memory the sweep may plan for (default: 90% of free)."),
+    with_eval: bool = typer.Option(False, "--eval", help="Also CE loss recovered and KL per SAE (`pipeline eval`)."),
+    eval_contexts: int = typer.Option(64, help="Eval-split contexts for --eval."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
 ) -> None:
     """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end."""
@@ -151,7 +153,8 @@ def sweep(
     overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
                                         resume=resume, wandb=wandb).items() if v is not None}
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
-                     memory_budget=int(memory_gb * 2**30) if memory_gb else None)
+                     memory_budget=int(memory_gb * 2**30) if memory_gb else None,
+                     eval_contexts=eval_contexts if with_eval else 0)
     ok = sum(r["status"] == "ok" for r in rows)
     typer.echo(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
 

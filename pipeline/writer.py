@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -194,8 +194,12 @@ class CacheWriter:
         overwrite: bool = False,
         expected_rows: int | None = None,
         part: tuple[int, int] | None = None,
+        on_commit: Callable[[dict], None] | None = None,
     ):
         self.path = Path(path)
+        # Called with the manifest after every commit (on the fsync thread): e.g. a Hub upload of
+        # the shards it lists (pipeline.hub.HubUploader); an exception fails the writer.
+        self._on_commit = on_commit
         # A part (rank, world size) of a cache written by several processes (pipeline.assemble): its
         # shards carry the rank as a prefix, its manifest lives in ranks/rank-NNNNN/ and only rank 0
         # writes the cache's own manifest, after every rank has closed.
@@ -562,6 +566,8 @@ class CacheWriter:
                         self.manifest["progress"]["final_partial"] = self.manifest["progress"]["groups"] > 0
                         self.manifest["complete"] = True
                         write_manifest(self.manifest_dir, self.manifest)
+                        if self._on_commit:
+                            self._on_commit(self.manifest)
                     return
                 else:
                     return
@@ -677,6 +683,8 @@ class CacheWriter:
         m["progress"]["groups"] = group + 1
         m["progress"]["final_partial"] = False
         write_manifest(self.manifest_dir, m)
+        if self._on_commit:
+            self._on_commit(m)
 
     def _destinations(self, split: str, shard_index: int, rows: int) -> np.ndarray | None:
         """Where each collected row goes in the shard: the inverse of the shard's seeded permutation.

@@ -192,3 +192,19 @@ def test_load_sae_rebuilds_each_exported_architecture(tmp_path, arch, fields):
     assert sae.hook == HOOK and sae.d_sae == 40
     with torch.no_grad():
         torch.testing.assert_close(sae.reconstruct(x), model.decode(model.encode(x))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sweep_eval_adds_ce_columns(cache, tmp_path):
+    import csv
+
+    from trainer.sweep import run_sweep
+
+    spec = {"base": {"cache": str(cache), "out": str(tmp_path / "sw"), "d_sae": 128, "batch_size": 256,
+                     "tokens": 256 * 10, "log_every": 5, "wandb": False, "device": "cpu"},
+            "sweep": {"arch": ["topk", "standard"], "k": [8], "l1": [1.0]}}
+    rows = run_sweep(spec, {}, name="t", eval_contexts=4)
+    with open(tmp_path / "sw" / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {"ce_recovered_zero", "ce_recovered_mean", "kl"} <= set(table[0])
+    for r in rows:
+        assert r["status"] == "ok" and r["kl"] >= 0 and r["ce_recovered_zero"] <= 1.0 + 1e-6

@@ -442,3 +442,16 @@ def test_a_refused_commit_is_one_line_without_the_token(tmp_path, token):
     with pytest.raises(PipelineError, match="refused the push to org/c after 0 of .*403 Forbidden") as e:
         push_cache(tmp_path / "c", "org/c", api=Refusing(), log=None)
     assert TOKEN not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cache_to_the_hub_needs_a_token_before_running_the_model(tmp_path, monkeypatch):
+    """`pipeline cache --out hf://datasets/ORG/NAME` stages locally and uploads as it commits; without
+    a token it stops before loading the model, saying how to log in."""
+    from cache_writer.run import CacheConfig, run_cache
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setenv("SAE_PIPELINE_HUB_STAGING", str(tmp_path / "staging"))
+    with pytest.raises(PipelineError, match=r"hf auth login"):
+        run_cache(CacheConfig(model="tiny", out="hf://datasets/org/acts", tokens=2000), progress=False)
+    assert not (tmp_path / "staging" / "org--acts" / "manifest.json").exists()

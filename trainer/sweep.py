@@ -206,8 +206,10 @@ def _size(n: int) -> str:
 
 
 def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: int | None = None,
-              max_steps: int | None = None) -> list[dict]:
-    """Train every run of the sweep; returns one summary row per run (refused runs included)."""
+              max_steps: int | None = None, eval_contexts: int = 0) -> list[dict]:
+    """Train every run of the sweep; returns one summary row per run (refused runs included).
+    `eval_contexts` > 0 also splices each SAE into the cache's model on that many eval contexts
+    (`pipeline eval`) and adds CE loss recovered and KL to the summary."""
     cfg0 = TrainConfig(**{k: v for k, v in {**spec.get("base", {}), **overrides}.items()})
     # Under torchrun the sweep's stacks are spread over the ranks, each with its own loader over the
     # whole cache (the batches a single process would see); rank 0 writes the summary of all.
@@ -318,7 +320,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                 break
         checkpoint()
         console.close()
-        rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan)
+        rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, eval_contexts)
         if wandb_log:
             wandb_log.summary([r for r in rows if r["status"] != "refused"])
     finally:
@@ -365,7 +367,7 @@ def _log_runs(line: dict, stacks: list[dict], out: Path, console: ConsoleLog, wa
 
 
 def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loader, out: Path, name: str,
-            tokens: int, plan: SweepPlan) -> list[dict]:
+            tokens: int, plan: SweepPlan, eval_contexts: int = 0) -> list[dict]:
     """Eval every run on the eval split, export it, write summary.csv and pareto.png."""
     has_eval = bool(loader.source.shards("eval"))
     held = {h: eval_batches(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
@@ -382,7 +384,23 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
             finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])
             rows.append(_row(r, per_run))
+    if eval_contexts:
+        _add_ce(rows, out, base.cache, eval_contexts, str(device))
     return _summarize(rows, plan, out)
+
+
+def _add_ce(rows: list[dict], out: Path, cache: str, contexts: int, device: str) -> None:
+    """CE loss recovered (zero and mean ablation) and KL of each run, the model loaded once."""
+    from pipeline.reader import Cache
+    from trainer.evaluate_ce import EvalConfig, evaluate_ce, load_cache_model
+
+    adapter = load_cache_model(Cache(cache), device)
+    for row in rows:
+        if row["status"] == "ok":
+            ce = evaluate_ce(EvalConfig(sae=str(out / row["run"]), cache=cache, contexts=contexts, device=device),
+                             adapter=adapter)
+            row.update(ce_recovered_zero=ce["ce_recovered_zero"], ce_recovered_mean=ce["ce_recovered_mean"],
+                       kl=ce["kl_spliced"])
 
 
 def _summarize(rows: list[dict], plan: SweepPlan, out: Path) -> list[dict]:
@@ -408,6 +426,8 @@ def _row(r: TrainConfig, m: dict) -> dict:
 
 COLUMNS = ["run", "arch", "hook", "d_sae", "k_or_coefficient", "lr", "l0", "explained_variance", "dead_fraction",
            "tokens_per_s", "status"]
+# Added by `pipeline sweep --eval` (the SAE spliced into the cache's model).
+EVAL_COLUMNS = ["ce_recovered_zero", "ce_recovered_mean", "kl"]
 
 
 def write_summary(rows: list[dict], out: Path) -> None:
@@ -415,17 +435,18 @@ def write_summary(rows: list[dict], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    columns = COLUMNS + [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
     with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({c: r.get(c) for c in COLUMNS})
+            w.writerow({c: r.get(c) for c in columns})
     table = Table(title=f"sweep summary ({out / 'summary.csv'})")
-    for c in COLUMNS:
+    for c in columns:
         table.add_column(c.replace("_", " "))
     for r in rows:  # the CSV keeps a refused run's reason; the table only says so
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")).split(":")[0]
-                        for c in COLUMNS])
+                        for c in columns])
     Console().print(table)
 
     import matplotlib
