@@ -24,15 +24,6 @@ ATOL = 1e-5  # stacked vs one-by-one, float32, after 50 steps (as tests/test_tra
 L0_RTOL = 0.10  # exported inference L0 on held-out rows vs the last training L0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads cost more than they save (see tests/test_trainer_arch.py)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def sparse_batches(n: int, batch: int, d: int = 32, n_feat: int = 64, k: int = 3, seed: int = 0) -> list[torch.Tensor]:
     """As tests/test_train_loop.py's `sparse_cache`, in memory: rows are sparse non-negative
     combinations (k of n_feat, coefficients in [0.5, 1.5)) of fixed unit directions, plus an offset

@@ -22,14 +22,6 @@ from trainer.sae_standard import StandardConfig, StandardSAE
 HOOK = "blocks.0.hook_resid_post"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """The shipped tiny model over small stdlib documents, of which the eval split holds some whole."""

@@ -18,14 +18,6 @@ from trainer.sae_topk import TopKConfig, TopKSAE
 from trainer.train import LoopConfig, train_stack
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_feature_recovery_on_constructed_decoders():
     g = torch.Generator().manual_seed(0)
     true = torch.nn.functional.normalize(torch.randn(100, 64, generator=g), dim=1)

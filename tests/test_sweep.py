@@ -13,14 +13,6 @@ from tests.test_train_loop import sparse_cache
 from trainer.sweep import expand_runs, name_runs, run_sweep
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("sweep") / "c"

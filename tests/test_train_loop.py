@@ -16,14 +16,6 @@ from trainer.export import export_saelens
 from trainer.train import LoopConfig, lr_factor, train_stack
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sparse_cache(path, rows=20_000, d=32, n_feat=64, k=3, seed=0, eval_rows=0):
     """Rows are sparse non-negative combinations of unit directions, plus an offset (a large mean);
     `eval_rows` more of them form the eval split."""

@@ -21,16 +21,6 @@ from trainer.sae_topk import TopKConfig, TopKSAE
 ATOL = 1e-5  # stacked vs one-by-one, float32, after 50 Adam steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: with intra-op threads, thread wake-ups cost more than the arithmetic
-    (30x slower on a busy 2-core machine). One thread keeps the module fast; restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def batches(n: int, batch: int, d_in: int, seed: int = 123) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # An offset and unequal scales, so b_dec and the encoder have something to learn.

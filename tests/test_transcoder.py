@@ -14,14 +14,6 @@ from trainer.registry import get_architecture
 from trainer.train import LoopConfig, train_stack
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pairs(n_batches=150, batch=256, d_in=32, d_out=24, n_feat=24, k=3, seed=0):
     """(x, y) batches where both hooks are sparse codes of the same features through different
     dictionaries (an 'MLP' that a transcoder can learn): y = codes @ D_out, x = codes @ D_in + 1
