@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from pipeline import distributed
 from pipeline.errors import PipelineError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.init import search_init_scale_
@@ -244,6 +245,9 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             state["loader"] = batches.state_dict()  # with ddp, a collective: every rank comes here
         if ddp is None or ddp.rank == 0:
             save_checkpoint(run_dir, {"": (model, trainer.opt)}, state)
+        if ddp is not None:
+            # Nobody reads the run folder (a resume, the next command) before rank 0 has written it.
+            distributed.barrier()
 
     try:
         for item in _chain(first, it):
