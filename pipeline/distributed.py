@@ -8,12 +8,15 @@ runs exactly the code it ran before.
 
 from __future__ import annotations
 
+import json
+
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline import errors
 from pipeline.errors import PipelineError
 
 
@@ -69,22 +72,42 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _device() -> torch.device:
+    """Where collectives' tensors must live: nccl moves CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _encode(obj: Any) -> torch.Tensor:
+    # JSON, not pickle: nothing a rank receives is ever unpickled.
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(_device())
+
+
 def broadcast(obj: Any, src: int = 0) -> Any:
-    """`obj` of rank `src` on every rank (any picklable value)."""
+    """`obj` of rank `src` on every rank (a JSON value: tuples arrive as lists)."""
     if world_size() <= 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    data = _encode(obj) if dist.get_rank() == src else None
+    n = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=_device())
+    dist.broadcast(n, src=src)
+    if data is None:
+        data = torch.empty(int(n), dtype=torch.uint8, device=_device())
+    dist.broadcast(data, src=src)
+    return json.loads(bytes(data.cpu().tolist()))
 
 
 def all_gather(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (any picklable value)."""
+    """Every rank's `obj` (a JSON value), in rank order."""
     if world_size() <= 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    data = _encode(obj)
+    sizes = [torch.zeros(1, dtype=torch.long, device=_device()) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.long, device=_device()))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=_device())
+    padded[:len(data)] = data
+    parts = [torch.empty(longest, dtype=torch.uint8, device=_device()) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(part[:int(n)].cpu().tolist())) for part, n in zip(parts, sizes)]
 
 
 def agree(fn, *args, **kwargs) -> Any:
@@ -98,9 +121,9 @@ def agree(fn, *args, **kwargs) -> Any:
         try:
             result = ("ok", fn(*args, **kwargs))
         except PipelineError as e:
-            result = ("error", (type(e), str(e)))
+            result = ("error", (type(e).__name__, str(e)))
     result = broadcast(result)
     if result[0] == "error":
-        cls, message = result[1]
-        raise cls(message)
+        name, message = result[1]
+        raise getattr(errors, name, PipelineError)(message)
     return result[1]

@@ -146,9 +146,9 @@ class RankBatches:
         return iter(self.loader)
 
     def state_dict(self) -> dict:
-        states: list = [None] * self.world
-        dist.all_gather_object(states, self.loader.state_dict())
-        return {"ranks": states}
+        from pipeline.distributed import all_gather
+
+        return {"ranks": all_gather(self.loader.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         ranks = state.get("ranks")
