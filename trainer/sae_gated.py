@@ -28,7 +28,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run, shared
 
@@ -86,14 +85,7 @@ class GatedSAE(StackedSAE):
 
     @torch.no_grad()
     def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
-        for name in GATED_WEIGHTS:
-            if name not in weights:
-                raise PipelineError(f"gated SAE weights lack {name}; found {', '.join(sorted(weights))}")
-            target = getattr(self, name)[run]
-            if tuple(weights[name].shape) != tuple(target.shape):
-                raise PipelineError(f"saved {name} has shape {tuple(weights[name].shape)}; this SAE needs "
-                                    f"{tuple(target.shape)}")
-            target.copy_(weights[name])
+        self.copy_weights(run, weights, GATED_WEIGHTS)
 
     # -- forward pieces ------------------------------------------------------------------------
 

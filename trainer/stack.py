@@ -106,9 +106,9 @@ class StackedSAE(nn.Module):
         return weights, self.transcoder_cfg("transcoder") if self.is_transcoder else {"architecture": "standard"}
 
     @torch.no_grad()
-    def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
-        """Set run `run` from an export (`export_run`'s format, ours or SAELens's): continue training it."""
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    def copy_weights(self, run: int, weights: dict[str, torch.Tensor], names: Sequence[str]) -> None:
+        """Copy saved `weights[name]` into run `run`'s slice of each named parameter, checking shapes."""
+        for name in names:
             if name not in weights:
                 raise PipelineError(f"SAE weights lack {name}; found {', '.join(sorted(weights))}")
             target = getattr(self, name)[run]
@@ -116,6 +116,11 @@ class StackedSAE(nn.Module):
                 raise PipelineError(f"saved {name} has shape {tuple(weights[name].shape)}; this SAE needs "
                                     f"{tuple(target.shape)}")
             target.copy_(weights[name])
+
+    @torch.no_grad()
+    def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
+        """Set run `run` from an export (`export_run`'s format, ours or SAELens's): continue training it."""
+        self.copy_weights(run, weights, ("W_enc", "W_dec", "b_enc", "b_dec"))
         if self.is_transcoder:
             self.b_in[run].zero_()  # an export has its input centring folded into b_enc
 
