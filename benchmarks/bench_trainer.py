@@ -4,9 +4,9 @@
         [--d-in 128] [--batch-size 4096] [--steps 10] [--threads N] [--malloc-d-sae 8192]
 
 For each architecture (default: every registered one) and d_sae, one run (R=1):
-- step: a full training step as `trainer.train` takes it: forward, backward of the summed loss,
-  the decoder-norm constraint (where the architecture has `unit_norm_decoder`), per-run Adam
-  (`StackedAdam`), `after_step`;
+- step: one step of the training loop itself (`StackTrainer.train_step`): forward, backward of
+  the summed loss, per-run clipping and Adam (`StackedAdam`), the decoder-norm constraint (where
+  the architecture has `unit_norm_decoder`), `after_step`, the dead-latent firing counts;
 - dense: the five dense matmuls of an SAE step of that shape, the limit a dense implementation
   meets: encoder forward (B x d_in @ d_in x d_sae), decoder forward (B x d_sae @ d_sae x d_in),
   grad W_dec (d_sae x B @ B x d_in), grad latents (B x d_in @ d_in x d_sae), grad W_enc
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.malloc import tune_malloc  # noqa: E402
-from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad  # noqa: E402
+from trainer.train import LoopConfig, StackTrainer  # noqa: E402
 from trainer.registry import get_architecture, registered_architectures  # noqa: E402
 
 # Values for config fields without a default (the sparsity of TopK-like architectures).
@@ -58,25 +58,15 @@ def make_model(arch: str, d_in: int, d_sae: int) -> torch.nn.Module:
 
 
 def training_step(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callable[[], None]:
-    """A closure taking one step as the training loop does (forward output kept until the next)."""
-    opt = StackedAdam(dict(model.named_parameters()), lr=1e-4, max_grad_norm=1.0)
-    unit_norm = getattr(model, "unit_norm_decoder", False)
+    """A closure taking one step of the training loop itself (`StackTrainer.train_step`): forward,
+    the per-run NaN checks and lr schedule, backward, clipping, Adam, the decoder-norm constraint,
+    `after_step` and the firing counts. The forward's output is kept until the next step, as there."""
+    trainer = StackTrainer(model, LoopConfig(lr=1e-4, max_grad_norm=1.0))
     state = {"step": 0, "out": None}
 
     def step() -> None:
-        i = state["step"]
-        x = batches[i % len(batches)]
-        model.on_step(i, None)
-        state["out"] = out = model(x)
-        opt.zero_grad()
-        out["loss"].sum().backward()
-        if unit_norm:
-            remove_parallel_grad(model.W_dec)
-        opt.step()
-        if unit_norm:
-            normalize_decoder(model.W_dec)
-        model.after_step(out, x.shape[0])
-        state["step"] = i + 1
+        state["out"] = trainer.train_step(batches[state["step"] % len(batches)])
+        state["step"] += 1
 
     return step
 

@@ -89,7 +89,8 @@ def test_relu_sae_matches_dense(dtype, R):
     def dense(x, W_enc, b_enc, b_dec, W_dec):
         latents = (torch.einsum("rbi,ris->rbs", x - b_dec.unsqueeze(1), W_enc) + b_enc.unsqueeze(1)).relu()
         recon = torch.einsum("rbs,rsi->rbi", latents, W_dec) + b_dec.unsqueeze(1)
-        return latents, recon, (latents * W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        l1 = (latents * W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+        return latents, recon, l1, (latents > 0).sum(-1).to(dtype).mean(-1), (latents > 0).sum(1).to(dtype)
 
     # b_dec's gradient sums B * d_sae terms of either sign, in another order than autograd's.
     tol = {"rtol": 2e-5, "atol": 2e-4} if dtype == torch.float32 else {}
@@ -97,8 +98,9 @@ def test_relu_sae_matches_dense(dtype, R):
         ours = [x.clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in params]
         theirs = [x.clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in params]
         out, ref = relu_sae(*ours), dense(*theirs)
-        for a, b in zip(out, ref):
+        for a, b in zip(out, ref):  # latents, recon, l1, then the exact counts l0 and fired
             torch.testing.assert_close(a, b)
+        assert out[4].sum() == (ref[0] > 0).sum() and not out[3].requires_grad
         # Every output's gradient, and the loop's case: latents only observed (no gradient).
         for grads in ((g_lat, g_rec, g_l1), (None, g_rec, g_l1)):
             for p in ours + theirs:
@@ -135,4 +137,5 @@ def test_gradcheck_float64():
     W_dec = torch.randn(R, S, d, generator=g, dtype=torch.float64)
     # ReLU kinks: keep every pre-activation away from 0 so finite differences do not cross one.
     b_enc = torch.where(torch.rand(R, S, generator=g) < 0.5, -10.0, 10.0).to(torch.float64)
-    assert torch.autograd.gradcheck(relu_sae, tuple(t.requires_grad_() for t in [x, enc[0] * 0.1, b_enc, enc[2], W_dec]))
+    assert torch.autograd.gradcheck(lambda *a: relu_sae(*a)[:3],
+                                    tuple(t.requires_grad_() for t in [x, enc[0] * 0.1, b_enc, enc[2], W_dec]))

@@ -96,6 +96,7 @@ class DataParallel:
         """The forward output as `after_step` and the firing counts see it: the global batch's
         latents (and sparse codes, where the forward gives them), and the global row count."""
         g = dict(out)
+        g.pop("fired", None)  # this rank's counts only: the loop counts the gathered latents instead
         if "latent_idx" in out:  # fixed (R, rows, k) codes: gathered as they are
             idx, vals = self._gather(out["latent_idx"], 1), self._gather(out["latent_vals"], 1)
             g["latent_idx"], g["latent_vals"] = idx, vals

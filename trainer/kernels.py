@@ -152,53 +152,89 @@ def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, 
     return _SparsePreActs.apply(selected, idx, x, W_enc, b_enc, b_dec)
 
 
+# Bytes per chunk of the ReLU-and-count pass: a chunk's temporaries stay in cache.
+_COUNT_CHUNK_BYTES = 1 << 21
+
+
+def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU `latents_t (R, S, B)` (latent-major) in place and, in the same pass, per latent: the
+    tokens it is active on and its sum over the batch, `(fired (R, S), col_sum (R, S))`.
+
+    Separate `relu_`, `(latents > 0).sum` and `.sum` passes each stream the whole tensor through
+    memory (and a bool sum converts to int64 first); chunk by chunk, the counts are computed while
+    the chunk is in cache, and with latents stored latent-major they reduce along contiguous rows
+    (2.5x faster than column sums of a token-major (B, S) tensor at d_sae 32k)."""
+    R, S, B = latents_t.shape
+    fired = latents_t.new_empty(R, S)
+    col_sum = latents_t.new_empty(R, S)
+    rows = max(1, _COUNT_CHUNK_BYTES // (B * latents_t.element_size()))
+    for r in range(R):
+        for start in range(0, S, rows):
+            chunk = latents_t[r, start:start + rows].relu_()
+            # 0/1 floats: the sums stay exact up to 2**24 tokens and need no int64 copy.
+            torch.sum(torch.sign(chunk), dim=1, out=fired[r, start:start + rows])
+            torch.sum(chunk, dim=1, out=col_sum[r, start:start + rows])
+    return fired, col_sum
+
+
 class _ReluSAE(Function):
+    # Latents are computed and kept latent-major, (R, d_sae, B): the per-latent counts then reduce
+    # contiguous rows, and every matmul is as fast as in the token-major layout (BLAS transposes).
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                W_dec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         R, d, S = W_enc.shape
         B = x.shape[-2]
         x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
-        # Biases ride in the matmuls as an extra row/column (no separate pass over (R, B, d_sae)).
+        # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).
         x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
-        latents = torch.bmm(x_aug, torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)).relu_()
+        W_enc_aug = torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)
+        latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2))  # (R, S, B)
+        fired, col_sum = _relu_and_count_(latents_t)
+        latents = latents_t.transpose(1, 2)
+        recon = torch.baddbmm(b_dec.unsqueeze(1), latents, W_dec)
         norms = W_dec.norm(dim=-1)
-        W_dec_aug = torch.cat([W_dec, norms.unsqueeze(-1)], dim=-1)
-        out = torch.bmm(latents, W_dec_aug)  # (R, B, d + 1): recon, then each token's weighted L1
-        recon = out[..., :d] + b_dec.unsqueeze(1)
-        l1 = out[..., d].mean(dim=-1)
-        ctx.save_for_backward(x_aug, W_enc, W_dec, norms, W_dec_aug, latents)
+        # mean_b sum_s latents[b, s] * norms[s] needs only each latent's batch sum.
+        l1 = (col_sum * norms).sum(dim=-1) / B
+        l0 = fired.sum(dim=-1) / B  # the mean over tokens of their active latents
+        ctx.save_for_backward(x_aug, W_enc, W_dec, norms, col_sum, latents_t)
         ctx.x_dim = x.dim()
         ctx.set_materialize_grads(False)
-        return latents, recon, l1
+        ctx.mark_non_differentiable(l0, fired)
+        return latents, recon, l1, l0, fired
 
     @staticmethod
     def backward(ctx: Any, grad_latents: torch.Tensor | None, grad_recon: torch.Tensor | None,
-                 grad_l1: torch.Tensor | None) -> tuple:
-        x_aug, W_enc, W_dec, norms, W_dec_aug, latents = ctx.saved_tensors
+                 grad_l1: torch.Tensor | None, _grad_l0: None, _grad_fired: None) -> tuple:
+        x_aug, W_enc, W_dec, norms, col_sum, latents_t = ctx.saved_tensors
         R, d, S = W_enc.shape
-        B = latents.shape[1]
+        B = latents_t.shape[2]
         need_x, need_W_enc, need_b_enc, need_b_dec, need_W_dec = ctx.needs_input_grad
-        grad_out = latents.new_zeros(R, B, d + 1)
-        if grad_recon is not None:
-            grad_out[..., :d] = grad_recon
-        if grad_l1 is not None:
-            grad_out[..., d] = (grad_l1 / B).unsqueeze(1)
         grad_x = grad_W_enc = grad_b_enc = grad_b_dec = grad_W_dec = None
         if need_W_dec:
-            g = torch.bmm(latents.transpose(1, 2), grad_out)  # (R, S, d + 1)
-            # The last column is the gradient of each row's norm: along the row, scaled by 1 / norm.
-            unit_scale = torch.where(norms > 0, g[..., d] / norms, torch.zeros_like(norms))
-            grad_W_dec = torch.addcmul(g[..., :d], W_dec, unit_scale.unsqueeze(-1))
+            grad_W_dec = torch.bmm(latents_t, grad_recon) if grad_recon is not None else torch.zeros_like(W_dec)
+            if grad_l1 is not None:
+                # d l1 / d W_dec[s] = col_sum[s] / B * W_dec[s] / ||W_dec[s]||
+                unit_scale = torch.where(norms > 0, col_sum / norms, torch.zeros_like(norms))
+                grad_W_dec.addcmul_(W_dec, (unit_scale * (grad_l1 / B).unsqueeze(1)).unsqueeze(-1))
         if need_x or need_W_enc or need_b_enc or need_b_dec:
-            grad_pre = torch.bmm(grad_out, W_dec_aug.transpose(1, 2))
+            # d loss / d latents: the reconstruction's part and L1's (norms / B) in one matmul, the
+            # L1 weight riding as an extra column.
+            grad_out = latents_t.new_zeros(R, B, d + 1)
+            if grad_recon is not None:
+                grad_out[..., :d] = grad_recon
+            if grad_l1 is not None:
+                grad_out[..., d] = (grad_l1 / B).unsqueeze(1)
+            W_dec_aug = torch.cat([W_dec, norms.unsqueeze(-1)], dim=-1)
+            grad_pre_t = torch.bmm(W_dec_aug, grad_out.transpose(1, 2))  # (R, S, B)
             if grad_latents is not None:
-                grad_pre += grad_latents
-            grad_pre = torch.ops.aten.threshold_backward(grad_pre, latents, 0)
-            g = torch.bmm(x_aug.transpose(1, 2), grad_pre)  # (R, d + 1, S): W_enc's, then b_enc's
+                grad_pre_t += grad_latents.transpose(1, 2)
+            torch.ops.aten.threshold_backward.grad_input(grad_pre_t, latents_t, 0, grad_input=grad_pre_t)
+            # (R, d + 1, S): W_enc's gradient, then b_enc's from the ones column.
+            g = torch.bmm(x_aug.transpose(1, 2), grad_pre_t.transpose(1, 2))
             grad_W_enc, grad_b_enc = g[:, :d], g[:, d]
             if need_x:
-                grad_xc = torch.bmm(grad_pre, W_enc.transpose(1, 2))
+                grad_xc = torch.bmm(grad_pre_t.transpose(1, 2), W_enc.transpose(1, 2))
                 grad_x = grad_xc if ctx.x_dim == 3 else grad_xc.sum(dim=0)
                 grad_b_dec = -grad_xc.sum(dim=1)
             else:
@@ -210,11 +246,15 @@ class _ReluSAE(Function):
 
 
 def relu_sae(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-             W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A ReLU SAE's forward for R runs: `(latents (R, B, d_sae), recon (R, B, d_in), l1 (R,))`.
+             W_dec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A ReLU SAE's forward for R runs: `(latents (R, B, d_sae), recon (R, B, d_in), l1 (R,), l0 (R,),
+    fired (R, d_sae))`.
 
-    latents = relu((x - b_dec) @ W_enc + b_enc), recon = latents @ W_dec + b_dec, and
-    l1 = mean over the batch of sum_i latents_i * ||W_dec_i|| (the decoder-norm-weighted L1).
-    Differentiable in everything (latents too); the backward computes x's gradient (a full
-    matmul) only when x requires one. Shapes as `StackedSAE.pre_acts` and `decode`."""
+    latents = relu((x - b_dec) @ W_enc + b_enc), recon = latents @ W_dec + b_dec,
+    l1 = mean over the batch of sum_i latents_i * ||W_dec_i|| (the decoder-norm-weighted L1),
+    l0 = mean over the batch of the active latents, fired = per latent, the tokens it is active on
+    (l0 and fired carry no gradient). `latents` is a transposed view of a latent-major tensor.
+    Differentiable in everything (latents too); the backward
+    computes x's gradient (a full matmul) only when x requires one. Shapes as
+    `StackedSAE.pre_acts` and `decode`."""
     return _ReluSAE.apply(x, W_enc, b_enc, b_dec, W_dec)

@@ -99,8 +99,8 @@ class StackedAdam:
             g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
             m.lerp_(g, 1 - self.beta1)
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            p.sub_(_runs_view(step_size, p) * m / denom)
+            denom = v.sqrt().div_(bias_correction2_sqrt).add_(self.eps)
+            p.sub_(torch.div(m, denom, out=denom).mul_(_runs_view(step_size, p)))  # no temporaries
         return norm
 
     def state_dict(self) -> dict[str, torch.Tensor]:

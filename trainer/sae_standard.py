@@ -79,8 +79,8 @@ class StandardSAE(StackedSAE):
                 l1_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
-        Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae) and
-        `recon` (R, batch, d_in). `l1` is the decoder-norm-weighted L1 (summed over latents, averaged
+        Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae),
+        `recon` (R, batch, d_in) and `fired` (R, d_sae): per latent, the tokens it is active on. `l1` is the decoder-norm-weighted L1 (summed over latents, averaged
         over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
         loss = mse + aux_loss. `l1_scale` is the warm-up factor (default: the one `on_step` set).
         mse is the squared error summed over d_in and averaged over the batch (SAELens's training
@@ -91,10 +91,11 @@ class StandardSAE(StackedSAE):
             latents = self.pre_acts(x).relu()
             recon = self.decode(latents)
             l1 = (latents * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(dim=-1).mean(dim=-1)
+            active = latents > 0
+            l0, fired = active.sum(dim=-1).to(recon.dtype).mean(dim=-1), active.sum(dim=1).to(recon.dtype)
         else:
-            latents, recon, l1 = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+            latents, recon, l1, l0, fired = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
         mse = self.mse(x if target is None else target, recon)
         aux_loss = (self._l1_scale if l1_scale is None else l1_scale) * self.l1_coefficient * l1
-        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l1": l1, "l0": l0,
-                "latents": latents, "recon": recon}
+                "latents": latents, "recon": recon, "fired": fired}

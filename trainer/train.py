@@ -161,7 +161,9 @@ class StackTrainer:
         seen, rows = (out, batch.shape[0]) if self.ddp is None else self.ddp.global_out(out, batch.shape[0])
         if self.after_step is not None:
             self.after_step(seen, rows)
-        if "latent_idx" in seen:  # sparse codes: count from them, not from (R, B, d_sae) latents
+        if "fired" in seen:  # counted by the forward, in its pass over the latents
+            self.fired += seen["fired"]
+        elif "latent_idx" in seen:  # sparse codes: count from them, not from (R, B, d_sae) latents
             self.fired.scatter_add_(1, seen["latent_idx"].flatten(1),
                                     (seen["latent_vals"] > 0).flatten(1).to(self.fired.dtype))
         else:
@@ -291,7 +293,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
 def _zero_frozen_grads(params: Iterable[torch.Tensor], frozen: torch.Tensor) -> None:
     for p in params:
         if p.grad is not None:
-            p.grad.copy_(torch.where(frozen.view(-1, *([1] * (p.dim() - 1))), torch.zeros((), device=p.device), p.grad))
+            p.grad.masked_fill_(frozen.view(-1, *([1] * (p.dim() - 1))), 0.0)  # NaNs too
 
 
 def _pair(item) -> tuple[torch.Tensor, torch.Tensor | None]:
