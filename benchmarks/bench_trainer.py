@@ -7,10 +7,11 @@ For each architecture (default: every registered one) and d_sae, one run (R=1):
 - step: one step of the training loop itself (`StackTrainer.train_step`): forward, backward of
   the summed loss, per-run clipping and Adam (`StackedAdam`), the decoder-norm constraint (where
   the architecture has `unit_norm_decoder`), `after_step`, the dead-latent firing counts;
-- dense: the five dense matmuls of an SAE step of that shape, the limit a dense implementation
-  meets: encoder forward (B x d_in @ d_in x d_sae), decoder forward (B x d_sae @ d_sae x d_in),
-  grad W_dec (d_sae x B @ B x d_in), grad latents (B x d_in @ d_in x d_sae), grad W_enc
-  (d_in x B @ B x d_sae), with the same torch threads.
+- dense: the dense matmuls of an SAE step of that shape, the limit a dense implementation meets:
+  encoder forward (B x d_in @ d_in x d_sae), decoder forward (B x d_sae @ d_sae x d_in), grad W_dec
+  (d_sae x B @ B x d_in), grad latents (B x d_in @ d_in x d_sae), grad W_enc (d_in x B @ B x d_sae),
+  with the same torch threads; plus, for an architecture whose `dense_matmuls` says so, its extra
+  ones (a gated SAE's second decoder forward and its gradient: 7).
 The two are interleaved step by step after a warm-up, and the medians are compared:
 ratio = dense / step (>= 0.9 is the goal; a TopK step with a sparse decoder can exceed 1).
 
@@ -71,11 +72,15 @@ def training_step(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callab
     return step
 
 
-def dense_matmuls(B: int, d_in: int, d_sae: int) -> Callable[[], None]:
-    """A closure running the five dense matmuls of one SAE step of this shape."""
+def dense_matmuls(B: int, d_in: int, d_sae: int, n: int = 5) -> Callable[[], None]:
+    """A closure running the dense matmuls of one SAE step of this shape: the five every SAE has,
+    then pairs of a second decoder forward and its gradient to the latents (a gated SAE's
+    auxiliary reconstruction: n = 7)."""
     g = torch.Generator().manual_seed(0)
     x, go = torch.randn(B, d_in, generator=g), torch.randn(B, d_in, generator=g)
     W_enc, W_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
+    if n < 5 or (n - 5) % 2:
+        raise SystemExit(f"dense_matmuls {n}: expected 5 plus pairs (5, 7, ...)")
 
     def run() -> None:
         latents = x @ W_enc                    # encoder forward
@@ -83,6 +88,9 @@ def dense_matmuls(B: int, d_in: int, d_sae: int) -> Callable[[], None]:
         latents.t() @ go                       # grad W_dec
         grad_latents = go @ W_dec.t()          # grad latents
         x.t() @ grad_latents                   # grad W_enc
+        for _ in range((n - 5) // 2):
+            latents @ W_dec                    # another decoder forward
+            go @ W_dec.t()                     # its gradient to the latents
 
     return run
 
@@ -92,7 +100,7 @@ def measure(arch: str, d_in: int, d_sae: int, B: int, steps: int, warmup: int) -
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(B, d_in, generator=g) for _ in range(4)]
     model.init_b_dec(batches[0], "mean")
-    step, bound = training_step(model, batches), dense_matmuls(B, d_in, d_sae)
+    step, bound = training_step(model, batches), dense_matmuls(B, d_in, d_sae, model.dense_matmuls)
     for _ in range(warmup):
         step()
         bound()
@@ -106,7 +114,7 @@ def measure(arch: str, d_in: int, d_sae: int, B: int, steps: int, warmup: int) -
         t_step.append(t1 - t0)
         t_bound.append(t2 - t1)
     step_s, bound_s = statistics.median(t_step), statistics.median(t_bound)
-    return {"arch": arch, "d_sae": d_sae, "step_ms": step_s * 1e3, "dense_ms": bound_s * 1e3,
+    return {"arch": arch, "d_sae": d_sae, "matmuls": model.dense_matmuls, "step_ms": step_s * 1e3, "dense_ms": bound_s * 1e3,
             "ratio": bound_s / step_s, "tokens_per_s": B / step_s}
 
 
@@ -149,10 +157,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"malloc fix: {malloc}; batch {args.batch_size}, d_in {args.d_in}, R=1, "
           f"median of {args.steps} interleaved steps after {args.warmup} warm-up\n")
-    print("| arch | d_sae | step ms | dense-matmul ms | ratio dense/step | tokens/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| arch | d_sae | step ms | dense matmuls | dense-matmul ms | ratio dense/step | tokens/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['arch']} | {r['d_sae']} | {r['step_ms']:.1f} | {r['dense_ms']:.1f} | {r['ratio']:.2f} "
+        print(f"| {r['arch']} | {r['d_sae']} | {r['step_ms']:.1f} | {r['matmuls']} | {r['dense_ms']:.1f} | {r['ratio']:.2f} "
               f"| {r['tokens_per_s']:,.0f} |")
 
     sizes = [s for s in args.malloc_d_sae if s in args.d_sae]

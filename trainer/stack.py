@@ -49,6 +49,9 @@ class StackedSAE(nn.Module):
     config_class: type = object
     supports_transcoder: bool = False
     """Whether a config's `d_out` may make it a transcoder (its forward takes a `target`)."""
+    dense_matmuls: int = 5
+    """(batch x d_in x d_sae) matmuls a dense step of this architecture needs (forward and
+    backward): encoder, decoder, and the decoder's and encoder's gradients. The benchmark's bound."""
 
     def __init__(self, cfgs: Any):
         super().__init__()
