@@ -12,6 +12,14 @@ import typer
 
 from pipeline.errors import PipelineError
 
+def _finished(message: str) -> None:
+    """The command's last line, printed once: by rank 0 under torchrun."""
+    from pipeline.distributed import is_main
+
+    if is_main():
+        typer.echo(message)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache language-model activations once; train many sparse autoencoders from them.")
 
@@ -59,7 +67,7 @@ def cache(
     cfg = build_config(CacheConfig, config, overrides, section="cache")
     manifest = run_cache(cfg, command=" ".join(["pipeline"] + sys.argv[1:]))
     rows = {s: v["rows"] for s, v in manifest["splits"].items()}
-    typer.echo(f"wrote {cfg.out}: {rows['train']:,} train rows, {rows['eval']:,} eval rows, "
+    _finished(f"wrote {cfg.out}: {rows['train']:,} train rows, {rows['eval']:,} eval rows, "
                f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
 
 
@@ -122,7 +130,7 @@ def train(
     metrics = run_train(build_config(TrainConfig, config, overrides, section="train"))
     ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
     l0 = metrics.get("eval_l0", metrics.get("l0"))
-    typer.echo(f"exported to {metrics['run_dir']}" + (f": explained variance {ev[0]:.3f}, L0 {l0[0]:.1f}" if ev else ""))
+    _finished(f"exported to {metrics['run_dir']}" + (f": explained variance {ev[0]:.3f}, L0 {l0[0]:.1f}" if ev else ""))
 
 
 @app.command()
@@ -156,7 +164,7 @@ def sweep(
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None,
                      eval_contexts=eval_contexts if with_eval else 0)
     ok = sum(r["status"] == "ok" for r in rows)
-    typer.echo(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
+    _finished(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
 
 
 @app.command("eval")

@@ -266,6 +266,12 @@ class CacheWriter:
                         "--nproc-per-node (and --nnodes)"
                     )
                 manifest = read_manifest(path)
+                if manifest.get("partial"):
+                    raise PipelineError(
+                        f"cannot resume {path}: it is a partial pull of {manifest['partial'].get('repo', 'a Hub cache')} "
+                        "(some hooks, splits or shards only); pull it whole (pipeline pull without --hook/--split/"
+                        "--shards) or write a new cache"
+                    )
                 diffs = config_differences(manifest["config"], content_config)
                 if diffs:
                     raise PipelineError(

@@ -302,6 +302,8 @@ def test_pull_whole_and_part_offline(tmp_path, pushed, offline, fmt):
     assert list(m["hooks"]) == [H0] and m["splits"]["eval"]["shards"] == []
     assert [s["name"] for s in m["splits"]["train"]["shards"]] == ["shard-00001", "shard-00002"]
     assert not (part / "hooks" / H1).exists() and not (part / "hooks" / H0 / "eval").exists()
+    with pytest.raises(PipelineError, match="partial pull of org/"):  # extending it would mix in holes
+        make_cache(part, fmt, resume=True)
     mine, theirs = Cache(part), Cache(src)
     for i, shard in enumerate(m["splits"]["train"]["shards"]):
         np.testing.assert_array_equal(mine.activations(H0, "train", i), theirs.activations(H0, "train", i + 1))
