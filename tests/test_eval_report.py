@@ -8,6 +8,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from tests.test_cache_writer import small_corpus
 from trainer.evaluate_ce import EvalConfig, evaluate_ce
 from trainer.export import export_saelens
 from trainer.inference import load_sae
-from trainer.report import ReportConfig, build_report, new_stats, update_stats
+from trainer.report import ReportConfig, best_per_sequence, build_report, new_stats, update_stats
 from trainer.sae_standard import StandardConfig, StandardSAE
 
 HOOK = "blocks.0.hook_resid_post"
@@ -98,6 +99,15 @@ def test_running_topk_equals_a_sort_of_everything():
     assert torch.equal(st.top_seq[ok], seq[idx][ok]) and torch.equal(st.top_pos[ok], pos[idx][ok])
     assert torch.equal(st.fired, (latents > 0).sum(0)) and int(st.l0_counts.sum()) == rows
     assert int(st.hist.sum()) == int((latents > 0).sum())
+
+
+def test_contexts_are_one_per_sequence():
+    vals = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 0.0])
+    seqs, pos = np.array([3, 3, 1, 3, 2, 4]), np.array([5, 6, 0, 7, 1, 0])
+    v, s, p = best_per_sequence(vals, seqs, pos, 3)
+    assert v.tolist() == [9.0, 7.0, 5.0] and s.tolist() == [3, 1, 2] and p.tolist() == [5, 0, 1]
+    v, s, _ = best_per_sequence(vals, seqs, pos, 10)  # fewer sequences than asked; zeros never shown
+    assert s.tolist() == [3, 1, 2]
 
 
 class _Dom(HTMLParser):

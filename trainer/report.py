@@ -363,11 +363,25 @@ def render_context(tokens: np.ndarray, acts: np.ndarray, pos: int, scale: float,
     return "".join(spans)
 
 
+def best_per_sequence(vals: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
+                      n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top `n` of one latent's (value-sorted) top activations, one per sequence: neighbouring
+    tokens of one sequence often fill a latent's top list, and its context shows them all anyway."""
+    keep, seen = [], set()
+    for i, (v, s) in enumerate(zip(vals, seqs)):
+        if v > 0 and s >= 0 and int(s) not in seen:
+            seen.add(int(s))
+            keep.append(i)
+            if len(keep) == n:
+                break
+    return vals[keep], seqs[keep], positions[keep]
+
+
 def render_latent(st: LatentStats, latent: int, vals: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
                   context: Any, tokenizer: Any, special: set[int], cfg: ReportConfig) -> str:
     """One latent's block: density, activation histogram, and its top contexts (`context(seq)` gives
     the sequence's tokens and this latent's activation at each of its positions)."""
-    scale = float(vals[0])
+    scale = float(vals[0]) if len(vals) else 0.0
     rows = []
     for v, s, p in zip(vals, seqs, positions):
         if v <= 0 or s < 0:  # fewer than K activations > 0 on the split
@@ -445,18 +459,20 @@ def build_report(cfg: ReportConfig, sae: LoadedSAE | None = None, extra: dict[st
         raise PipelineError(f"cache {cache.path} has no {cfg.split!r} rows; pass --split train")
     sae = sae or load_sae(cfg.sae, device)
     hook = resolve_hook(cache, sae, cfg.hook)
-    st = stream_stats(cache, sae, hook, cfg.split, cfg.contexts, cfg.chunk_rows or default_chunk_rows(sae.d_sae),
-                      cfg.max_rows, device)
+    # 3x the contexts shown: room to keep only each sequence's best one (best_per_sequence).
+    st = stream_stats(cache, sae, hook, cfg.split, 3 * cfg.contexts,
+                      cfg.chunk_rows or default_chunk_rows(sae.d_sae), cfg.max_rows, device)
     chosen = choose_latents(st, cfg)
-    top_vals, top_seq, top_pos = (t[:, chosen].cpu().numpy() for t in (st.top_vals, st.top_seq, st.top_pos))
+    top = [best_per_sequence(*(t[:, latent].cpu().numpy() for t in (st.top_vals, st.top_seq, st.top_pos)),
+                             cfg.contexts) for latent in chosen]
     table = SequenceTable(cache, cfg.split)
-    seqs = {int(s) for s, v in zip(top_seq.flat, top_vals.flat) if v > 0 and s >= 0}
+    seqs = {int(s) for _, top_seq, _ in top for s in top_seq}
     acts = context_activations(cache, sae, hook, cfg.split, table, seqs, chosen, device)
     tokenizer = cache_tokenizer(cache)
     packing = ((cache.manifest.get("config") or {}).get("source") or {}).get("packing") or {}
     special = {i for i in (packing.get("bos_token_id"), packing.get("separator_token_id")) if i is not None}
-    latent_html = [render_latent(st, latent, top_vals[:, j], top_seq[:, j], top_pos[:, j],
-                                 lambda s, j=j: (table[s], acts[s][:, j]), tokenizer, special, cfg)
+    latent_html = [render_latent(st, latent, *top[j], lambda s, j=j: (table[s], acts[s][:, j]), tokenizer,
+                                 special, cfg)
                    for j, latent in enumerate(chosen)]
     extra = dict(extra or {})
     if cfg.ce_contexts:
