@@ -60,16 +60,31 @@ def test_mixed_sweep_writes_runs_summary_and_plot(cache, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_stacks_group_runs_of_one_shape_and_one_k():
+    from trainer.sweep import plan_sweep
+
+    runs = [{"arch": "topk", "k": 3, "seed": 0}, {"arch": "topk", "k": 6}, {"arch": "topk", "k": 3, "seed": 1},
+            {"arch": "standard", "k": 3, "l1": 5.0}, {"arch": "standard", "k": 6, "l1": 2.0},
+            {"arch": "topk", "k": 3, "d_sae": 32, "seed": 2}]
+    spec_ = {"base": {"d_sae": 64}, "runs": runs}
+    plan = plan_sweep(spec_, {}, "t", {"h": 16})
+    # A TopK stack computes its largest k for every run: k = 3 and k = 6 are stepped apart. k means
+    # nothing to a standard SAE, so its runs stack whatever their k; another d_sae is another stack.
+    assert [[plan.runs[i].name for i in idx] for idx in plan.stacks] == [
+        ["topk-d64-k3-s0", "topk-d64-k3-s1"], ["topk-d64-k6-s0"], ["standard-d64-l1_5-s0", "standard-d64-l1_2-s0"],
+        ["topk-d32-k3-s2"]]
+
+
 def test_stacked_sweep_run_equals_the_run_trained_alone(cache, tmp_path):
     from trainer.run import TrainConfig, run_train
 
     s = spec(cache, tmp_path / "sw")
-    s["sweep"] = {"arch": ["topk"], "k": [3, 6]}
+    s["sweep"] = {"arch": ["topk"], "k": [6], "seed": [0, 1]}  # one stack of two runs
     run_sweep(s, {}, name="t")
     alone = run_train(TrainConfig(**{**s["base"], "out": str(tmp_path / "alone"), "k": 6, "arch": "topk"}))
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "sw" / "topk-k6" / "sae_weights.safetensors"))
+    a = load_file(str(tmp_path / "sw" / "topk-s0" / "sae_weights.safetensors"))
     b = load_file(str(tmp_path / "alone" / "topk-d64-k6" / "sae_weights.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -95,5 +110,7 @@ def test_memory_refusal_names_how_many_runs_fit(cache, tmp_path):
 
     held, peak = stack_bytes(2, 32, 64, 256)
     budget = held + peak + 1000  # room for the stack of two TopK runs and its step, not for the third run
-    with pytest.raises(PipelineError, match=r"needs about .* MiB for 3 runs but .* MiB is available: 2 of its runs fit"):
-        run_sweep(spec(cache, tmp_path / "m"), {}, name="t", memory_budget=budget)
+    s = spec(cache, tmp_path / "m")
+    s["sweep"].update(k=[3], seed=[0, 1])  # a stack of two TopK runs, then one of two standard runs
+    with pytest.raises(PipelineError, match=r"needs about .* MiB for 4 runs but .* MiB is available: 2 of its runs fit"):
+        run_sweep(s, {}, name="t", memory_budget=budget)

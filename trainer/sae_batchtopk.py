@@ -23,6 +23,15 @@ threshold given to every latent). With a unit-norm decoder (kept by the loop, as
 threshold is one number per run; `calibrate_threshold` can also set it from data so that the
 inference L0 over that data is exactly k. Runs in one stack share d_in and d_sae; k, aux_k,
 aux_k_coef, dead_tokens_threshold, threshold_lr and the seed may differ per run.
+
+The training step computes the same thing as autograd through the formulas above, without their
+dense work (trainer.kernels_batch): the pre-activations are computed without a graph, the top k*B
+is found exactly from a threshold guessed below it (a compare pass and an order statistic over
+~1.2 k*B candidates, not a `topk` over all B * d_sae values), and the kept entries, a variable
+number per token, go through sparse decoder and encoder kernels whose backward touches only them.
+The dead-latent counts and the batch threshold come from those sparse codes too. The `select`
+hook (swapped by data-parallel training) is still honoured: its dense output's positive entries
+are the kept ones.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from typing import Iterable, Sequence
 import torch
 
 from pipeline.errors import PipelineError
+from trainer.kernels_batch import BatchCodes, BatchTopKSelector, codes_from_dense, codes_from_flat, segment_decode, \
+    segment_pre_acts
 from trainer.registry import register_architecture
 from trainer.sae_jumprelu import jumprelu, load_threshold
 from trainer.sae_topk import TopKConfig, TopKSAE, topk_per_run
@@ -79,10 +90,19 @@ class BatchTopKSAE(TopKSAE):
         # and the number of batches it has seen (the moving average starts as a plain mean).
         self.register_buffer("threshold", torch.zeros(R, d_sae))
         self.register_buffer("threshold_batches", torch.zeros(R, dtype=torch.long))
+        # Finds the batch-wide top k*B exactly without sorting every value (trainer.kernels_batch);
+        # its state is a guess that only saves work, so it is not saved with the model.
+        self._selector = BatchTopKSelector()
 
     def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
-        super().after_step(out, n_tokens)
-        self.update_threshold(out["latents"])
+        if "fired" in out:  # this process's own selection: counted from the sparse codes in forward
+            self._count_tokens(out["fired"] > 0, n_tokens)
+        else:  # dense latents (gathered from every rank in data-parallel training)
+            self.update_dead(out["latents"], n_tokens)
+        if "batch_threshold" in out:
+            self._move_threshold(out["batch_threshold"].view(-1))
+        else:
+            self.update_threshold(out["latents"])
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
         weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
@@ -122,7 +142,10 @@ class BatchTopKSAE(TopKSAE):
         """Move each run's threshold toward this batch's (`batch_threshold`): by 1 / (n + 1) for
         its first batches (a plain mean), then by threshold_lr. A run whose batch kept nothing
         (or went NaN) is left as it was. Call once per training step, after forward."""
-        t_b = self.batch_threshold(latents)
+        self._move_threshold(self.batch_threshold(latents))
+
+    def _move_threshold(self, t_b: torch.Tensor) -> None:
+        """`update_threshold` from the batch thresholds t_b (R,) themselves."""
         ok = torch.isfinite(t_b)
         rate = torch.maximum(self.threshold_lr, 1.0 / (self.threshold_batches + 1).to(torch.float32))
         rate = torch.where(ok, rate, torch.zeros_like(rate)).unsqueeze(1)
@@ -148,18 +171,65 @@ class BatchTopKSAE(TopKSAE):
 
     # -- the training step's forward -----------------------------------------------------------
 
+    def batch_sizes(self, B: int) -> list[int]:
+        """Entries each run keeps over a batch of B rows: k[r] * B (host ints, no device sync)."""
+        return [k * B for k in self._k_host]
+
+    @torch.no_grad()
+    def select_codes(self, pre: torch.Tensor) -> tuple[BatchCodes, torch.Tensor | None]:
+        """The batch-wide selection over `pre (R, B, d_sae)` (computed without autograd) as sparse
+        codes of its positive entries, and the dense latents when the `select` hook gave them.
+
+        The default hook is done without forming dense latents (`BatchTopKSelector`); a swapped-in
+        hook (data-parallel training: a threshold over every rank's rows) returns dense latents
+        (the kept entries ReLU'd, zeros elsewhere) whose positive entries are the codes."""
+        if self.select is batch_topk_per_run:
+            flat, vals = self._selector(pre, self.batch_sizes(pre.shape[1]))
+            return codes_from_flat(flat, vals, tuple(pre.shape)), None
+        latents = self.select(pre, self.k, self.k_max)
+        return codes_from_dense(latents), latents
+
+    def sparse_step(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchCodes, torch.Tensor | None, torch.Tensor]:
+        """What both forwards share: `(pre (R, B, d_sae) without a graph, codes, dense latents from a
+        swapped-in hook or None, the kept pre-activations (nnz,) carrying the encoder's graph)`.
+
+        Every pre-activation is needed only to choose the kept ones; the gradient reaches the encoder
+        through those alone (`segment_pre_acts`), so there is no graph over (R, B, d_sae)."""
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+            codes, latents = self.select_codes(pre)
+        return pre, codes, latents, segment_pre_acts(codes, x, self.W_enc, self.b_enc, self.input_bias)
+
+    def step_outputs(self, pre: torch.Tensor, codes: BatchCodes,
+                     latents: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """A forward's `l0`, `threshold` and dense `latents` (written over pre, which must no
+        longer be needed), and, when the selection was this process's own, the firing counts and
+        batch threshold that `after_step` and the loop read instead of the dense latents.
+        (Data-parallel training must not get these: they cover this rank's rows only, where
+        `after_step` needs the global batch's.)"""
+        B = pre.shape[1]
+        out = {"l0": codes.run_counts.to(pre.dtype) / B, "threshold": self.threshold.mean(dim=-1)}
+        if latents is None:
+            out["fired"] = codes.fired(pre.dtype)
+            # (R, 1), not (R,): the loop logs every (R,) output as a metric.
+            out["batch_threshold"] = codes.batch_threshold(self.batch_sizes(B)).unsqueeze(1)
+            latents = codes.dense_into(pre)
+        out["latents"] = latents
+        return out
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l0`, `threshold` (each (R,); `threshold` is the
-        inference threshold so far, logged), `latents` (R, batch, d_sae) and `recon` (R, batch, d_in).
-        loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK. Backpropagate `loss.sum()`."""
-        pre = self.pre_acts(x)
-        latents = self.select(pre, self.k, self.k_max)
-        recon = self.decode(latents)
+        inference threshold so far, logged), `latents` (R, batch, d_sae, detached) and `recon`
+        (R, batch, d_in). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK. Backpropagate
+        `loss.sum()`. With the default selection also `fired` (R, d_sae) and `batch_threshold`
+        (R, 1), for `after_step` and the loop's firing counts."""
+        pre, codes, latents, kept = self.sparse_step(x)
+        R, B, _ = pre.shape
+        recon = segment_decode(kept, self.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1)
         residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual)
-        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
-        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0,
-                "threshold": self.threshold.mean(dim=-1), "latents": latents, "recon": recon}
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x)
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, **self.step_outputs(pre, codes, latents),
+                "recon": recon}

@@ -13,17 +13,32 @@ K(u) = 1[|u| < 1/2] of width `bandwidth` eps:
     d H / d theta        = -(1 / eps)     K((pre - theta) / eps)
 
 while pre gets the ordinary gradient through the kept latents (and none through the step), as in
-the paper: the L0 penalty moves the thresholds only. The threshold is learnt in log space (one
-per latent, so it stays positive). Decoder rows are kept unit-norm (the loop's constraint), which
-fixes the scale shared by encoder, threshold and decoder. Runs in one stack share d_in, d_sae and
-the L0 warm-up; the L0 coefficient, initial threshold, bandwidth and the seed may differ per run.
-At inference (and in SAELens's `jumprelu` format) the same JumpReLU with the learnt thresholds
-applies, so an export has the L0 the run had in training.
+the paper: the L0 penalty moves the thresholds only. Decoder rows are kept unit-norm (the loop's
+constraint), which fixes the scale shared by encoder, threshold and decoder: a latent's value is
+the coefficient of a unit direction of the data, so thresholds live on the data's scale.
+
+Two choices make a short run reach its sparse solution (DeepMind trains for billions of tokens;
+here a run is often 1-2M tokens, a few hundred steps):
+
+- **Data units.** `init_threshold` and `bandwidth` are multiples of the data's scale
+  sigma = sqrt(mean ||y - b_dec||^2 / d_out), the rms per dimension of the first batch around b_dec
+  (y: what is reconstructed), set with b_dec by `init_b_dec`. Defaults then mean the same on any
+  cache, as DeepMind's absolute values do on data normalised to E||x||^2 = d.
+- **A faster threshold.** Adam moves a parameter by about lr per step whatever its gradient's
+  size, so a threshold learnt as log(theta) changes by a factor e^(lr x steps) at most: 1.3x in
+  250 steps at lr 1e-3, while an L0 near d_in / 4 needs 2-3x the initial threshold. The parameter
+  is log(theta) / threshold_rate instead, so Adam moves log(theta) by about lr x threshold_rate per
+  step (2% at lr 1e-3 and the default rate 20). The gradient reaching that parameter is
+  threshold_rate times d loss / d log(theta); nothing else changes.
+
+Runs in one stack share d_in, d_sae and the L0 warm-up; the L0 coefficient, initial threshold,
+bandwidth, threshold rate and the seed may differ per run. At inference (and in SAELens's `jumprelu`
+format) the same JumpReLU with the learnt thresholds applies, so an export has the L0 the run had
+in training.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,6 +46,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from trainer.kernels_jumprelu import jumprelu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run, shared
 
@@ -48,9 +64,11 @@ class JumpReLUConfig:
     l0_warmup_steps: int = 0
     """Steps over which the L0 weight ramps linearly from 0 to l0_coefficient (0 = none)."""
     init_threshold: float = 0.2
-    """Every latent's threshold at init (in units of the pre-activations)."""
-    bandwidth: float = 0.05
-    """Width eps of the rectangle kernel of the straight-through estimators."""
+    """Every latent's threshold at init, in units of the data's rms per dimension around b_dec."""
+    bandwidth: float = 0.2
+    """Width eps of the straight-through estimators' rectangle kernel, in the same units."""
+    threshold_rate: float = 20.0
+    """How fast thresholds learn: Adam moves log(threshold) by about lr x threshold_rate per step."""
     seed: int = 0
     """Seed of this run's initial weights."""
     dec_init_norm: float = 1.0
@@ -130,21 +148,51 @@ class JumpReLUSAE(StackedSAE):
     def __init__(self, cfgs: JumpReLUConfig | Sequence[JumpReLUConfig]):
         super().__init__(cfgs)
         for c in self.cfgs:
-            if not (c.init_threshold > 0 and c.bandwidth > 0):
-                raise PipelineError(f"init_threshold ({c.init_threshold}) and bandwidth ({c.bandwidth}) "
-                                    "must be positive")
+            if not (c.init_threshold > 0 and c.bandwidth > 0 and c.threshold_rate > 0):
+                raise PipelineError(f"init_threshold ({c.init_threshold}), bandwidth ({c.bandwidth}) and "
+                                    f"threshold_rate ({c.threshold_rate}) must be positive")
         # The warm-up is one schedule for the stack: forward applies one l0_scale per step.
         self.l0_warmup_steps = shared(self.cfgs, "l0_warmup_steps")
         self.register_buffer("l0_coefficient", per_run(self.cfgs, "l0_coefficient", torch.float32))
         self.register_buffer("bandwidth", per_run(self.cfgs, "bandwidth", torch.float32))
-        init = torch.tensor([math.log(c.init_threshold) for c in self.cfgs], dtype=torch.float32)
-        self.log_threshold = nn.Parameter(init.view(-1, 1).repeat(1, self.d_sae))  # (R, d_sae)
+        self.register_buffer("threshold_rate", per_run(self.cfgs, "threshold_rate", torch.float32))
+        # sigma per run (see the module docstring): 1 until init_b_dec sees data, so a model used
+        # without the loop takes init_threshold and bandwidth as absolute values.
+        self.register_buffer("data_scale", torch.ones(self.n_runs))
+        # (R, d_sae): log(threshold) / threshold_rate, the parameter Adam sees.
+        self.threshold_param = nn.Parameter(torch.zeros(self.n_runs, self.d_sae))
+        self._set_threshold(per_run(self.cfgs, "init_threshold", torch.float32).view(-1, 1).expand(-1, self.d_sae))
         self._l0_scale = 1.0
+
+    @property
+    def log_threshold(self) -> torch.Tensor:
+        """(R, d_sae) log thresholds, threshold_rate x threshold_param."""
+        return self.threshold_param * self.threshold_rate.unsqueeze(1)
 
     @property
     def threshold(self) -> torch.Tensor:
         """(R, d_sae) thresholds, exp(log_threshold)."""
         return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def _set_threshold(self, threshold: torch.Tensor, run: int | None = None) -> None:
+        """Set the thresholds (R, d_sae), or run `run`'s (d_sae,), through the parametrisation."""
+        param = self.threshold_param if run is None else self.threshold_param[run]
+        rate = self.threshold_rate.unsqueeze(1) if run is None else self.threshold_rate[run]
+        param.copy_(threshold.to(param.dtype).clamp_min(1e-30).log() / rate)
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor, method: str = "mean", target: torch.Tensor | None = None) -> None:
+        """b_dec as every architecture, then sigma from the same sample around it, and the initial
+        thresholds init_threshold x sigma (not when `method` is "keep": a loaded SAE keeps its own)."""
+        super().init_b_dec(sample, method, target=target)
+        y = sample if target is None else target
+        y = y.to(device=self.b_dec.device, dtype=torch.float32)
+        centred = (y if y.dim() == 3 else y.unsqueeze(0)) - self.b_dec.float().unsqueeze(1)  # (R, n, d_out)
+        self.data_scale.copy_(centred.pow(2).mean(dim=(1, 2)).sqrt().clamp_min(1e-12))
+        if method != "keep":
+            init = per_run(self.cfgs, "init_threshold", torch.float32).to(self.data_scale.device) * self.data_scale
+            self._set_threshold(init.view(-1, 1).expand(-1, self.d_sae))
 
     def on_step(self, step: int, total_steps: int | None) -> None:
         """L0 warm-up: the factor forward applies at this step."""
@@ -158,8 +206,7 @@ class JumpReLUSAE(StackedSAE):
     @torch.no_grad()
     def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
         super().load_run(run, weights, cfg)
-        threshold = load_threshold(weights, self.log_threshold[run])
-        self.log_threshold[run] = threshold.to(self.log_threshold.dtype).clamp_min(1e-30).log()
+        self._set_threshold(load_threshold(weights, self.threshold_param[run]), run)
 
     # -- forward pieces ------------------------------------------------------------------------
 
@@ -173,17 +220,24 @@ class JumpReLUSAE(StackedSAE):
                 l0_scale: float | None = None) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
-        Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae) and `recon`
-        (R, batch, d_in). aux_loss = l0_scale * l0_coefficient * L0 (the straight-through L0), so
-        loss = mse + aux_loss. `l0_scale` is the warm-up factor (default: the one `on_step` set).
-        Backpropagate `loss.sum()`: runs share no parameters."""
-        pre = self.pre_acts(x)
-        threshold = self.threshold.unsqueeze(1)  # (R, 1, d_sae)
-        bandwidth = self.bandwidth.view(-1, 1, 1)
-        latents = JumpReLUFunction.apply(pre, threshold, bandwidth)
-        recon = self.decode(latents)
+        Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae), `recon`
+        (R, batch, d_in) and `fired` (R, d_sae): per latent, the tokens it is active on.
+        aux_loss = l0_scale * l0_coefficient * L0 (the straight-through L0), so loss = mse + aux_loss.
+        `l0_scale` is the warm-up factor (default: the one `on_step` set). Backpropagate
+        `loss.sum()`: runs share no parameters."""
+        bandwidth = self.bandwidth * self.data_scale  # (R,): in the data's units
+        if self.is_transcoder:  # the fused kernel assumes one width in and out: plain autograd here
+            pre = self.pre_acts(x)
+            threshold = self.threshold.unsqueeze(1)  # (R, 1, d_sae)
+            latents = JumpReLUFunction.apply(pre, threshold, bandwidth.view(-1, 1, 1))
+            recon = self.decode(latents)
+            l0 = StepFunction.apply(pre, threshold, bandwidth.view(-1, 1, 1)).sum(dim=-1).mean(dim=-1)  # (R,)
+            fired = (latents.detach() > 0).sum(dim=1).to(recon.dtype)
+        else:  # trainer.kernels_jumprelu: the same step, fused (latent-major, one pass in cache)
+            self._check_input(x)
+            latents, recon, l0, fired = jumprelu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec,
+                                                     self.threshold, bandwidth)
         mse = self.mse(x if target is None else target, recon)
-        l0 = StepFunction.apply(pre, threshold, bandwidth).sum(dim=-1).mean(dim=-1)  # (R,): the L0 itself
         aux_loss = (self._l0_scale if l0_scale is None else l0_scale) * self.l0_coefficient * l0
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0.detach(),
-                "latents": latents, "recon": recon}
+                "latents": latents, "recon": recon, "fired": fired}

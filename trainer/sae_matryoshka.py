@@ -12,9 +12,11 @@ its own:
 so the first latents learn the most general features (they carry every prefix's loss) and later
 ones refine them, which limits feature absorption. recon = recon_G is the full reconstruction and
 `mse` is its error. Everything else (the batch top-k, the threshold tracked for inference, AuxK on
-the full residual, the `jumprelu` export) is BatchTopK's, inherited. Runs in one stack share d_in,
-d_sae, the prefix widths and the prefix-loss reduction; k and the other BatchTopK settings may
-differ per run.
+the full residual, the `jumprelu` export) is BatchTopK's, inherited, including its sparse
+training step: each token's kept latents are summed per prefix group (one bag per token and
+group) and recon_g is the running sum of the groups' parts, so no prefix touches a dense
+latent. Runs in one stack share d_in, d_sae, the prefix widths and the prefix-loss reduction; k
+and the other BatchTopK settings may differ per run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import PipelineError
+from trainer.kernels_batch import BatchCodes, segment_decode
 from trainer.registry import register_architecture
 from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE
 from trainer.stack import shared
@@ -78,21 +81,39 @@ class MatryoshkaSAE(BatchTopKSAE):
             start = end
         return out
 
+    def prefix_bags(self, codes: BatchCodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each kept entry's bag, (token, prefix group) flattened as token * G + group, and each
+        bag's first entry: the codes are sorted by latent within a token, so a token's groups are
+        consecutive runs of its entries."""
+        G = len(self.prefix_widths)
+        widths = torch.tensor(self.prefix_widths, device=codes.latent.device)
+        bags = codes.token * G + torch.searchsorted(widths, codes.latent, right=True)
+        counts = torch.bincount(bags, minlength=codes.token_starts.numel() * G)
+        return bags, counts.cumsum(0).sub_(counts)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse` (the full reconstruction's), `prefix_mse` (the sum or mean of every
         prefix's MSE, the last prefix included), `aux_loss`, `l0`, `threshold` (each (R,)),
-        `latents` (R, batch, d_sae) and `recon` (R, batch, d_in). loss = prefix_mse + aux_loss.
-        Backpropagate `loss.sum()`."""
-        pre = self.pre_acts(x)
-        latents = self.select(pre, self.k, self.k_max)
+        `latents` (R, batch, d_sae, detached) and `recon` (R, batch, d_in), plus BatchTopK's
+        `fired` and `batch_threshold`. loss = prefix_mse + aux_loss. Backpropagate `loss.sum()`.
+
+        Each prefix group's part of every token's reconstruction is one sparse bag sum; the
+        prefixes' reconstructions are their running sums over the groups."""
+        pre, codes, latents, kept = self.sparse_step(x)
+        R, B, _ = pre.shape
+        G = len(self.prefix_widths)
+        parts = segment_decode(kept, self.W_dec, codes, *self.prefix_bags(codes)).view(R, B, G, -1)
         target = x if x.dim() == 3 else x.unsqueeze(0)
-        recons = self.prefix_recons(latents)
-        mses = torch.stack([(target - r).pow(2).sum(dim=-1).mean(dim=-1) for r in recons])  # (G, R)
+        # Group by group (unbind: one gradient buffer for all of them, where slicing would zero a
+        # full-size one per group), not a cumsum over the groups' strided dimension (3x slower).
+        recon, mses = self.b_dec.unsqueeze(1), []
+        for part in parts.unbind(dim=2):
+            recon = recon + part
+            mses.append(self.mse(target, recon))
+        mses = torch.stack(mses)  # (G, R)
         prefix_mse = mses.sum(dim=0) if self.prefix_loss == "sum" else mses.mean(dim=0)
-        recon = recons[-1]
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, target - recon)
-        l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, target - recon, x)
         return {"loss": prefix_mse + aux_loss, "mse": mses[-1], "prefix_mse": prefix_mse, "aux_loss": aux_loss,
-                "l0": l0, "threshold": self.threshold.mean(dim=-1), "latents": latents, "recon": recon}
+                **self.step_outputs(pre, codes, latents), "recon": recon}

@@ -2,10 +2,11 @@
 
 A sweep TOML has a `[base]` table (any `pipeline train` field) and either a `[sweep]` table of
 lists, whose product gives the runs, or a list of `[[runs]]` tables of overrides. Every batch is
-read once and steps every run: runs of one architecture and shape form one stack (the trainer's
-R dimension, one batched matmul for all of them); different ones form separate stacks stepped on
-the same batch. Each run stops at its own token budget, a run that fails (bad config, NaN/Inf) is
-reported and the others go on, and the whole sweep checkpoints and resumes as one.
+read once and steps every run: runs of one architecture and shape (and, for the TopK family, one
+k) form one stack (the trainer's R dimension, one batched matmul for all of them); different ones
+form separate stacks stepped on the same batch. Each run stops at its own token budget, a run that
+fails (bad config, NaN/Inf) is reported and the others go on, and the whole sweep checkpoints and
+resumes as one.
 
     OUT/<run>/            the run's export (cfg.json, sae_weights, sparsity), summary.json, metrics.jsonl
     OUT/_sweep/checkpoint every stack, the loader position and the step, written atomically
@@ -43,6 +44,12 @@ SWEEP_WIDE = ("cache", "out", "batch_size", "device", "normalize", "log_every", 
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
 STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
                 "init_scale_search", "k_anneal_steps", "init_from")
+# Fields a stack pays its largest value of for every run (the TopK family selects and decodes the
+# stack's largest k for all of its runs), so runs that differ in them are not stacked where the
+# architecture has them: on the 2-core CPU of BENCHMARKS.md, 4 TopK runs of k = 16..128 (d_sae 1024)
+# took 564 ms a step as one stack against 342 ms as four, while four runs of one k stack at
+# 220 ms against 263 ms.
+STACK_BY_COST = ("k", "initial_k")
 # Fields that name a run when they vary across the sweep, with their short labels.
 LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "l0": "l0_", "lr": "lr", "seed": "s",
           "tokens": "t", "initial_k": "k0_"}
@@ -151,7 +158,9 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
         plan.runs.append(r)
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(plan.runs):
-        groups.setdefault(json.dumps([getattr(r, k) for k in STACK_SHARED]), []).append(i)
+        key = [getattr(r, k) for k in STACK_SHARED] + [getattr(r, k) if _relevant(r, k) else None
+                                                       for k in STACK_BY_COST]
+        groups.setdefault(json.dumps(key), []).append(i)
     plan.stacks = list(groups.values())
     return plan
 

@@ -1,0 +1,238 @@
+"""A fused forward/backward for the gated SAE's training step, batched over the run dimension R.
+
+The gated step (trainer/sae_gated.py) runs one encoder matmul into two paths and two decoder
+products (the reconstruction, and the gate's auxiliary reconstruction through a frozen copy of the
+decoder). Autograd through the plain formulas keeps a handful of (R, B, d_sae) tensors (the
+projection, pi_gate, pi_mag, the Heaviside mask, the latents, the gate's ReLU, their products and
+their gradients), streams each through memory once or twice per pass, runs the two decoder
+products and their two gradients as four separate matmuls, and computes the gradient of the
+centred input (an extra batch x d_in x d_sae matmul) only to sum it for b_dec. `gated_sae` does
+what `trainer.kernels.relu_sae` does for the ReLU SAE, and a little more:
+
+- Latent-major storage, (R, d_sae, B): per-latent reductions (firing counts, the gate's batch
+  sums, the bias gradients) sum contiguous rows, and the matmuls are as fast as token-major
+  (BLAS takes the transposes).
+- The latents and the gate's ReLU lie side by side in ONE (R, d_sae, 2B) tensor: one matmul with
+  the decoder gives both reconstructions (the frozen copy is the same tensor, frozen for autograd
+  only), and one with the decoder gives the gradients of both, the L1's weight (decoder norms / B,
+  reaching the gate's ReLU only) riding as an extra column. The step needs the 7 (batch x d_in x
+  d_sae) matmuls a gated step inherently has: the encoder, the double-width decoder (2), the
+  double-width gradient of [latents | gate] (2), grad W_dec, grad W_enc; b_gate rides in the
+  encoder's as an extra input column, b_dec in the decoder's accumulator.
+- Forward: the encoder writes pi_gate straight into the gate's half; one chunked pass (~2 MiB
+  chunks, in cache) computes pi_mag into the latents' half, the gate, both ReLUs (one op over the
+  two halves) and the per-latent counts and sums, in place.
+- Backward: every backward matmul except the gradient of [latents | gate] itself splits by latent
+  (grad W_enc's columns, grad W_dec's rows), so that gradient is formed one chunk of latents at a
+  time (32 MiB: the matmul slows down below that), masked (`threshold_backward`, one op over both
+  halves), reduced to the bias gradients (one row sum) and turned into the projection's gradient
+  in place, then consumed by the chunk's grad W_enc and grad W_dec: the (R, d_sae, 2B) gradient is
+  never materialized.
+- r_mag's gradient sum_b grad_pi_mag * proj * exp(r_mag) = sum_b grad_pi_mag * (latents - b_mag)
+  (pi_mag equals the latents wherever its gradient is non-zero), and sum_b grad_pi_mag * latents is
+  the row-wise dot of W_dec with latents_t @ grad_recon, grad W_dec's own product: no pass at all.
+- b_dec's gradient through the centred input is -W_enc @ sum_b grad_proj, and that batch sum is
+  grad_b_gate + exp(r_mag) * grad_b_mag, already reduced: x's gradient (a full matmul) is computed
+  only when x requires one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd import Function
+
+# Bytes of the (R, d_sae, 2B) tensor per chunk of the forward's elementwise pass: a chunk's rows
+# and their temporaries stay in cache (as trainer.kernels' ReLU-and-count pass).
+_FWD_CHUNK_BYTES = 1 << 21
+# Bytes of the backward's (latents, 2B) gradient chunk. Larger than the forward's: each chunk's
+# gradient comes from a matmul whose other operand (d_in + 1, 2B) is re-packed per call, and small
+# chunks make that matmul up to 2x slower (measured, d_sae 2048-32768, batch 4096: 16 MiB and 64 MiB
+# chunks were 3-7% slower steps than 32 MiB).
+_BWD_CHUNK_BYTES = 1 << 25
+
+_threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
+
+
+def _chunk_rows(B: int, element_size: int, chunk_bytes: int) -> int:
+    """Latents per chunk: rows of 2B values (latents and the gate's ReLU side by side)."""
+    return max(1, chunk_bytes // (2 * B * element_size))
+
+
+def _row_chunks(rows: int, *tensors: torch.Tensor) -> zip:
+    """Chunks of `rows` latents of every (R, S) or (R, S, n) tensor, zipped: each as (R * S, n)
+    views split in one call (cheaper than slicing per chunk; the chunks' ops are short). A chunk may
+    hold the last latents of one run and the first of the next: every op here is row by row."""
+    return zip(*((t if t.dim() == 3 else t.unsqueeze(-1)).flatten(0, 1).split(rows) for t in tensors))
+
+
+class _GatedSAE(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor,
+                b_mag: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
+                frozen_l1_norms: bool) -> tuple[torch.Tensor, ...]:
+        R, d, S = W_enc.shape
+        B = x.shape[-2]
+        x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
+        # b_gate rides in the encoder matmul as an extra input column (no pass over (R, S, B) to add it).
+        x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
+        W_enc_aug = torch.cat([W_enc, b_gate.unsqueeze(1)], dim=1)
+        # [latents | gate_acts], latent-major: one decoder matmul serves both reconstructions.
+        both = x_c.new_empty(R, S, 2 * B)
+        lat_t, gate_t = both[..., :B], both[..., B:]
+        # pi_gate = [x_c, 1] @ [W_enc; b_gate] goes straight into the gate's half (BLAS writes a
+        # strided block). One matmul: per chunk, small matmuls re-pack x_c each time (measured slower).
+        torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2), out=gate_t)
+        scale = r_mag.exp()
+        # pi_mag = proj * exp(r_mag) + b_mag = pi_gate * exp(r_mag) + (b_mag - b_gate * exp(r_mag)).
+        mag_bias = torch.addcmul(b_mag, b_gate, scale, value=-1)
+        fired = x_c.new_empty(R, S)
+        gate_sum = x_c.new_empty(R, S)
+        rows = _chunk_rows(B, both.element_size(), _FWD_CHUNK_BYTES)
+        for chunk, sc, bm, f, gs in _row_chunks(rows, both, scale, mag_bias, fired, gate_sum):
+            m, g = chunk[:, :B], chunk[:, B:]
+            # (mul and add_: an addcmul with a broadcast first operand is 5x slower.)
+            torch.mul(g, sc, out=m).add_(bm)
+            # H(pi_gate) * relu(pi_mag): threshold_backward keeps m where pi_gate > 0.
+            _threshold_backward_(m, g, 0, grad_input=m)
+            chunk.relu_()  # both halves: the latents, and the gate's ReLU
+            # 0/1 floats: exact up to 2**24 tokens, with no int64 copy (as relu_sae).
+            torch.sum(torch.sign(m), dim=1, keepdim=True, out=f)
+            torch.sum(g, dim=1, keepdim=True, out=gs)
+        # Both reconstructions, b_dec entering the matmul's accumulator: rows :B are latents @ W_dec,
+        # rows B: the gate's ReLU @ the (frozen, for autograd) decoder.
+        recons = torch.baddbmm(b_dec.unsqueeze(1), both.transpose(1, 2), W_dec)
+        norms = W_dec.norm(dim=-1)
+        # mean_b sum_s gate_acts[b, s] * norms[s] needs only each latent's batch sum.
+        l1 = (gate_sum * norms).sum(dim=-1) / B
+        l0 = fired.sum(dim=-1) / B
+        ctx.save_for_backward(x_c, W_enc, scale, b_mag, W_dec, norms, gate_sum, both)
+        ctx.x_dim, ctx.frozen_l1_norms = x.dim(), frozen_l1_norms
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(l0, fired)
+        return lat_t.transpose(1, 2), recons[:, :B], recons[:, B:], l1, l0, fired
+
+    @staticmethod
+    def backward(ctx: Any, grad_latents: torch.Tensor | None, grad_recon: torch.Tensor | None,
+                 grad_gate_recon: torch.Tensor | None, grad_l1: torch.Tensor | None, _grad_l0: None,
+                 _grad_fired: None) -> tuple:
+        x_c, W_enc, scale, b_mag, W_dec, norms, gate_sum, both = ctx.saved_tensors
+        R, d, S = W_enc.shape
+        B = both.shape[2] // 2
+        lat_t = both[..., :B]
+        need_x, need_W_enc, need_b_gate, need_r_mag, need_b_mag, need_b_dec, need_W_dec, _ = ctx.needs_input_grad
+        # The L1's pull on the decoder norms, unless they count as a frozen copy's.
+        l1_to_W_dec = grad_l1 if not ctx.frozen_l1_norms else None
+        grads: dict[str, torch.Tensor | None] = dict.fromkeys(
+            ("x", "W_enc", "b_gate", "r_mag", "b_mag", "b_dec", "W_dec"))
+
+        need_enc = any((need_x, need_W_enc, need_b_gate, need_r_mag, need_b_mag, need_b_dec))
+        # W_dec's gradient from the reconstruction (the auxiliary one reads a frozen copy): chunk by
+        # chunk below, where each chunk's latents are read anyway, else here in one matmul.
+        grad_W_dec = None
+        if need_W_dec and grad_recon is not None:
+            grad_W_dec = W_dec.new_empty(W_dec.shape) if need_enc else torch.bmm(lat_t, grad_recon)
+        elif need_W_dec and l1_to_W_dec is not None:
+            grad_W_dec = torch.zeros_like(W_dec)
+
+        if need_enc:
+            # d loss / d [latents | gate_acts] = W_dec_aug @ grad_out_t: rows :d of grad_out_t are the
+            # reconstructions' gradients (columns :B recon, B: gate_recon), row d the L1's weight
+            # 1 / B on the gate's half, against the norms column of W_dec_aug.
+            # Token-major, (R, 2B, d + 1): filled by row copies (transposed copies are slower), and
+            # the matmul reads it transposed as fast.
+            grad_out = both.new_zeros(R, 2 * B, d + 1)
+            if grad_recon is not None:
+                grad_out[:, :B, :d] = grad_recon
+            if grad_gate_recon is not None:
+                grad_out[:, B:, :d] = grad_gate_recon
+            if grad_l1 is not None:
+                grad_out[:, B:, d] = (grad_l1 / B).unsqueeze(1)
+            grad_out_t = grad_out.transpose(1, 2)
+            W_dec_aug = torch.cat([W_dec, norms.unsqueeze(-1)], dim=-1)
+            # Per latent, [grad b_mag, grad b_gate]: one row sum over both halves of a chunk.
+            grad_bias = both.new_empty(R, S, 2)
+            lat_dot = both.new_empty(R, S)
+            grad_W_enc = W_enc.new_empty(W_enc.shape) if need_W_enc else None
+            grad_xc = x_c.new_zeros(R, B, d) if need_x else None
+            # r_mag's gradient needs sum_b grad_pi_mag * latents = sum_b grad_latents * latents (the
+            # mask only drops zeros of the latents), and with grad_latents = W_dec @ grad_recon^T that
+            # is the row-wise dot of W_dec with latents_t @ grad_recon: grad W_dec's own matmul. Else
+            # (latents given a gradient of their own, or no grad W_dec to compute) a product per chunk.
+            dot_from_W_dec = grad_W_dec is not None and grad_recon is not None and grad_latents is None
+            # That gradient is formed one chunk of latents at a time (module docstring): every other
+            # backward matmul splits by latent, so the whole (S, 2B) gradient is never materialized.
+            rows = min(S, _chunk_rows(B, both.element_size(), _BWD_CHUNK_BYTES))
+            sub = _chunk_rows(B, both.element_size(), _FWD_CHUNK_BYTES)
+            grad_chunk = both.new_empty(rows, 2 * B)
+            scratch = None if dot_from_W_dec else both.new_empty(rows, B)
+            for r in range(R):
+                for start in range(0, S, rows):
+                    sl = slice(start, min(S, start + rows))
+                    n = sl.stop - start
+                    gb = torch.mm(W_dec_aug[r, sl], grad_out_t[r], out=grad_chunk[:n])
+                    gm, gg, lat = gb[:, :B], gb[:, B:], lat_t[r, sl]
+                    if grad_latents is not None:
+                        gm += grad_latents[r, :, sl].t()
+                    if grad_W_dec is not None and grad_recon is not None:
+                        torch.mm(lat, grad_recon[r], out=grad_W_dec[r, sl])
+                    if dot_from_W_dec:
+                        torch.linalg.vecdot(W_dec[r, sl], grad_W_dec[r, sl], out=lat_dot[r, sl])
+                    else:
+                        torch.sum(torch.mul(gm, lat, out=scratch[:n]), dim=1, out=lat_dot[r, sl])
+                    # The elementwise work in sub-chunks of the forward's size, each in cache (the
+                    # chunk itself is as large as its matmul needs).
+                    for g2, act, gbias, sc in zip(gb.split(sub), both[r, sl].split(sub), grad_bias[r, sl].split(sub),
+                                                  scale[r, sl].unsqueeze(1).split(sub)):
+                        # grad pi_mag where latents > 0 (the gate open and pi_mag > 0: H passes none),
+                        # and grad pi_gate where the gate's ReLU is > 0; both halves in one op.
+                        _threshold_backward_(g2, act, 0, grad_input=g2)
+                        torch.sum(g2.view(len(g2), 2, B), dim=2, out=gbias)
+                        # grad proj = grad pi_gate + exp(r_mag) * grad pi_mag, in the gate's half.
+                        g2[:, B:].addcmul_(g2[:, :B], sc)
+                    if grad_W_enc is not None:
+                        torch.mm(x_c[r].t(), gg.t(), out=grad_W_enc[r, :, sl])
+                    if grad_xc is not None:
+                        grad_xc[r].addmm_(gg.t(), W_enc[r, :, sl].t())
+            grad_b_mag, grad_b_gate = grad_bias.unbind(-1)
+            grads["W_enc"], grads["b_gate"], grads["b_mag"] = grad_W_enc, grad_b_gate, grad_b_mag
+            # d pi_mag / d r_mag = proj * exp(r_mag) = pi_mag - b_mag, and pi_mag = latents wherever
+            # its gradient is non-zero.
+            grads["r_mag"] = lat_dot - b_mag * grad_b_mag
+            if need_x:
+                grads["x"] = grad_xc if ctx.x_dim == 3 else grad_xc.sum(dim=0)
+            if need_b_dec:
+                # -sum_b d loss / d x_c = -W_enc @ sum_b grad_proj, that sum from the bias gradients.
+                proj_sum = torch.addcmul(grad_b_gate, scale, grad_b_mag)
+                grads["b_dec"] = -torch.bmm(W_enc, proj_sum.unsqueeze(-1)).squeeze(-1)
+
+        if grad_W_dec is not None and l1_to_W_dec is not None:
+            # d l1 / d W_dec[s] = gate_sum[s] / B * W_dec[s] / ||W_dec[s]||
+            unit_scale = torch.where(norms > 0, gate_sum / norms, torch.zeros_like(norms))
+            grad_W_dec.addcmul_(W_dec, (unit_scale * (l1_to_W_dec / B).unsqueeze(1)).unsqueeze(-1))
+        grads["W_dec"] = grad_W_dec
+        if need_b_dec and grad_recon is not None:
+            # recon's b_dec (gate_recon's is a frozen copy).
+            grads["b_dec"] = grad_recon.sum(dim=1) if grads["b_dec"] is None else grads["b_dec"] + grad_recon.sum(dim=1)
+        needs = (need_x, need_W_enc, need_b_gate, need_r_mag, need_b_mag, need_b_dec, need_W_dec)
+        return (*(g if need else None for g, need in zip(grads.values(), needs)), None)
+
+
+def gated_sae(x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor,
+              b_mag: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
+              frozen_l1_norms: bool = False) -> tuple[torch.Tensor, ...]:
+    """A gated SAE's forward for R runs: `(latents (R, B, d_sae), recon (R, B, d_in),
+    gate_recon (R, B, d_in), l1 (R,), l0 (R,), fired (R, d_sae))`.
+
+    proj = (x - b_dec) @ W_enc, pi_gate = proj + b_gate, pi_mag = proj * exp(r_mag) + b_mag,
+    latents = H(pi_gate) * relu(pi_mag), recon = latents @ W_dec + b_dec,
+    gate_recon = relu(pi_gate) @ W_dec' + b_dec' with W_dec', b_dec' frozen copies (no gradient
+    through them), l1 = mean over the batch of sum_i relu(pi_gate)_i * ||W_dec_i||, l0 = mean over
+    the batch of the active latents, fired = per latent, the tokens it is active on (l0 and fired
+    carry no gradient). With `frozen_l1_norms`, the L1's decoder norms are a frozen copy's too:
+    W_dec's gradient then comes from `recon` alone (trainer/sae_gated.py says why). `latents` is a
+    transposed view of a latent-major tensor. Differentiable in everything (latents too, through the
+    magnitudes only: H passes no gradient); x's gradient (a full matmul) is computed only when x
+    requires one. Shapes: x (B, d_in) or (R, B, d_in), W_enc (R, d_in, d_sae), b_gate, r_mag, b_mag
+    (R, d_sae), b_dec (R, d_in), W_dec (R, d_sae, d_in)."""
+    return _GatedSAE.apply(x, W_enc, b_gate, r_mag, b_mag, b_dec, W_dec, frozen_l1_norms)
