@@ -177,6 +177,20 @@ def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return fired, col_sum
 
 
+def encoder_grads(grad_pre_t: torch.Tensor, x_aug: torch.Tensor, W_enc: torch.Tensor, need_x: bool,
+                  x_dim: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the latent-major gradient of the pre-activations `(R, S, B)` and the ones-augmented
+    centred input `(R, B, d + 1)`: (grad x or None, grad W_enc, grad b_enc, the encoder's share of
+    grad b_dec). x's gradient is a full matmul, so only when needed; else b_dec's comes from b_enc's."""
+    d = W_enc.shape[1]
+    g = torch.bmm(x_aug.transpose(1, 2), grad_pre_t.transpose(1, 2))  # (R, d + 1, S): W_enc's, then b_enc's
+    grad_W_enc, grad_b_enc = g[:, :d], g[:, d]
+    if not need_x:
+        return None, grad_W_enc, grad_b_enc, -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+    grad_xc = torch.bmm(grad_pre_t.transpose(1, 2), W_enc.transpose(1, 2))
+    return grad_xc if x_dim == 3 else grad_xc.sum(dim=0), grad_W_enc, grad_b_enc, -grad_xc.sum(dim=1)
+
+
 class _ReluSAE(Function):
     # Latents are computed and kept latent-major, (R, d_sae, B): the per-latent counts then reduce
     # contiguous rows, and every matmul is as fast as in the token-major layout (BLAS transposes).
@@ -230,15 +244,7 @@ class _ReluSAE(Function):
             if grad_latents is not None:
                 grad_pre_t += grad_latents.transpose(1, 2)
             torch.ops.aten.threshold_backward.grad_input(grad_pre_t, latents_t, 0, grad_input=grad_pre_t)
-            # (R, d + 1, S): W_enc's gradient, then b_enc's from the ones column.
-            g = torch.bmm(x_aug.transpose(1, 2), grad_pre_t.transpose(1, 2))
-            grad_W_enc, grad_b_enc = g[:, :d], g[:, d]
-            if need_x:
-                grad_xc = torch.bmm(grad_pre_t.transpose(1, 2), W_enc.transpose(1, 2))
-                grad_x = grad_xc if ctx.x_dim == 3 else grad_xc.sum(dim=0)
-                grad_b_dec = -grad_xc.sum(dim=1)
-            else:
-                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+            grad_x, grad_W_enc, grad_b_enc, grad_b_dec = encoder_grads(grad_pre_t, x_aug, W_enc, need_x, ctx.x_dim)
         if grad_recon is not None:
             grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
         return (grad_x, grad_W_enc if need_W_enc else None, grad_b_enc if need_b_enc else None,

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
+from trainer.kernels import encoder_grads
+
 # Bytes per chunk of the elementwise passes: a chunk's temporaries stay in cache.
 _CHUNK_BYTES = 1 << 21
 
@@ -152,15 +154,7 @@ class _JumpReLUSAE(Function):
             l0_part = band_count * (grad_l0 / (B * eps)).unsqueeze(1)
             grad_theta = grad_theta.sub_(l0_part) if grad_theta is not None else l0_part.neg_()
         if need_pre and has_grad:
-            # (R, d + 1, S): W_enc's gradient, then b_enc's from the ones column.
-            g = torch.bmm(x_aug.transpose(1, 2), grad_t.transpose(1, 2))
-            grad_W_enc, grad_b_enc = g[:, :d], g[:, d]
-            if need_x:
-                grad_xc = torch.bmm(grad_t.transpose(1, 2), W_enc.transpose(1, 2))
-                grad_x = grad_xc if ctx.x_dim == 3 else grad_xc.sum(dim=0)
-                grad_b_dec = -grad_xc.sum(dim=1)
-            else:
-                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+            grad_x, grad_W_enc, grad_b_enc, grad_b_dec = encoder_grads(grad_t, x_aug, W_enc, need_x, ctx.x_dim)
         if grad_recon is not None:
             grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
         return (grad_x, grad_W_enc if need_W_enc else None, grad_b_enc if need_b_enc else None,
