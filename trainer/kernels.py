@@ -70,6 +70,15 @@ def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
     return out
 
 
+def centred_with_ones(x: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """`[x - b_dec, 1]` as (R, B, d + 1) for x (B, d) or (R, B, d) and b_dec (R, d): with the ones
+    column, a bias rides in the encoder matmul and its gradient in the weight gradient's matmul."""
+    R, d = b_dec.shape
+    B = x.shape[-2]
+    x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
+    return torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
+
+
 class _SparseDecode(Function):
     @staticmethod
     def forward(ctx: Any, idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -120,8 +129,7 @@ class _SparsePreActs(Function):
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         if need_W or need_b_enc or need_b_dec:
             # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
-            x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
-            x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1).view(R * B, d + 1)
+            x_aug = centred_with_ones(x, b_dec).view(R * B, d + 1)
             per_latent = _transposed_bag_sum(codes, grad_flat, x_aug, R * S).view(R, S, d + 1)
             if need_W:
                 grad_W = per_latent[..., :d].transpose(1, 2)
@@ -199,9 +207,8 @@ class _ReluSAE(Function):
                 W_dec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         R, d, S = W_enc.shape
         B = x.shape[-2]
-        x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
         # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).
-        x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
+        x_aug = centred_with_ones(x, b_dec)
         W_enc_aug = torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)
         latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2))  # (R, S, B)
         fired, col_sum = _relu_and_count_(latents_t)

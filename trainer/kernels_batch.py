@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from trainer.kernels import centred_with_ones
+
 # Candidates aimed for per kept entry when the threshold is guessed: enough that the guess rarely
 # lets fewer than n through (which costs a second pass), few enough that the order statistic over
 # them stays cheap.
@@ -284,8 +286,7 @@ class _SegmentPreActs(Function):
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         if need_W or need_b_enc or need_b_dec:
             # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
-            x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
-            x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1).view(R * B, d + 1)
+            x_aug = centred_with_ones(x, b_dec).view(R * B, d + 1)
             per_latent = _per_code_sum(codes, codes.token_by_code, grad, x_aug).view(R, S, d + 1)
             if need_W:
                 grad_W = per_latent[..., :d].transpose(1, 2)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import encoder_grads
+from trainer.kernels import centred_with_ones, encoder_grads
 
 # Bytes per chunk of the elementwise passes: a chunk's temporaries stay in cache.
 _CHUNK_BYTES = 1 << 21
@@ -98,9 +98,8 @@ class _JumpReLUSAE(Function):
                 W_dec: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         R, d, S = W_enc.shape
         B = x.shape[-2]
-        x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
         # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).
-        x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
+        x_aug = centred_with_ones(x, b_dec)
         W_enc_aug = torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)
         latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2))  # (R, S, B): pre
         eps = eps.to(latents_t.dtype)
