@@ -9,9 +9,10 @@ Autograd through the plain formulas wastes work an SAE step does not need:
   O(batch * k * d_in) instead of O(batch * d_sae * d_in).
 - For a ReLU SAE, autograd of `(x - b_dec) @ W_enc` also computes the gradient of the centred
   input (a sixth batch x d_sae x d_in matmul) only to sum it over the batch for b_dec; `relu_sae`
-  gets b_dec's share from b_enc's gradient instead, folds the biases and the decoder-norm-weighted
-  L1 into the matmuls (an extra row or column), and keeps one dense (batch, d_sae) temporary per
-  pass.
+  gets b_dec's share from b_enc's gradient instead (the row sums of the pre-activations' gradient,
+  taken in the ReLU backward's chunked pass), folds b_enc, b_dec and the decoder-norm-weighted L1
+  into the matmuls (an extra row or column), keeps one dense (batch, d_sae) temporary per pass, in
+  rows padded by a cache line, and computes W_enc's gradient transposed (the faster BLAS layout).
 
 Sparse codes are `idx (R, B, k)` (latent ids) with `vals (R, B, k)`; the gradients of W_dec and
 W_enc gather per latent with a stable sort and `embedding_bag`, which is deterministic on CPU and
@@ -163,6 +164,8 @@ def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, 
 # Bytes per chunk of the ReLU-and-count pass: a chunk's temporaries stay in cache.
 _COUNT_CHUNK_BYTES = 1 << 21
 
+_threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
+
 
 def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLU `latents_t (R, S, B)` (latent-major) in place and, in the same pass, per latent: the
@@ -185,18 +188,50 @@ def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return fired, col_sum
 
 
-def encoder_grads(grad_pre_t: torch.Tensor, x_aug: torch.Tensor, W_enc: torch.Tensor, need_x: bool,
-                  x_dim: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From the latent-major gradient of the pre-activations `(R, S, B)` and the ones-augmented
-    centred input `(R, B, d + 1)`: (grad x or None, grad W_enc, grad b_enc, the encoder's share of
-    grad b_dec). x's gradient is a full matmul, so only when needed; else b_dec's comes from b_enc's."""
+def padded_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An uninitialized tensor of `shape` whose rows are one cache line (64 bytes) longer than its
+    last dimension: with a power-of-two row length (the batch, at the usual sizes), the matmuls
+    writing and reading these rows alias in the cache (measured, batch 4096, d_sae 2048: the decoder
+    forward 13.4 -> 12.0 ms; the gated kernel's decoder and gradient matmuls 8-14% faster)."""
+    pad = max(1, 64 // like.element_size())
+    return like.new_empty(*shape[:-1], shape[-1] + pad)[..., :shape[-1]]
+
+
+def mask_and_sum_(grad_t: torch.Tensor, latents_t: torch.Tensor,
+                  grad_latents: torch.Tensor | None = None) -> torch.Tensor:
+    """The ReLU's backward in place on the latent-major gradient `grad_t (R, S, B)` (kept where
+    `latents_t > 0`), after adding `grad_latents (R, B, S)` if given; returns its row sums (R, S),
+    b_enc's gradient. Chunk by chunk, so the sum reads each chunk while it is still in cache."""
+    R, S, B = grad_t.shape
+    row_sum = grad_t.new_empty(R, S)
+    rows = max(1, _COUNT_CHUNK_BYTES // (B * grad_t.element_size()))
+    for r in range(R):
+        for start in range(0, S, rows):
+            sl = slice(start, min(S, start + rows))
+            g = grad_t[r, sl]
+            if grad_latents is not None:
+                g += grad_latents[r, :, sl].t()
+            _threshold_backward_(g, latents_t[r, sl], 0, grad_input=g)
+            torch.sum(g, dim=1, out=row_sum[r, sl])
+    return row_sum
+
+
+def encoder_grads(grad_pre_t: torch.Tensor, grad_b_enc: torch.Tensor, x_aug: torch.Tensor, W_enc: torch.Tensor,
+                  need_x: bool, x_dim: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """From the latent-major gradient of the pre-activations `(R, S, B)`, its row sums (b_enc's
+    gradient, `mask_and_sum_`) and the ones-augmented centred input `(R, B, d + 1)`: (grad x or None,
+    grad W_enc, the encoder's share of grad b_dec). x's gradient is a full matmul, so only when
+    needed; else b_dec's comes from b_enc's.
+
+    W_enc's gradient is computed transposed, `grad_pre_t @ x_c` (S x B @ B x d): 25% faster than
+    `x_c^T @ grad_pre_t^T` on this CPU (measured, batch 4096, d_in 128: 12.0 against 16.1 ms at
+    d_sae 2048), and with d columns rather than the d + 1 of the ones-augmented input (13.9 ms)."""
     d = W_enc.shape[1]
-    g = torch.bmm(x_aug.transpose(1, 2), grad_pre_t.transpose(1, 2))  # (R, d + 1, S): W_enc's, then b_enc's
-    grad_W_enc, grad_b_enc = g[:, :d], g[:, d]
+    grad_W_enc = torch.bmm(grad_pre_t, x_aug[..., :d]).transpose(1, 2)  # autograd copies it to W_enc's layout
     if not need_x:
-        return None, grad_W_enc, grad_b_enc, -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+        return None, grad_W_enc, -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
     grad_xc = torch.bmm(grad_pre_t.transpose(1, 2), W_enc.transpose(1, 2))
-    return grad_xc if x_dim == 3 else grad_xc.sum(dim=0), grad_W_enc, grad_b_enc, -grad_xc.sum(dim=1)
+    return grad_xc if x_dim == 3 else grad_xc.sum(dim=0), grad_W_enc, -grad_xc.sum(dim=1)
 
 
 class _ReluSAE(Function):
@@ -210,7 +245,7 @@ class _ReluSAE(Function):
         # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).
         x_aug = centred_with_ones(x, b_dec)
         W_enc_aug = torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)
-        latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2))  # (R, S, B)
+        latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2), out=padded_empty(x_aug, R, S, B))
         fired, col_sum = _relu_and_count_(latents_t)
         latents = latents_t.transpose(1, 2)
         recon = torch.baddbmm(b_dec.unsqueeze(1), latents, W_dec)
@@ -247,11 +282,9 @@ class _ReluSAE(Function):
             if grad_l1 is not None:
                 grad_out[..., d] = (grad_l1 / B).unsqueeze(1)
             W_dec_aug = torch.cat([W_dec, norms.unsqueeze(-1)], dim=-1)
-            grad_pre_t = torch.bmm(W_dec_aug, grad_out.transpose(1, 2))  # (R, S, B)
-            if grad_latents is not None:
-                grad_pre_t += grad_latents.transpose(1, 2)
-            torch.ops.aten.threshold_backward.grad_input(grad_pre_t, latents_t, 0, grad_input=grad_pre_t)
-            grad_x, grad_W_enc, grad_b_enc, grad_b_dec = encoder_grads(grad_pre_t, x_aug, W_enc, need_x, ctx.x_dim)
+            grad_pre_t = torch.bmm(W_dec_aug, grad_out.transpose(1, 2), out=padded_empty(grad_out, R, S, B))
+            grad_b_enc = mask_and_sum_(grad_pre_t, latents_t, grad_latents)
+            grad_x, grad_W_enc, grad_b_dec = encoder_grads(grad_pre_t, grad_b_enc, x_aug, W_enc, need_x, ctx.x_dim)
         if grad_recon is not None:
             grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
         return (grad_x, grad_W_enc if need_W_enc else None, grad_b_enc if need_b_enc else None,

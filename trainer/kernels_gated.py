@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
+from trainer.kernels import padded_empty
+
 # Bytes of the (R, d_sae, 2B) tensor per chunk of the forward's elementwise pass: a chunk's rows
 # and their temporaries stay in cache (as trainer.kernels' ReLU-and-count pass).
 _FWD_CHUNK_BYTES = 1 << 21
@@ -52,15 +54,6 @@ _FWD_CHUNK_BYTES = 1 << 21
 _BWD_CHUNK_BYTES = 1 << 25
 
 _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
-
-
-def _padded_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    """An uninitialized tensor of `shape` whose rows are one cache line (64 bytes) longer than its
-    last dimension: with 2B values per row, a power of two at the usual batch sizes, the matmuls
-    writing and reading these rows alias in the cache (measured, batch 4096: the decoder's and the
-    gradient's matmuls 8-14% faster with the pad)."""
-    pad = max(1, 64 // like.element_size())
-    return like.new_empty(*shape[:-1], shape[-1] + pad)[..., :shape[-1]]
 
 
 def _chunk_rows(B: int, element_size: int, chunk_bytes: int) -> int:
@@ -87,7 +80,7 @@ class _GatedSAE(Function):
         x_aug = torch.cat([x_c, x_c.new_ones(R, B, 1)], dim=-1)
         W_enc_aug = torch.cat([W_enc, b_gate.unsqueeze(1)], dim=1)
         # [latents | gate_acts], latent-major: one decoder matmul serves both reconstructions.
-        both = _padded_empty(x_c, R, S, 2 * B)
+        both = padded_empty(x_c, R, S, 2 * B)
         lat_t, gate_t = both[..., :B], both[..., B:]
         # pi_gate = [x_c, 1] @ [W_enc; b_gate] goes straight into the gate's half (BLAS writes a
         # strided block). One matmul: per chunk, small matmuls re-pack x_c each time (measured slower).
@@ -162,7 +155,8 @@ class _GatedSAE(Function):
             # Per latent, [grad b_mag, grad b_gate]: one row sum over both halves of a chunk.
             grad_bias = both.new_empty(R, S, 2)
             lat_dot = both.new_empty(R, S)
-            grad_W_enc = W_enc.new_empty(W_enc.shape) if need_W_enc else None
+            # Transposed, (R, S, d): grad proj @ x_c is faster than x_c^T @ grad proj^T (encoder_grads).
+            grad_W_enc_t = W_enc.new_empty(R, S, d) if need_W_enc else None
             grad_xc = x_c.new_zeros(R, B, d) if need_x else None
             # r_mag's gradient needs sum_b grad_pi_mag * latents = sum_b grad_latents * latents (the
             # mask only drops zeros of the latents), and with grad_latents = W_dec @ grad_recon^T that
@@ -172,7 +166,7 @@ class _GatedSAE(Function):
             # That gradient is formed one chunk of latents at a time (module docstring): every other
             # backward matmul splits by latent, so the whole (S, 2B) gradient is never materialized.
             rows = min(S, _chunk_rows(B, both.element_size(), _BWD_CHUNK_BYTES))
-            grad_chunk = _padded_empty(both, rows, 2 * B)
+            grad_chunk = padded_empty(both, rows, 2 * B)
             scratch = None if dot_from_W_dec else both.new_empty(rows, B)
             for r in range(R):
                 for start in range(0, S, rows):
@@ -194,12 +188,13 @@ class _GatedSAE(Function):
                     torch.sum(gb.view(n, 2, B), dim=2, out=grad_bias[r, sl])
                     # grad proj = grad pi_gate + exp(r_mag) * grad pi_mag, in the gate's half.
                     gg.addcmul_(gm, scale[r, sl].unsqueeze(1))
-                    if grad_W_enc is not None:
-                        torch.mm(x_c[r].t(), gg.t(), out=grad_W_enc[r, :, sl])
+                    if grad_W_enc_t is not None:
+                        torch.mm(gg, x_c[r], out=grad_W_enc_t[r, sl])
                     if grad_xc is not None:
                         grad_xc[r].addmm_(gg.t(), W_enc[r, :, sl].t())
             grad_b_mag, grad_b_gate = grad_bias.unbind(-1)
-            grads["W_enc"], grads["b_gate"], grads["b_mag"] = grad_W_enc, grad_b_gate, grad_b_mag
+            grads["W_enc"] = grad_W_enc_t.transpose(1, 2) if grad_W_enc_t is not None else None
+            grads["b_gate"], grads["b_mag"] = grad_b_gate, grad_b_mag
             # d pi_mag / d r_mag = proj * exp(r_mag) = pi_mag - b_mag, and pi_mag = latents wherever
             # its gradient is non-zero.
             grads["r_mag"] = lat_dot - b_mag * grad_b_mag

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones, encoder_grads
+from trainer.kernels import centred_with_ones, encoder_grads, padded_empty
 
 # Bytes per chunk of the elementwise passes: a chunk's temporaries stay in cache.
 _CHUNK_BYTES = 1 << 21
@@ -101,7 +101,8 @@ class _JumpReLUSAE(Function):
         # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).
         x_aug = centred_with_ones(x, b_dec)
         W_enc_aug = torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)
-        latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2))  # (R, S, B): pre
+        # (R, S, B): pre, in rows padded by a cache line (trainer.kernels.padded_empty).
+        latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2), out=padded_empty(x_aug, R, S, B))
         eps = eps.to(latents_t.dtype)
         band, band_count, fired = _jump_and_count_(latents_t, theta.detach(), eps)
         latents = latents_t.transpose(1, 2)
@@ -128,12 +129,13 @@ class _JumpReLUSAE(Function):
         if (need_pre or need_theta) and has_grad:
             # d loss / d latents, latent-major: the reconstruction's part, then the latents' own.
             if grad_recon is not None:
-                grad_t = torch.bmm(W_dec, grad_recon.transpose(1, 2))  # (R, S, B)
+                grad_t = torch.bmm(W_dec, grad_recon.transpose(1, 2), out=padded_empty(grad_recon, R, S, B))
                 if grad_latents is not None:
                     grad_t += grad_latents.transpose(1, 2)
             else:
                 grad_t = grad_latents.transpose(1, 2).contiguous()
             band_dot = grad_t.new_empty(R, S)
+            grad_b_enc = grad_t.new_empty(R, S)
             rows = _chunk_rows(B, grad_t.element_size())
             buf = grad_t.new_empty(min(rows, S), B)
             band_u8 = band.view(torch.uint8)
@@ -147,13 +149,14 @@ class _JumpReLUSAE(Function):
                     band_f = buf[:stop - start].copy_(band_u8[r, start:stop])
                     torch.linalg.vecdot(g, band_f, dim=1, out=band_dot[r, start:stop])
                     torch.ops.aten.threshold_backward.grad_input(g, latents_t[r, start:stop], 0, grad_input=g)
+                    torch.sum(g, dim=1, out=grad_b_enc[r, start:stop])  # while the chunk is in cache
             if need_theta:
                 grad_theta = band_dot.mul_(theta / eps.unsqueeze(1)).neg_()
         if need_theta and grad_l0 is not None:
             l0_part = band_count * (grad_l0 / (B * eps)).unsqueeze(1)
             grad_theta = grad_theta.sub_(l0_part) if grad_theta is not None else l0_part.neg_()
         if need_pre and has_grad:
-            grad_x, grad_W_enc, grad_b_enc, grad_b_dec = encoder_grads(grad_t, x_aug, W_enc, need_x, ctx.x_dim)
+            grad_x, grad_W_enc, grad_b_dec = encoder_grads(grad_t, grad_b_enc, x_aug, W_enc, need_x, ctx.x_dim)
         if grad_recon is not None:
             grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
         return (grad_x, grad_W_enc if need_W_enc else None, grad_b_enc if need_b_enc else None,
