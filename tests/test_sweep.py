@@ -32,6 +32,10 @@ def test_names_and_irrelevant_fields_do_not_multiply_runs():
     assert len(runs) == 8
     names = [r.name for r in name_runs(runs)]
     assert names == ["topk-k4", "topk-k8", "standard-l1_1", "standard-l1_2"]
+    # [[runs]] where one run leaves a field unset (its architecture's default) that another sets.
+    _, runs = expand_runs({"base": {"d_sae": 64}, "runs": [{"arch": "standard"}, {"arch": "standard", "l1": 2.0},
+                                                            {"arch": "topk", "k": 8}]}, {})
+    assert [r.name for r in name_runs(runs)] == ["standard-d64-l1_5", "standard-l1_2", "topk-k8"]
     with pytest.raises(PipelineError, match="cannot vary batch_size"):
         expand_runs({"sweep": {"batch_size": [1, 2]}}, {})
     with pytest.raises(PipelineError, match=r"unknown field\(s\) kk in \[sweep\]"):

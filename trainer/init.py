@@ -77,20 +77,26 @@ def init_b_dec_(b_dec: torch.Tensor, sample: torch.Tensor, method: str = "mean",
 
 
 @torch.no_grad()
-def search_init_scale_(model, sample: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+def search_init_scale_(model, sample: torch.Tensor, grid: torch.Tensor | None = None,
+                       max_rows: int = 1024) -> torch.Tensor:
     """Grid-search, per run, the scale of the tied initial weights that minimises the MSE on `sample`.
 
     As Language-Model-SAEs' `Initializer`: with b_dec already set from the data, random unit
     directions reconstruct best at one overall scale, and starting there saves the first few hundred
     steps of Adam finding it. A run whose decoder is kept unit-norm (`model.unit_norm_decoder`)
     scales only its encoder; otherwise W_dec rows get norm s and W_enc = W_dec^T. A coarse
-    log-spaced grid, then a finer one around each run's best. Returns the chosen scales (R,)."""
+    log-spaced grid, then a finer one around each run's best. Returns the chosen scales (R,).
+
+    The 47 forwards use the first `max_rows` rows of the sample (a shuffled batch): on the default
+    cache 1,024 rows chose the same scale as 4,096 for 5 of 6 (architecture, d_sae) pairs tried (the sixth, a
+    TopK at d_sae 1024, one fine step off with the same full-batch MSE to 1e-4) in 3.4-3.7x less
+    time (d_sae 8192: 4.6-5.1 s -> 1.2-1.5 s), the biggest fixed cost of a short run or sweep."""
     W_enc, W_dec = model.W_enc, model.W_dec
     R = W_dec.shape[0]
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (R, d_sae, d_out)
     unit_enc = W_enc / W_enc.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (R, d_in, d_sae)
     unit_dec = getattr(model, "unit_norm_decoder", False)
-    x = sample.to(device=W_dec.device, dtype=W_dec.dtype)
+    x = sample[..., :max_rows, :].to(device=W_dec.device, dtype=W_dec.dtype)
 
     def set_scale(s: torch.Tensor) -> None:  # s: (R,)
         s3 = s.view(R, 1, 1).to(W_dec.dtype)

@@ -128,7 +128,8 @@ def name_runs(runs: list[TrainConfig]) -> list[TrainConfig]:
         if r.name is None:
             parts = [r.arch] + [f"{LABELS.get(k, k + '_')}{getattr(r, k):g}" if isinstance(getattr(r, k), float)
                                 else f"{LABELS.get(k, k + '_')}{getattr(r, k)}"
-                                for k in varying if k != "arch" and _relevant(r, k)]
+                                for k in varying if k != "arch" and _relevant(r, k)
+                                and getattr(r, k) is not None]  # unset: the architecture's default
             r = replace(r, name="-".join(str(p) for p in parts) if len(parts) > 1 else r.run_name())
         out.append(r)
     names = [r.name for r in out]
