@@ -10,9 +10,10 @@ Autograd through the plain formulas wastes work an SAE step does not need:
 - For a ReLU SAE, autograd of `(x - b_dec) @ W_enc` also computes the gradient of the centred
   input (a sixth batch x d_sae x d_in matmul) only to sum it over the batch for b_dec; `relu_sae`
   gets b_dec's share from b_enc's gradient instead (the row sums of the pre-activations' gradient,
-  taken in the ReLU backward's chunked pass), folds b_enc, b_dec and the decoder-norm-weighted L1
-  into the matmuls (an extra row or column), keeps one dense (batch, d_sae) temporary per pass, in
-  rows padded by a cache line, and computes W_enc's gradient transposed (the faster BLAS layout).
+  taken in the ReLU backward's chunked pass), folds b_enc and b_dec into the matmuls (an extra row
+  or column), adds the decoder-norm-weighted L1's gradient (one value per latent) in that chunked
+  pass, keeps one dense (batch, d_sae) temporary per pass, in rows padded by a cache line, and
+  computes W_enc's gradient transposed (the faster BLAS layout).
 
 Sparse codes are `idx (R, B, k)` (latent ids) with `vals (R, B, k)`; the gradients of W_dec and
 W_enc gather per latent with a stable sort and `embedding_bag`, which is deterministic on CPU and
@@ -179,11 +180,12 @@ def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     fired = latents_t.new_empty(R, S)
     col_sum = latents_t.new_empty(R, S)
     rows = max(1, _COUNT_CHUNK_BYTES // (B * latents_t.element_size()))
+    signs = latents_t.new_empty(min(rows, S), B)
     for r in range(R):
         for start in range(0, S, rows):
             chunk = latents_t[r, start:start + rows].relu_()
             # 0/1 floats: the sums stay exact up to 2**24 tokens and need no int64 copy.
-            torch.sum(torch.sign(chunk), dim=1, out=fired[r, start:start + rows])
+            torch.sum(torch.sign(chunk, out=signs[:len(chunk)]), dim=1, out=fired[r, start:start + rows])
             torch.sum(chunk, dim=1, out=col_sum[r, start:start + rows])
     return fired, col_sum
 
@@ -197,11 +199,12 @@ def padded_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
     return like.new_empty(*shape[:-1], shape[-1] + pad)[..., :shape[-1]]
 
 
-def mask_and_sum_(grad_t: torch.Tensor, latents_t: torch.Tensor,
-                  grad_latents: torch.Tensor | None = None) -> torch.Tensor:
+def mask_and_sum_(grad_t: torch.Tensor, latents_t: torch.Tensor, grad_latents: torch.Tensor | None = None,
+                  row_add: torch.Tensor | None = None) -> torch.Tensor:
     """The ReLU's backward in place on the latent-major gradient `grad_t (R, S, B)` (kept where
-    `latents_t > 0`), after adding `grad_latents (R, B, S)` if given; returns its row sums (R, S),
-    b_enc's gradient. Chunk by chunk, so the sum reads each chunk while it is still in cache."""
+    `latents_t > 0`), after adding `grad_latents (R, B, S)` and `row_add (R, S)` (one value per
+    latent) if given; returns its row sums (R, S), b_enc's gradient. Chunk by chunk, so the sum
+    reads each chunk while it is still in cache."""
     R, S, B = grad_t.shape
     row_sum = grad_t.new_empty(R, S)
     rows = max(1, _COUNT_CHUNK_BYTES // (B * grad_t.element_size()))
@@ -211,6 +214,8 @@ def mask_and_sum_(grad_t: torch.Tensor, latents_t: torch.Tensor,
             g = grad_t[r, sl]
             if grad_latents is not None:
                 g += grad_latents[r, :, sl].t()
+            if row_add is not None:
+                g += row_add[r, sl].unsqueeze(1)
             _threshold_backward_(g, latents_t[r, sl], 0, grad_input=g)
             torch.sum(g, dim=1, out=row_sum[r, sl])
     return row_sum
@@ -274,16 +279,15 @@ class _ReluSAE(Function):
                 unit_scale = torch.where(norms > 0, col_sum / norms, torch.zeros_like(norms))
                 grad_W_dec.addcmul_(W_dec, (unit_scale * (grad_l1 / B).unsqueeze(1)).unsqueeze(-1))
         if need_x or need_W_enc or need_b_enc or need_b_dec:
-            # d loss / d latents: the reconstruction's part and L1's (norms / B) in one matmul, the
-            # L1 weight riding as an extra column.
-            grad_out = latents_t.new_zeros(R, B, d + 1)
+            # d loss / d latents: the reconstruction's part from one matmul, L1's (norms / B, one
+            # value per latent) added in the masking pass while each chunk is in cache.
+            grad_pre_t = padded_empty(x_aug, R, S, B)
             if grad_recon is not None:
-                grad_out[..., :d] = grad_recon
-            if grad_l1 is not None:
-                grad_out[..., d] = (grad_l1 / B).unsqueeze(1)
-            W_dec_aug = torch.cat([W_dec, norms.unsqueeze(-1)], dim=-1)
-            grad_pre_t = torch.bmm(W_dec_aug, grad_out.transpose(1, 2), out=padded_empty(grad_out, R, S, B))
-            grad_b_enc = mask_and_sum_(grad_pre_t, latents_t, grad_latents)
+                torch.bmm(W_dec, grad_recon.transpose(1, 2), out=grad_pre_t)
+            else:
+                grad_pre_t.zero_()
+            l1_rows = norms * (grad_l1 / B).unsqueeze(1) if grad_l1 is not None else None
+            grad_b_enc = mask_and_sum_(grad_pre_t, latents_t, grad_latents, l1_rows)
             grad_x, grad_W_enc, grad_b_dec = encoder_grads(grad_pre_t, grad_b_enc, x_aug, W_enc, need_x, ctx.x_dim)
         if grad_recon is not None:
             grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
