@@ -36,7 +36,8 @@ comparisons (counts are their row sums, exact up to 2**24 tokens), the band is s
 float-to-bool copy, and the backward reads it back through a uint8 view (a fast conversion).
 
 Measured (benchmarks/bench_trainer.py, 2 threads, batch 4096, d_in 128): the step went from 0.4 to
-0.8-0.94 of the dense-matmul time at d_sae 2048-32768. Computing the band from three comparisons
+0.8-0.94 of the dense-matmul time at d_sae 2048-32768, and to 0.85-1.04 with the ReLU kernel's
+transposed W_enc gradient and padded rows (`trainer.kernels.encoder_grads`, `padded_empty`). Computing the band from three comparisons
 with per-latent bounds (no division) instead was no faster, and b_enc added in the chunked pass
 (an encoder matmul of width d_in, not d_in + 1) no faster either.
 """
