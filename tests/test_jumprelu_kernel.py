@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainer import kernels
 from trainer.kernels_jumprelu import jumprelu_sae
 from trainer.sae_jumprelu import JumpReLUConfig, JumpReLUFunction, JumpReLUSAE, StepFunction
 
@@ -25,7 +26,7 @@ def _reference(x, W_enc, b_enc, b_dec, W_dec, theta, eps):
 
 def _case(R: int, dtype: torch.dtype, seed: int, B: int = 700, S: int = 40, d: int = 9):
     """Inputs whose pre-activations spread around the thresholds: many inside the band (both sides
-    of theta), many active, many far below. B * S * 4 bytes spans several chunks of the pass."""
+    of theta), many active, many far below."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=g, dtype=dtype)
     W_enc = torch.randn(R, d, S, generator=g, dtype=dtype) / d ** 0.5
@@ -40,9 +41,12 @@ def _case(R: int, dtype: torch.dtype, seed: int, B: int = 700, S: int = 40, d: i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("R", [1, 3])
 @pytest.mark.parametrize("need_x", [False, True])
-def test_matches_autograd_reference(dtype, R, need_x):
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_matches_autograd_reference(dtype, R, need_x, small_chunks, monkeypatch):
     inputs, eps = _case(R, dtype, seed=R + 10 * need_x)
     B, S, d = inputs[0].shape[0], inputs[1].shape[2], inputs[1].shape[1]
+    if small_chunks:  # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
+        monkeypatch.setattr(kernels, "_COUNT_CHUNK_BYTES", 7 * B * inputs[0].element_size())
     g = torch.Generator().manual_seed(99)
     g_lat, g_rec, g_l0 = (torch.randn(R, B, S, generator=g, dtype=dtype), torch.randn(R, B, d, generator=g, dtype=dtype),
                           torch.randn(R, generator=g, dtype=dtype))

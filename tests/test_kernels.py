@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.kernels import relu_sae, sparse_decode, sparse_pre_acts
+from trainer import kernels
+from trainer.kernels import chunk_rows, relu_sae, sparse_decode, sparse_pre_acts
 
 
 def _codes(R: int, B: int, S: int, k: int, dtype: torch.dtype, g: torch.Generator):
@@ -77,9 +78,12 @@ def test_sparse_pre_acts_gradients_match_dense(dtype, R, x_per_run):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("R", [1, 3])
-def test_relu_sae_matches_dense(dtype, R):
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_relu_sae_matches_dense(dtype, R, small_chunks, monkeypatch):
     g = torch.Generator().manual_seed(20 + R)
     B, S, d = 150, 40, 9
+    if small_chunks:  # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
+        monkeypatch.setattr(kernels, "_COUNT_CHUNK_BYTES", 7 * B * torch.finfo(dtype).bits // 8)
     x = torch.randn(B, d, generator=g, dtype=dtype)
     params = [torch.randn(R, d, S, generator=g, dtype=dtype), torch.randn(R, S, generator=g, dtype=dtype) - 0.5,
               torch.randn(R, d, generator=g, dtype=dtype), torch.randn(R, S, d, generator=g, dtype=dtype)]
@@ -139,3 +143,11 @@ def test_gradcheck_float64():
     b_enc = torch.where(torch.rand(R, S, generator=g) < 0.5, -10.0, 10.0).to(torch.float64)
     assert torch.autograd.gradcheck(lambda *a: relu_sae(*a)[:3],
                                     tuple(t.requires_grad_() for t in [x, enc[0] * 0.1, b_enc, enc[2], W_dec]))
+
+
+def test_chunks_fit_the_cache_on_cpu_and_are_large_on_a_gpu():
+    row = 4096 * 4  # a latent-major row of batch 4096, float32
+    assert chunk_rows(row, torch.device("cpu")) == (1 << 21) // row == 128
+    assert chunk_rows(row, torch.device("cpu"), cpu_bytes=1 << 25) == 2048
+    # On a GPU each chunk costs kernel launches, not cache misses: d_sae 32768 is 2 chunks, not 256.
+    assert chunk_rows(row, torch.device("cuda")) == (1 << 28) // row == 16384

@@ -28,9 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-# Rows of the (rows * k, d) gather in `_rowwise_dot` per chunk: keeps the temporary (a few MiB) in
-# cache instead of streaming batch * k * d_in values through memory.
+# Rows of the (rows * k, d) gather in `_rowwise_dot` per chunk on a CPU: keeps the temporary (a few
+# MiB) in cache instead of streaming batch * k * d_in values through memory.
 _GATHER_CHUNK_ROWS = 256
+# Bytes per chunk of the elementwise passes over (.., B) latent rows on a CPU: a chunk's temporaries
+# stay in cache.
+_COUNT_CHUNK_BYTES = 1 << 21
+# On a GPU there is no cache to keep a chunk in, and every chunk costs one kernel launch per op
+# (~10 us of dispatch each: a 2 MiB chunking of d_sae 32768 x batch 4096 is ~1,000 launches a pass,
+# longer than the step's matmuls there). Chunks then only bound the temporaries' memory.
+_GPU_CHUNK_BYTES = 1 << 28
+
+
+def chunk_rows(row_bytes: int, device: torch.device, cpu_bytes: int | None = None) -> int:
+    """Rows of `row_bytes` per chunk of a pass: `cpu_bytes` of them (default `_COUNT_CHUNK_BYTES`)
+    on a CPU, in cache; 256 MiB elsewhere (few launches, bounded temporaries)."""
+    if device.type != "cpu":
+        return max(1, _GPU_CHUNK_BYTES // row_bytes)
+    return max(1, (cpu_bytes if cpu_bytes is not None else _COUNT_CHUNK_BYTES) // row_bytes)
 
 
 def _flat_codes(idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -64,8 +79,10 @@ def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
     """(N, k): entry (n, s) is table[codes[n, s]] . rows[n]."""
     N, k = codes.shape
     out = rows.new_empty(N, k)
-    for start in range(0, N, _GATHER_CHUNK_ROWS):
-        stop = min(N, start + _GATHER_CHUNK_ROWS)
+    row_bytes = k * table.shape[1] * table.element_size()  # a row of the gathered temporary
+    step = chunk_rows(row_bytes, rows.device, _GATHER_CHUNK_ROWS * row_bytes)
+    for start in range(0, N, step):
+        stop = min(N, start + step)
         picked = table.index_select(0, codes[start:stop].reshape(-1)).view(stop - start, k, -1)
         # Multiply-and-sum rather than bmm: a batch of (k x d) @ (d x 1) products is 3x slower.
         torch.sum(picked.mul_(rows[start:stop].unsqueeze(1)), dim=-1, out=out[start:stop])
@@ -162,9 +179,6 @@ def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, 
     return _SparsePreActs.apply(selected, idx, x, W_enc, b_enc, b_dec)
 
 
-# Bytes per chunk of the ReLU-and-count pass: a chunk's temporaries stay in cache.
-_COUNT_CHUNK_BYTES = 1 << 21
-
 _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
 
 
@@ -179,7 +193,7 @@ def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     R, S, B = latents_t.shape
     fired = latents_t.new_empty(R, S)
     col_sum = latents_t.new_empty(R, S)
-    rows = max(1, _COUNT_CHUNK_BYTES // (B * latents_t.element_size()))
+    rows = chunk_rows(B * latents_t.element_size(), latents_t.device)
     signs = latents_t.new_empty(min(rows, S), B)
     for r in range(R):
         for start in range(0, S, rows):
@@ -207,7 +221,7 @@ def mask_and_sum_(grad_t: torch.Tensor, latents_t: torch.Tensor, grad_latents: t
     reads each chunk while it is still in cache."""
     R, S, B = grad_t.shape
     row_sum = grad_t.new_empty(R, S)
-    rows = max(1, _COUNT_CHUNK_BYTES // (B * grad_t.element_size()))
+    rows = chunk_rows(B * grad_t.element_size(), grad_t.device)
     for r in range(R):
         for start in range(0, S, rows):
             sl = slice(start, min(S, start + rows))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones
+from trainer.kernels import centred_with_ones, chunk_rows
 
 # Candidates aimed for per kept entry when the threshold is guessed: enough that the guess rarely
 # lets fewer than n through (which costs a second pass), few enough that the order statistic over
@@ -215,8 +215,10 @@ class BatchTopKSelector:
 def _entry_dot(table: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
     """(nnz,): entry e is table[codes[e]] . rows[bags[e]], gathered chunk by chunk in cache."""
     out = rows.new_empty(codes.numel())
-    for a in range(0, codes.numel(), _DOT_CHUNK):
-        b = min(codes.numel(), a + _DOT_CHUNK)
+    row_bytes = 2 * rows.shape[1] * rows.element_size()  # a row of each temporary
+    step = chunk_rows(row_bytes, rows.device, _DOT_CHUNK * row_bytes)
+    for a in range(0, codes.numel(), step):
+        b = min(codes.numel(), a + step)
         picked = table.index_select(0, codes[a:b])
         torch.sum(picked.mul_(rows.index_select(0, bags[a:b])), dim=-1, out=out[a:b])
     return out

@@ -42,10 +42,11 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import padded_empty
+from trainer.kernels import chunk_rows, padded_empty
 
-# Bytes of the (R, d_sae, 2B) tensor per chunk of the forward's elementwise pass: a chunk's rows
-# and their temporaries stay in cache (as trainer.kernels' ReLU-and-count pass).
+# Bytes of the (R, d_sae, 2B) tensor per chunk of the forward's elementwise pass on a CPU: a chunk's
+# rows and their temporaries stay in cache (as trainer.kernels' ReLU-and-count pass; on a GPU,
+# `chunk_rows` makes chunks large).
 _FWD_CHUNK_BYTES = 1 << 21
 # Bytes of the backward's (latents, 2B) gradient chunk. Larger than the forward's: each chunk's
 # gradient comes from a matmul whose other operand (d_in + 1, 2B) is re-packed per call, and small
@@ -54,11 +55,6 @@ _FWD_CHUNK_BYTES = 1 << 21
 _BWD_CHUNK_BYTES = 1 << 25
 
 _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
-
-
-def _chunk_rows(B: int, element_size: int, chunk_bytes: int) -> int:
-    """Latents per chunk: rows of 2B values (latents and the gate's ReLU side by side)."""
-    return max(1, chunk_bytes // (2 * B * element_size))
 
 
 def _row_chunks(rows: int, *tensors: torch.Tensor) -> zip:
@@ -90,7 +86,8 @@ class _GatedSAE(Function):
         mag_bias = torch.addcmul(b_mag, b_gate, scale, value=-1)
         fired = x_c.new_empty(R, S)
         gate_sum = x_c.new_empty(R, S)
-        rows = _chunk_rows(B, both.element_size(), _FWD_CHUNK_BYTES)
+        # Rows of 2B values: the latents and the gate's ReLU side by side.
+        rows = chunk_rows(2 * B * both.element_size(), both.device, _FWD_CHUNK_BYTES)
         for chunk, sc, bm, f, gs in _row_chunks(rows, both, scale, mag_bias, fired, gate_sum):
             m, g = chunk[:, :B], chunk[:, B:]
             # (mul and add_: an addcmul with a broadcast first operand is 5x slower.)
@@ -165,7 +162,7 @@ class _GatedSAE(Function):
             dot_from_W_dec = grad_W_dec is not None and grad_recon is not None and grad_latents is None
             # That gradient is formed one chunk of latents at a time (module docstring): every other
             # backward matmul splits by latent, so the whole (S, 2B) gradient is never materialized.
-            rows = min(S, _chunk_rows(B, both.element_size(), _BWD_CHUNK_BYTES))
+            rows = min(S, chunk_rows(2 * B * both.element_size(), both.device, _BWD_CHUNK_BYTES))
             grad_chunk = padded_empty(both, rows, 2 * B)
             scratch = None if dot_from_W_dec else both.new_empty(rows, B)
             for r in range(R):

@@ -49,16 +49,7 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones, encoder_grads, padded_empty
-
-# Bytes per chunk of the elementwise passes: a chunk's temporaries stay in cache.
-_CHUNK_BYTES = 1 << 21
-
-
-def _chunk_rows(B: int, element_size: int) -> int:
-    """Latent rows of (.., B) per chunk of about `_CHUNK_BYTES`."""
-    return max(1, _CHUNK_BYTES // (B * element_size))
-
+from trainer.kernels import centred_with_ones, chunk_rows, encoder_grads, padded_empty
 
 def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,7 +63,7 @@ def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
     band = torch.empty(R, S, B, dtype=torch.bool, device=pre_t.device)
     band_count = pre_t.new_empty(R, S)
     fired = pre_t.new_empty(R, S)
-    rows = _chunk_rows(B, pre_t.element_size())
+    rows = chunk_rows(B * pre_t.element_size(), pre_t.device)
     buf = pre_t.new_empty(min(rows, S), B)
     step = pre_t.new_empty(min(rows, S), B)
     for r in range(R):
@@ -137,7 +128,7 @@ class _JumpReLUSAE(Function):
                 grad_t = grad_latents.transpose(1, 2).contiguous()
             band_dot = grad_t.new_empty(R, S)
             grad_b_enc = grad_t.new_empty(R, S)
-            rows = _chunk_rows(B, grad_t.element_size())
+            rows = chunk_rows(B * grad_t.element_size(), grad_t.device)
             buf = grad_t.new_empty(min(rows, S), B)
             band_u8 = band.view(torch.uint8)
             for r in range(R):
