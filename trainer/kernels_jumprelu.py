@@ -37,9 +37,10 @@ float-to-bool copy, and the backward reads it back through a uint8 view (a fast 
 
 Measured (benchmarks/bench_trainer.py, 2 threads, batch 4096, d_in 128): the step went from 0.4 to
 0.8-0.94 of the dense-matmul time at d_sae 2048-32768, and to 0.85-1.04 with the ReLU kernel's
-transposed W_enc gradient and padded rows (`trainer.kernels.encoder_grads`, `padded_empty`). Computing the band from three comparisons
-with per-latent bounds (no division) instead was no faster, and b_enc added in the chunked pass
-(an encoder matmul of width d_in, not d_in + 1) no faster either.
+transposed W_enc gradient and padded rows (`trainer.kernels.encoder_grads`, `padded_empty`).
+Computing the band from three comparisons with per-latent bounds (no division) instead was no
+faster, and b_enc added in the chunked pass (an encoder matmul of width d_in, not d_in + 1) no
+faster either.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 from torch.autograd import Function
 
 from trainer.kernels import centred_with_ones, chunk_rows, encoder_grads, padded_empty
+
 
 def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
