@@ -13,7 +13,7 @@ from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig, TopKSAE
 from trainer.export import export_saelens
-from trainer.train import LoopConfig, lr_factor, train_stack
+from trainer.train import LoopConfig, lr_factor, lr_factors, train_stack
 
 
 def sparse_cache(path, rows=20_000, d=32, n_feat=64, k=3, seed=0, eval_rows=0):
@@ -59,6 +59,11 @@ def test_lr_schedules():
     assert lr_factor(90, cfg) == pytest.approx(0.5) and lr_factor(100, cfg) == 0.0
     cos = LoopConfig(total_steps=100, lr_decay="cosine")
     assert lr_factor(0, cos) == pytest.approx(1.0) and lr_factor(100, cos) == pytest.approx(0.1)
+    # Per run, on the loop's device tensors: runs of 100 and 200 steps, and one of unknown length.
+    totals = torch.tensor([100.0, 200.0, float("nan")], dtype=torch.float64)
+    got = lr_factors(torch.tensor(90.0, dtype=torch.float64), cfg, totals)
+    assert got.tolist() == pytest.approx([0.5, 1.0, 1.0])
+    assert lr_factors(torch.tensor(3.0, dtype=torch.float64), cfg, totals).tolist() == pytest.approx([0.4] * 3)
 
 
 @pytest.mark.parametrize("arch", ["topk", "standard"])

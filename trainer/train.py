@@ -58,19 +58,29 @@ class LoopConfig:
     """Free-form provenance stored with the run."""
 
 
+def lr_factors(step: torch.Tensor, cfg: LoopConfig, totals: torch.Tensor) -> torch.Tensor:
+    """The schedule's multiplier of lr at `step` (a 0-d tensor) for runs of `totals` steps (R,),
+    NaN or 0 where a run's length is unknown (then no decay). Computed where the tensors live: on a
+    GPU the loop then needs no host-to-device copy a step (a blocking copy waits for the GPU)."""
+    if cfg.lr_decay not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown lr_decay {cfg.lr_decay!r}; use constant, cosine or linear")
+    s = step.to(totals.dtype)
+    factors = torch.ones_like(totals)
+    if cfg.lr_decay != "constant":
+        progress = (s / totals).clamp(max=1.0)
+        decayed = (0.1 + 0.9 * 0.5 * (1 + torch.cos(math.pi * progress)) if cfg.lr_decay == "cosine"
+                   else ((1 - progress) / 0.2).clamp(max=1.0))
+        factors = torch.where(totals.isnan() | (totals == 0), factors, decayed)
+    if cfg.lr_warmup_steps:
+        factors = torch.where(s < cfg.lr_warmup_steps, (s + 1) / cfg.lr_warmup_steps, factors)
+    return factors
+
+
 def lr_factor(step: int, cfg: LoopConfig, total_steps: int | None = None) -> float:
-    """The schedule's multiplier of lr at `step`, for a run of `total_steps` (default cfg.total_steps)."""
-    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
-        return (step + 1) / cfg.lr_warmup_steps
+    """`lr_factors` for one run at host `step`, of `total_steps` steps (default cfg.total_steps)."""
     total = total_steps if total_steps is not None else cfg.total_steps
-    if not total or cfg.lr_decay == "constant":
-        return 1.0
-    progress = min(1.0, step / total)
-    if cfg.lr_decay == "cosine":
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_decay == "linear":
-        return min(1.0, (1 - progress) / 0.2)
-    raise ValueError(f"unknown lr_decay {cfg.lr_decay!r}; use constant, cosine or linear")
+    totals = torch.tensor([math.nan if total is None else float(total)], dtype=torch.float64)
+    return float(lr_factors(torch.tensor(float(step), dtype=torch.float64), cfg, totals)[0])
 
 
 @torch.no_grad()
@@ -102,6 +112,11 @@ class StackTrainer:
         device = model.W_dec.device
         self.run_steps = list(run_steps) if run_steps is not None else [cfg.total_steps] * R
         self.step = 0
+        # The step and the runs' lengths on the device too: the schedule and the frozen runs are
+        # computed there, with no host round trip a step.
+        self.step_t = torch.zeros((), dtype=torch.float64, device=device)
+        self.totals = torch.tensor([math.nan if n is None else float(n) for n in self.run_steps],
+                                   dtype=torch.float64, device=device)
         self.failed = torch.zeros(R, dtype=torch.bool, device=device)
         self.fired = torch.zeros(R, d_sae, device=device)
         self.window_tokens = 0
@@ -143,11 +158,11 @@ class StackTrainer:
         out = model(*args) if self.ddp is None else self.ddp.forward(model, *args)
         bad = ~torch.isfinite(out["loss"].detach())
         self.failed |= bad if self.ddp is None else self.ddp.any(bad)
-        done = self.done()
-        factors = [0.0 if d else lr_factor(self.step, self.cfg, n) for d, n in zip(done, self.run_steps)]
-        frozen = self.failed | torch.tensor(done, device=self.failed.device)
+        done = self.step_t >= self.totals  # a run of unknown length (NaN) is never done
+        frozen = self.failed | done
         # Frozen runs get lr 0 and a zeroed gradient: Adam then leaves their weights as they were.
-        opt.lr.copy_(self.base_lr * torch.tensor(factors, device=self.base_lr.device) * (~self.failed))
+        factors = lr_factors(self.step_t, self.cfg, self.totals).masked_fill_(frozen, 0.0)
+        opt.lr.copy_(self.base_lr * factors.to(self.base_lr.dtype))
         opt.zero_grad()
         torch.where(frozen, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
         _zero_frozen_grads(opt.params.values(), frozen)
@@ -169,6 +184,7 @@ class StackTrainer:
         else:
             self.fired += (seen["latents"] > 0).sum(dim=1)
         self.step += 1
+        self.step_t += 1
         self.window_tokens += rows
         return out
 
@@ -195,6 +211,7 @@ class StackTrainer:
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
+        self.step_t.fill_(float(self.step))
         self.failed.zero_()
         if state.get("failed"):
             self.failed[torch.tensor(state["failed"], dtype=torch.long)] = True
