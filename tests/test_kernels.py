@@ -79,12 +79,13 @@ def test_sparse_pre_acts_gradients_match_dense(dtype, R, x_per_run):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("R", [1, 3])
 @pytest.mark.parametrize("small_chunks", [False, True])
-def test_relu_sae_matches_dense(dtype, R, small_chunks, monkeypatch):
+@pytest.mark.parametrize("x_per_run", [False, True])
+def test_relu_sae_matches_dense(dtype, R, small_chunks, x_per_run, monkeypatch):
     g = torch.Generator().manual_seed(20 + R)
     B, S, d = 150, 40, 9
     if small_chunks:  # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
         monkeypatch.setattr(kernels, "_COUNT_CHUNK_BYTES", 7 * B * torch.finfo(dtype).bits // 8)
-    x = torch.randn(B, d, generator=g, dtype=dtype)
+    x = torch.randn(*((R,) if x_per_run else ()), B, d, generator=g, dtype=dtype)
     params = [torch.randn(R, d, S, generator=g, dtype=dtype), torch.randn(R, S, generator=g, dtype=dtype) - 0.5,
               torch.randn(R, d, generator=g, dtype=dtype), torch.randn(R, S, d, generator=g, dtype=dtype)]
     g_lat, g_rec, g_l1 = (torch.randn(R, B, S, generator=g, dtype=dtype), torch.randn(R, B, d, generator=g, dtype=dtype),
