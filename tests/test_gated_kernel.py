@@ -46,10 +46,11 @@ def make_inputs(R: int, B: int, S: int, d: int, dtype: torch.dtype, seed: int, x
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 7 latents (forward: some straddle two runs) and 6 (backward: the last one short)."""
+    """Chunks of 7 latents (forward: some straddle two runs) and 16 (backward, the last one short:
+    d_sae 40), whose elementwise work goes in pieces of 7 (the forward's size: 7, 7, 2 and 7, 1)."""
     def set_for(B: int, itemsize: int) -> None:
         monkeypatch.setattr(kg, "_FWD_CHUNK_BYTES", 7 * 2 * B * itemsize)
-        monkeypatch.setattr(kg, "_BWD_CHUNK_BYTES", 6 * 2 * B * itemsize)
+        monkeypatch.setattr(kg, "_BWD_CHUNK_BYTES", 16 * 2 * B * itemsize)
     return set_for
 
 
