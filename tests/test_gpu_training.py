@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_architectures import sparse_batches, stack_configs
+from tests.test_architectures import ARCHS, sparse_batches, stack_configs
 from trainer.kernels import relu_sae
 from trainer.kernels_gated import gated_sae
 from trainer.kernels_jumprelu import jumprelu_sae
@@ -55,7 +55,7 @@ def kernel_step(kind: str, inputs: list[torch.Tensor], device: str) -> list[torc
 def train_quality(arch: str, device: str, steps: int = 60) -> tuple[float, float]:
     """(explained variance, L0) on held-out rows after `steps` steps of `train_stack` on `device`."""
     cls = get_architecture(arch)
-    cfgs = stack_configs(arch, 32, 128) if arch in ("batchtopk", "jumprelu", "gated", "matryoshka") else \
+    cfgs = stack_configs(arch, 32, 128) if arch in ARCHS else \
         [cls.config_class(d_in=32, d_sae=128, **({"k": 4} if arch == "topk" else {"l1_coefficient": 1.0}))]
     model = cls(cfgs[:1]).to(device)
     batches = [b.to(device) for b in sparse_batches(steps, 256)]

@@ -179,7 +179,8 @@ def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, 
     return _SparsePreActs.apply(selected, idx, x, W_enc, b_enc, b_dec)
 
 
-_threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
+# relu's backward in place: grad kept where the reference tensor is > 0.
+threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
 
 
 def _relu_and_count_(latents_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +231,7 @@ def mask_and_sum_(grad_t: torch.Tensor, latents_t: torch.Tensor, grad_latents: t
                 g += grad_latents[r, :, sl].t()
             if row_add is not None:
                 g += row_add[r, sl].unsqueeze(1)
-            _threshold_backward_(g, latents_t[r, sl], 0, grad_input=g)
+            threshold_backward_(g, latents_t[r, sl], 0, grad_input=g)
             torch.sum(g, dim=1, out=row_sum[r, sl])
     return row_sum
 

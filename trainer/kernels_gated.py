@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import chunk_rows, padded_empty
+from trainer.kernels import chunk_rows, padded_empty, threshold_backward_
 
 # Bytes of the (R, d_sae, 2B) tensor per chunk of the forward's elementwise pass on a CPU: a chunk's
 # rows and their temporaries stay in cache (as trainer.kernels' ReLU-and-count pass; on a GPU,
@@ -55,8 +55,6 @@ _FWD_CHUNK_BYTES = 1 << 21
 # chunks make that matmul up to 2x slower (measured, d_sae 2048-32768, batch 4096: 16 MiB and 64 MiB
 # chunks were 3-7% slower steps than 32 MiB).
 _BWD_CHUNK_BYTES = 1 << 25
-
-_threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
 
 
 def _row_chunks(rows: int, *tensors: torch.Tensor) -> zip:
@@ -95,7 +93,7 @@ class _GatedSAE(Function):
             # (mul and add_: an addcmul with a broadcast first operand is 5x slower.)
             torch.mul(g, sc, out=m).add_(bm)
             # H(pi_gate) * relu(pi_mag): threshold_backward keeps m where pi_gate > 0.
-            _threshold_backward_(m, g, 0, grad_input=m)
+            threshold_backward_(m, g, 0, grad_input=m)
             chunk.relu_()  # both halves: the latents, and the gate's ReLU
             # 0/1 floats: exact up to 2**24 tokens, with no int64 copy (as relu_sae).
             torch.sum(torch.sign(m), dim=1, keepdim=True, out=f)
@@ -164,9 +162,10 @@ class _GatedSAE(Function):
             dot_from_W_dec = grad_W_dec is not None and grad_recon is not None and grad_latents is None
             # That gradient is formed one chunk of latents at a time (module docstring): every other
             # backward matmul splits by latent, so the whole (S, 2B) gradient is never materialized.
-            rows = min(S, chunk_rows(2 * B * both.element_size(), both.device, _BWD_CHUNK_BYTES))
+            row_bytes = 2 * B * both.element_size()
+            rows = min(S, chunk_rows(row_bytes, both.device, _BWD_CHUNK_BYTES))
             grad_chunk = padded_empty(both, rows, 2 * B)
-            sub = chunk_rows(2 * B * both.element_size(), both.device, _FWD_CHUNK_BYTES)
+            sub = chunk_rows(row_bytes, both.device, _FWD_CHUNK_BYTES)
             scratch = None if dot_from_W_dec else both.new_empty(rows, B)
             for r in range(R):
                 for start in range(0, S, rows):
@@ -188,7 +187,7 @@ class _GatedSAE(Function):
                         pc, rs = gb[a:a + sub], slice(start + a, min(start + n, start + a + sub))
                         # grad pi_mag where latents > 0 (the gate open and pi_mag > 0: H passes none),
                         # and grad pi_gate where the gate's ReLU is > 0; both halves in one op.
-                        _threshold_backward_(pc, both[r, rs], 0, grad_input=pc)
+                        threshold_backward_(pc, both[r, rs], 0, grad_input=pc)
                         torch.sum(pc.view(len(pc), 2, B), dim=2, out=grad_bias[r, rs])
                         # grad proj = grad pi_gate + exp(r_mag) * grad pi_mag, in the gate's half.
                         pc[:, B:].addcmul_(pc[:, :B], scale[r, rs].unsqueeze(1))

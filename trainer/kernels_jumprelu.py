@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones, chunk_rows, encoder_grads, padded_empty
+from trainer.kernels import centred_with_ones, chunk_rows, encoder_grads, padded_empty, threshold_backward_
 
 
 def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
@@ -142,7 +142,7 @@ class _JumpReLUSAE(Function):
                     # (where, bool products) as slow.
                     band_f = buf[:stop - start].copy_(band_u8[r, start:stop])
                     torch.linalg.vecdot(g, band_f, dim=1, out=band_dot[r, start:stop])
-                    torch.ops.aten.threshold_backward.grad_input(g, latents_t[r, start:stop], 0, grad_input=g)
+                    threshold_backward_(g, latents_t[r, start:stop], 0, grad_input=g)
                     torch.sum(g, dim=1, out=grad_b_enc[r, start:stop])  # while the chunk is in cache
             if need_theta:
                 grad_theta = band_dot.mul_(theta / eps.unsqueeze(1)).neg_()

@@ -76,11 +76,15 @@ def lr_factors(step: torch.Tensor, cfg: LoopConfig, totals: torch.Tensor) -> tor
     return factors
 
 
+def run_lengths(steps: Sequence[int | None], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Runs' step budgets as `lr_factors` takes them: float64 (R,), NaN for an unknown length."""
+    return torch.tensor([math.nan if n is None else float(n) for n in steps], dtype=torch.float64, device=device)
+
+
 def lr_factor(step: int, cfg: LoopConfig, total_steps: int | None = None) -> float:
     """`lr_factors` for one run at host `step`, of `total_steps` steps (default cfg.total_steps)."""
     total = total_steps if total_steps is not None else cfg.total_steps
-    totals = torch.tensor([math.nan if total is None else float(total)], dtype=torch.float64)
-    return float(lr_factors(torch.tensor(float(step), dtype=torch.float64), cfg, totals)[0])
+    return float(lr_factors(torch.tensor(float(step), dtype=torch.float64), cfg, run_lengths([total]))[0])
 
 
 @torch.no_grad()
@@ -115,8 +119,7 @@ class StackTrainer:
         # The step and the runs' lengths on the device too: the schedule and the frozen runs are
         # computed there, with no host round trip a step.
         self.step_t = torch.zeros((), dtype=torch.float64, device=device)
-        self.totals = torch.tensor([math.nan if n is None else float(n) for n in self.run_steps],
-                                   dtype=torch.float64, device=device)
+        self.totals = run_lengths(self.run_steps, device)
         self.failed = torch.zeros(R, dtype=torch.bool, device=device)
         self.fired = torch.zeros(R, d_sae, device=device)
         self.window_tokens = 0
