@@ -100,6 +100,8 @@ def train(
     tokens: Optional[int] = typer.Option(None, help="Rows to train on."),
     seed: Optional[int] = typer.Option(None, help="Seed of weights and shuffle."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
+    kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
     log_every: Optional[int] = typer.Option(None, help="Steps between metric lines."),
     eval_every: Optional[int] = typer.Option(None, help="Steps between eval-split metrics (0: at the end)."),
     eval_tokens: Optional[int] = typer.Option(None, help="Eval rows used during training."),
@@ -141,6 +143,8 @@ def sweep(
     tokens: Optional[int] = typer.Option(None, help="Rows per run (overrides every run)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per step (all runs)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
+    kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
     name: Optional[str] = typer.Option(None, help="Sweep name (W&B group); default: the TOML's name or file name."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the sweep in --out."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="W&B, one run per SAE (offline without a key)."),
@@ -159,7 +163,8 @@ def sweep(
         importlib.import_module(module)
     spec = load_sweep_spec(config)
     overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
-                                        resume=resume, wandb=wandb).items() if v is not None}
+                                        precision=precision, kernels=kernels, resume=resume,
+                                        wandb=wandb).items() if v is not None}
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None,
                      eval_contexts=eval_contexts if with_eval else 0)

@@ -207,14 +207,16 @@ def test_batchtopk_is_batch_wide_and_calibrates():
     x = sparse_batches(1, 512)[0]
     model.init_b_dec(x)
     out = model(x)
-    per_row = (out["latents"] > 0).sum(-1)  # (R, B)
+    latents = model.select(model.pre_acts(x), model.k, model.k_max).detach()  # the step's kept entries
+    assert torch.equal(out["fired"], (latents > 0).sum(dim=1).float())
+    per_row = (latents > 0).sum(-1)  # (R, B)
     assert per_row.sum(-1).tolist() == [2 * 512, 5 * 512] and out["l0"].tolist() == [2.0, 5.0]
     assert per_row.min() != per_row.max()
     model.calibrate_threshold(x)
     assert (model.encode(x) > 0).sum(-1).float().mean(-1).tolist() == [2.0, 5.0]
     # The first batch threshold the loop's after_step takes is the smallest kept activation.
     model.after_step(out, x.shape[0])
-    smallest = torch.stack([lat[lat > 0].min() for lat in out["latents"]])
+    smallest = torch.stack([lat[lat > 0].min() for lat in latents])
     assert torch.equal(model.threshold, smallest[:, None].expand(2, 128))
     assert model.threshold_batches.tolist() == [1, 1]
 
@@ -226,9 +228,9 @@ def test_matryoshka_prefix_losses():
     assert model_sum.prefix_widths == (4, 8, 16, 32, 64)
     x = sparse_batches(1, 32, d=16, n_feat=32)[0]
     out_sum, out_mean = model_sum(x), model_mean(x)
-    torch.testing.assert_close(out_sum["mse"], model_sum.mse(x, model_sum.decode(out_sum["latents"])))
+    lat, W = model_sum.select(model_sum.pre_acts(x), model_sum.k, model_sum.k_max).detach(), model_sum.W_dec
+    torch.testing.assert_close(out_sum["mse"], model_sum.mse(x, model_sum.decode(lat)))
     torch.testing.assert_close(out_sum["prefix_mse"], out_mean["prefix_mse"] * 5)
-    lat, W = out_sum["latents"], model_sum.W_dec
     by_hand = sum(model_sum.mse(x, torch.einsum("rbs,rsi->rbi", lat[..., :w], W[:, :w]) + model_sum.b_dec[:, None])
                   for w in (4, 8, 16, 32, 64))
     torch.testing.assert_close(out_sum["prefix_mse"], by_hand)

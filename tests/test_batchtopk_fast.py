@@ -4,6 +4,8 @@ The dense reference is the formula itself through autograd: every pre-activation
 batch-wide top k*B by `batch_topk_per_run` (a `topk` over the flattened batch), a dense decoder
 (`decode`, or `prefix_recons` for Matryoshka) and TopK's AuxK through `pre.gather`.
 
+The fused step's selection is checked with both strategies (`BatchTopKSAE.selection`).
+
 Tolerance: the two sum the same terms in different orders only, so in float64 every output and
 gradient agrees to rtol 1e-9 / atol 1e-12; in float32 to rtol 1e-4 / atol 1e-5. The kept entries
 must be identical in both.
@@ -16,7 +18,7 @@ import math
 import pytest
 import torch
 
-from trainer.kernels_batch import BatchTopKSelector, codes_from_dense
+from trainer.kernels_batch import BatchTopKSelector, codes_from_dense, codes_from_topk
 from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk_per_run
 from trainer.sae_matryoshka import MatryoshkaConfig, MatryoshkaSAE
 
@@ -53,6 +55,14 @@ def dense_reference(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
             "latents": latents.detach(), "recon": recon}
 
 
+def kept_latents(model, x: torch.Tensor) -> torch.Tensor:
+    """The dense latents of the fused step's selection (its sparse codes, made dense)."""
+    with torch.no_grad():
+        pre = model.pre_acts(x)
+        codes, _ = model.select_codes(pre)
+        return codes.dense_into(torch.zeros_like(pre))
+
+
 def grads_of(model, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
     x.grad = None
@@ -63,15 +73,18 @@ def grads_of(model, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, 
     return g
 
 
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("x_dims", [2, 3])
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_sparse_step_equals_dense_reference(arch, x_dims, dtype):
+def test_sparse_step_equals_dense_reference(arch, x_dims, dtype, selection):
     """Forward outputs and every gradient (parameters, and the input when it asks for one) of the
     sparse step equal the dense reference's, over several steps (so the selector's threshold guess
-    from the previous step is exercised as well as its first guess from a sample)."""
+    from the previous step is exercised as well as its first guess from a sample), with either
+    selection (the CPU's threshold selector, the GPU's fixed-size topk)."""
     extra = {"prefix_widths": (1, 7, 40, 96)} if arch == "matryoshka" else {}
     model = make(arch, **extra).to(dtype)
+    model.kernels, model.selection = "fused", selection
     g = torch.Generator().manual_seed(0)
     for step in range(3):
         x = torch.randn(48, 16, generator=g, dtype=dtype) * (1 + step)  # the scale moves: guesses fail
@@ -81,8 +94,11 @@ def test_sparse_step_equals_dense_reference(arch, x_dims, dtype):
         ref = dense_reference(model, x)
         ref_grads = grads_of(model, ref, x)
         out = model(x)
-        assert torch.equal(out["latents"] > 0, ref["latents"] > 0), "the kept entries differ"
-        for key in ("loss", "mse", "aux_loss", "l0", "latents", "recon"):
+        kept = kept_latents(model, x)
+        assert torch.equal(kept > 0, ref["latents"] > 0), "the kept entries differ"
+        torch.testing.assert_close(kept, ref["latents"], **TOL[dtype])
+        assert torch.equal(out["fired"], (kept > 0).sum(dim=1).to(out["fired"].dtype))
+        for key in ("loss", "mse", "aux_loss", "l0", "recon"):
             torch.testing.assert_close(out[key].detach(), ref[key].detach(), **TOL[dtype], msg=key)
         assert bool((out["aux_loss"] > 0).all()), "AuxK did not take part"
         for name, grad in grads_of(model, out, x).items():
@@ -93,31 +109,34 @@ def test_matryoshka_prefix_mse_equals_dense():
     model = make("matryoshka", prefix_loss="mean").double()
     x = torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     out = model(x)
-    recons = model.prefix_recons(out["latents"])
+    recons = model.prefix_recons(kept_latents(model, x))
     by_hand = torch.stack([model.mse(x, r) for r in recons]).mean(dim=0)
     torch.testing.assert_close(out["prefix_mse"], by_hand, **TOL[torch.float64])
 
 
-def test_after_step_from_sparse_outputs_equals_dense():
-    """`after_step` on the forward's firing counts and batch threshold leaves the dead-latent
-    counts and the tracked threshold exactly as the dense path (from `latents`) does, and the
-    firing counts are those of the dense latents."""
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_after_step_from_sparse_outputs_equals_dense(selection):
+    """`after_step` on the fused step's firing counts and batch threshold leaves the dead-latent
+    counts and the tracked threshold exactly as the plain (dense) step's outputs do."""
     a, b = make("batchtopk"), make("batchtopk")
+    b.load_state_dict(a.state_dict())
+    a.kernels, a.selection, b.kernels = "fused", selection, "plain"
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     for _ in range(2):
-        out = a(x)
-        assert torch.equal(out["fired"], (out["latents"] > 0).sum(dim=1).to(out["fired"].dtype))
-        a.after_step(out, 64)
-        dense = {k: v for k, v in out.items() if k not in ("fired", "batch_threshold")}
-        b.after_step(dense, 64)
+        out_a, out_b = a(x), b(x)
+        assert torch.equal(out_a["fired"], out_b["fired"])
+        a.after_step(out_a, 64)
+        b.after_step(out_b, 64)
         assert torch.equal(a.tokens_since_fired, b.tokens_since_fired)
         assert torch.equal(a.threshold, b.threshold) and torch.equal(a.threshold_batches, b.threshold_batches)
 
 
-def test_a_swapped_in_select_hook_is_used():
-    """A `select` hook (data-parallel training swaps one in) decides the kept entries; its dense
-    latents are returned, and no per-process firing counts (they would cover one rank only)."""
+@pytest.mark.parametrize("kernels", ["fused", "plain"])
+def test_a_swapped_in_select_hook_is_used(kernels):
+    """A `select` hook (data-parallel training swaps one in) decides the kept entries, in either path:
+    the reconstruction and the firing counts are those of its latents."""
     model = make("batchtopk").double()
+    model.kernels = kernels
     x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def per_row_top(pre, k, k_max):  # not BatchTopK's choice: every row keeps exactly k_max
@@ -126,12 +145,29 @@ def test_a_swapped_in_select_hook_is_used():
 
     model.select = per_row_top
     out = model(x)
-    assert "fired" not in out and "batch_threshold" not in out
     ref = per_row_top(model.pre_acts(x), model.k, model.k_max)
-    assert torch.equal(out["latents"], ref.detach())
+    assert torch.equal(out["fired"], (ref > 0).sum(dim=1).double())
     torch.testing.assert_close(out["recon"], model.decode(ref), **TOL[torch.float64])
-    model.after_step(out, 32)  # the dense path of after_step
+    model.after_step(out, 32)
     assert model.threshold_batches.tolist() == [1, 1, 1]
+
+
+def test_topk_codes_keep_what_the_selector_keeps():
+    """The fixed-size selection (`codes_from_topk`, a GPU step's) keeps the exact selector's entries,
+    with the same values and firing counts; its extra entries are inactive and hold 0."""
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(3, 64, 256, generator=g)
+    pre[2] -= 2.5  # fewer positive values than k * B in this run: inactive entries among the n_max
+    n = [64 * 3, 64 * 20, 64 * 40]
+    flat, vals = BatchTopKSelector()(pre, n)
+    codes = codes_from_topk(pre, torch.tensor(n), max(n))
+    assert codes.flat.numel() == 3 * max(n)
+    active = codes.active.bool()
+    assert torch.equal(codes.flat[active], flat) and torch.equal(codes.vals[active], vals)
+    assert bool((codes.vals[~active] == 0).all())
+    dense = torch.zeros(pre.numel()).index_put_((flat,), vals).view_as(pre)
+    assert torch.equal(codes.fired(torch.float32), (dense > 0).sum(dim=1).float())
+    assert codes.run_counts.tolist() == [int((dense[r] > 0).sum()) for r in range(3)]
 
 
 # -- the selector on its own --------------------------------------------------------------------

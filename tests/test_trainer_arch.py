@@ -16,7 +16,7 @@ from trainer.init import geometric_median
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
 from trainer.registry import get_architecture, register_architecture, registered_architectures
 from trainer.sae_standard import StandardConfig, StandardSAE
-from trainer.sae_topk import TopKConfig, TopKSAE
+from trainer.sae_topk import TopKConfig, TopKSAE, dense_latents
 
 ATOL = 1e-5  # stacked vs one-by-one, float32, after 50 Adam steps
 
@@ -45,8 +45,8 @@ def train(sae: nn.Module, data: list[torch.Tensor], lr, max_grad_norm) -> list[d
         opt.zero_grad()
         if sae.unit_norm_decoder:
             normalize_decoder(sae.W_dec.data)
-        if hasattr(sae, "update_dead"):
-            sae.update_dead(out["latents"], x.shape[0])
+        if hasattr(sae, "after_step"):
+            sae.after_step(out, x.shape[0])
         outs.append({k: v.detach() for k, v in out.items() if v.dim() == 1})
     return outs
 
@@ -105,11 +105,12 @@ def test_topk_l0_equals_k_per_run():
     x = batches(1, 256, 16)[0]
     sae.init_b_dec(x)
     out = sae(x)
-    assert out["latents"].shape == (4, 256, 64) and out["recon"].shape == (4, 256, 16)
+    latents = dense_latents(out, 64)
+    assert latents.shape == (4, 256, 64) and out["recon"].shape == (4, 256, 16)
     assert out["l0"].tolist() == [1.0, 3.0, 7.0, 16.0]
-    assert ((out["latents"] > 0).sum(-1) == torch.tensor([1, 3, 7, 16]).view(4, 1)).all()
+    assert ((latents > 0).sum(-1) == torch.tensor([1, 3, 7, 16]).view(4, 1)).all()
     # A per-run input (R, batch, d_in) works too, and equals the shared one when it is the same.
-    torch.testing.assert_close(sae.encode(x.expand(4, -1, -1)), out["latents"])
+    torch.testing.assert_close(sae.encode(x.expand(4, -1, -1)), latents)
 
 
 def test_topk_learns_sparse_synthetic_data():

@@ -8,8 +8,8 @@ single process would train on the whole global batch (up to float summation orde
 - the first batch (b_dec, initial scale) is the gathered global batch, and rank 0's weights are
   broadcast after it, so every rank starts from the same weights;
 - `after_step` (dead-latent counts, BatchTopK's threshold) and the loop's firing counts see the
-  latents of the whole global batch, gathered sparsely (ids and values) and rebuilt densely, as
-  large as a single process's;
+  whole global batch: the forward's per-latent firing counts (R, d_sae) are summed over the ranks
+  (no latents travel);
 - BatchTopK's batch-wide selection keeps the top k * global batch pre-activations over all ranks:
   each rank contributes its local top k * global batch, the (k * global batch)-th largest of their
   union is the threshold every rank applies to its own rows;
@@ -34,6 +34,7 @@ class DataParallel:
 
     def __init__(self) -> None:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self._threshold: torch.Tensor | None = None  # the last global batch-wide selection's (R,)
 
     def _gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(self.world)]
@@ -71,10 +72,9 @@ class DataParallel:
             at += g.numel()
 
     def forward(self, model: torch.nn.Module, x: torch.Tensor, *target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's forward on this rank's rows, its batch-wide selection (if any) over all ranks."""
-        from trainer.sae_batchtopk import BatchTopKSAE
-
-        if isinstance(model, BatchTopKSAE):
+        """The model's forward on this rank's rows, its batch-wide selection (an architecture's `select`
+        hook, if it has one) over all ranks."""
+        if hasattr(model, "select"):
             model.select = self.batch_topk
         return model(x, *target)
 
@@ -89,40 +89,22 @@ class DataParallel:
             union = self._gather(local, 1)
             top = union.topk(k_max * B, dim=-1).values
             threshold = top.gather(1, (k * B - 1).view(R, 1)).view(R, 1, 1)
+        self._threshold = threshold.view(R)
         return torch.where(pre >= threshold, pre.relu(), torch.zeros((), dtype=pre.dtype, device=pre.device))
 
     @torch.no_grad()
     def global_out(self, out: dict[str, torch.Tensor], rows: int) -> tuple[dict[str, torch.Tensor], int]:
-        """The forward output as `after_step` and the firing counts see it: the global batch's
-        latents (and sparse codes, where the forward gives them), and the global row count."""
+        """The forward output as `after_step` and the firing counts see it: per-latent firing counts
+        summed over the ranks, the global batch threshold, and the global row count."""
         g = dict(out)
-        g.pop("fired", None)  # this rank's counts only: the loop counts the gathered latents instead
-        if "latent_idx" in out:  # fixed (R, rows, k) codes: gathered as they are
-            idx, vals = self._gather(out["latent_idx"], 1), self._gather(out["latent_vals"], 1)
-            g["latent_idx"], g["latent_vals"] = idx, vals
-            R, B = idx.shape[:2]
-            g["latents"] = torch.zeros(R, B, out["latents"].shape[-1], dtype=vals.dtype,
-                                       device=vals.device).scatter_(-1, idx, vals)
-        else:
-            g["latents"] = self._gather_sparse(out["latents"])
+        fired = out["fired"].clone()
+        dist.all_reduce(fired)
+        g["fired"] = fired
+        if "batch_threshold" in out and self._threshold is not None:
+            # Every rank kept its entries >= the global (k*B)-th largest value t: the smallest kept one
+            # is t itself when it is positive, and when it is not, fewer than k*B were (then 0).
+            g["batch_threshold"] = self._threshold.clamp(min=0).view(-1, 1)
         return g, rows * self.world
-
-    def _gather_sparse(self, latents: torch.Tensor) -> torch.Tensor:
-        """(R, rows, d_sae) per rank -> (R, rows * world, d_sae): only the non-zeros travel."""
-        R, b, S = latents.shape
-        flat = latents.reshape(-1)
-        nz = flat.nonzero().squeeze(1)
-        counts = self._gather(torch.tensor([nz.numel()], device=flat.device), 0).tolist()
-        n = max(counts)
-        idx = torch.zeros(n, dtype=torch.long, device=flat.device)
-        vals = torch.zeros(n, dtype=flat.dtype, device=flat.device)
-        idx[:nz.numel()], vals[:nz.numel()] = nz, flat[nz]
-        all_idx, all_vals = self._gather(idx, 0).view(self.world, n), self._gather(vals, 0).view(self.world, n)
-        out = torch.zeros(R, b * self.world, S, dtype=latents.dtype, device=latents.device)
-        for w, c in enumerate(counts):
-            i = all_idx[w, :c]
-            out[i // (b * S), w * b + (i // S) % b, i % S] = all_vals[w, :c]
-        return out
 
     @torch.no_grad()
     def mean_metrics(self, m: dict) -> dict:

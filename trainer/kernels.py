@@ -48,6 +48,27 @@ def chunk_rows(row_bytes: int, device: torch.device, cpu_bytes: int | None = Non
     return max(1, (cpu_bytes if cpu_bytes is not None else _COUNT_CHUNK_BYTES) // row_bytes)
 
 
+def counts(index: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in `index` (int64), or the sum of `weights` per value.
+
+    `torch.bincount` on CUDA reads the largest index back to the host (a sync every call); a
+    scatter-add into n zeros does not. Integer sums (and float sums of 0/1 weights, exact up to
+    2**24) do not depend on the order the GPU's atomics add them in: deterministic."""
+    if weights is None:
+        return torch.zeros(n, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
+    return torch.zeros(n, dtype=weights.dtype, device=index.device).scatter_add_(0, index, weights)
+
+
+def host_to_device(values: list, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of Python `values` on `like`'s device (dtype of `like`), copied without making the
+    host wait for the device: from pinned memory, non-blocking, on a GPU (a pageable copy
+    synchronizes with the stream first)."""
+    t = torch.tensor(values, dtype=like.dtype)
+    if like.device.type == "cuda":
+        return t.pin_memory().to(like.device, non_blocking=True)
+    return t.to(like.device)
+
+
 def _flat_codes(idx: torch.Tensor, n_latents: int) -> torch.Tensor:
     """(R, B, k) latent ids -> (R * B, k) row ids into a (R * n_latents, d) table of all runs."""
     R, B, k = idx.shape
@@ -69,8 +90,8 @@ def _transposed_bag_sum(codes: torch.Tensor, weights: torch.Tensor, rows: torch.
     k = codes.shape[1]
     flat = codes.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_out)
-    starts = counts.cumsum(0).sub_(counts)
+    per_code = counts(flat, n_out)
+    starts = per_code.cumsum(0).sub_(per_code)
     return F.embedding_bag(order.div(k, rounding_mode="floor"), rows, starts,
                            per_sample_weights=weights.reshape(-1)[order], mode="sum")
 
@@ -126,8 +147,9 @@ def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) ->
 
     Equals `dense(vals) @ W_dec` for the dense (R, B, d_sae) latents that hold `vals` at `idx`
     (ids distinct within a row), in O(B * k * d_in) forward and backward. `idx (R, B, k)` long,
-    `vals (R, B, k)`, `W_dec (R, d_sae, d_in)`; differentiable in vals and W_dec."""
-    return _SparseDecode.apply(idx, vals, W_dec)
+    `vals (R, B, k)`, `W_dec (R, d_sae, d_in)`; differentiable in vals and W_dec. Computes in W_dec's
+    dtype (bf16 activations from autocast are cast up: a gather needs no matrix unit)."""
+    return _SparseDecode.apply(idx, vals.to(W_dec.dtype), W_dec)
 
 
 class _SparsePreActs(Function):
@@ -175,8 +197,8 @@ def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, 
     `selected` holds their values, already computed (a TopK step computes every pre-activation
     without autograd to choose idx; the values are then gathered, not computed again). Shapes as
     `StackedSAE.pre_acts`: x (B, d_in) or (R, B, d_in), W_enc (R, d_in, d_sae), b_enc (R, d_sae),
-    b_dec (R, d_in)."""
-    return _SparsePreActs.apply(selected, idx, x, W_enc, b_enc, b_dec)
+    b_dec (R, d_in). Computes in W_enc's dtype, as `sparse_decode`."""
+    return _SparsePreActs.apply(selected.to(W_enc.dtype), idx, x.to(W_enc.dtype), W_enc, b_enc, b_dec)
 
 
 # relu's backward in place: grad kept where the reference tensor is > 0.

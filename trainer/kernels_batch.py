@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones, chunk_rows
+from trainer.kernels import centred_with_ones, chunk_rows, counts
 
 # Candidates aimed for per kept entry when the threshold is guessed: enough that the guess rarely
 # lets fewer than n through (which costs a second pass), few enough that the order statistic over
@@ -67,7 +67,10 @@ class BatchCodes:
     order: torch.Tensor         # (nnz,)
     code_counts: torch.Tensor   # (R * S,) entries per code: the firing count of each latent
     code_starts: torch.Tensor   # (R * S,) first position of each code in `order`
-    run_counts: torch.Tensor    # (R,) entries per run
+    run_counts: torch.Tensor    # (R,) active entries per run
+    active: torch.Tensor | None = None
+    """(nnz,) 0/1 floats: the entries that count (positive and kept); None when all of them do.
+    A fixed-size selection (`codes_from_topk`) holds entries that do not: their value is 0."""
 
     @property
     def token_by_code(self) -> torch.Tensor:
@@ -81,32 +84,54 @@ class BatchCodes:
     def fired(self, dtype: torch.dtype) -> torch.Tensor:
         """(R, S): per latent, the tokens it is active on."""
         R, _, S = self.shape
-        return self.code_counts.view(R, S).to(dtype)
+        if self.active is None:
+            return self.code_counts.view(R, S).to(dtype)
+        return counts(self.code, R * S, self.active.to(dtype)).view(R, S)
 
-    def batch_threshold(self, n: Sequence[int]) -> torch.Tensor:
+    def batch_threshold(self, n: torch.Tensor) -> torch.Tensor:
         """(R,) BatchTopK's batch threshold: the smallest kept activation of each run, or 0 when fewer
-        than n[r] entries were positive (every positive one was then kept); NaN when none was."""
+        than n[r] (a tensor) entries were positive (every positive one was then kept); NaN when none was."""
         R = self.shape[0]
         run = self.token.div(self.shape[1], rounding_mode="floor")
-        smallest = self.vals.new_full((R,), float("inf")).scatter_reduce_(0, run, self.vals, "amin")
+        vals = self.vals if self.active is None else self.vals.masked_fill(self.active == 0, float("inf"))
+        smallest = self.vals.new_full((R,), float("inf")).scatter_reduce_(0, run, vals, "amin")
         smallest = torch.where(smallest.isinf(), torch.full_like(smallest, float("nan")), smallest)
-        full = self.run_counts >= torch.tensor(list(n), device=self.run_counts.device)
-        return torch.where(full, smallest, torch.zeros_like(smallest))
+        return torch.where(self.run_counts >= n, smallest, torch.zeros_like(smallest))
 
 
-def codes_from_flat(flat: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int, int]) -> BatchCodes:
-    """`BatchCodes` from sorted flat indices into (R, B, S) and their (positive) values."""
+def codes_from_flat(flat: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int, int],
+                    active: torch.Tensor | None = None) -> BatchCodes:
+    """`BatchCodes` from flat indices into (R, B, S), sorted, and their values (all positive, or
+    `active` 0/1 floats saying which count)."""
     R, B, S = shape
     token = flat.div(S, rounding_mode="floor")
     latent = flat - token * S
     code = token.div(B, rounding_mode="floor").mul_(S).add_(latent)
-    token_counts = torch.bincount(token, minlength=R * B)
-    code_counts = torch.bincount(code, minlength=R * S)
-    run_counts = token_counts.view(R, B).sum(dim=1)
+    token_counts = counts(token, R * B)
+    code_counts = counts(code, R * S)
+    run_counts = (token_counts.view(R, B).sum(dim=1) if active is None
+                  else counts(token.div(B, rounding_mode="floor"), R, active).to(torch.long))
     return BatchCodes(shape=shape, flat=flat, token=token, latent=latent, code=code, vals=vals,
                       token_starts=token_counts.cumsum(0).sub_(token_counts),
                       order=torch.argsort(code, stable=True), code_counts=code_counts,
-                      code_starts=code_counts.cumsum(0).sub_(code_counts), run_counts=run_counts)
+                      code_starts=code_counts.cumsum(0).sub_(code_counts), run_counts=run_counts, active=active)
+
+
+@torch.no_grad()
+def codes_from_topk(pre: torch.Tensor, n: torch.Tensor, n_max: int) -> BatchCodes:
+    """`BatchCodes` of the top n[r] entries (R,) over each run's whole batch of `pre (R, B, S)`,
+    without a host sync: one `topk` of n_max = max(n) per run, so every run holds n_max entries, of
+    which those past its own n[r] or not positive are inactive (value 0). The same entries as the
+    exact `BatchTopKSelector` (ties at the n-th value aside), as fixed-size tensors (a GPU step
+    that never waits for the host)."""
+    R, B, S = pre.shape
+    vals, flat = pre.reshape(R, B * S).topk(n_max, dim=-1, sorted=True)
+    active = (torch.arange(n_max, device=pre.device) < n.view(R, 1)) & (vals > 0)
+    flat, order = flat.sort(dim=-1)  # (token, latent) order within each run
+    active = active.gather(1, order).to(torch.float32)
+    vals = vals.gather(1, order) * active.to(vals.dtype)
+    flat = flat + torch.arange(R, device=pre.device).view(R, 1) * (B * S)
+    return codes_from_flat(flat.view(-1), vals.view(-1), (R, B, S), active.view(-1))
 
 
 @torch.no_grad()
@@ -261,7 +286,9 @@ def segment_decode(vals: torch.Tensor, W_dec: torch.Tensor, codes: BatchCodes, b
 
     `vals (nnz,)` is differentiable, as is `W_dec (R, S, d)`. Bags default to the tokens (n_bags =
     R * B: `dense(vals) @ W_dec` per run, flattened); otherwise `bags (nnz,)` is each entry's bag id,
-    nondecreasing over the entries, and `bag_starts (n_bags,)` each bag's first entry."""
+    nondecreasing over the entries, and `bag_starts (n_bags,)` each bag's first entry. Computes in
+    W_dec's dtype (a gather needs no matrix unit)."""
+    vals = vals.to(W_dec.dtype)
     if bags is None:
         bags, bag_starts, bags_by_code = codes.token, codes.token_starts, codes.token_by_code
     else:
@@ -312,5 +339,7 @@ def segment_pre_acts(codes: BatchCodes, x: torch.Tensor, W_enc: torch.Tensor, b_
                      b_dec: torch.Tensor) -> torch.Tensor:
     """The kept pre-activations `(x - b_dec) @ W_enc + b_enc` (nnz,) (their values: `codes.vals`,
     computed without autograd), differentiable in x, W_enc, b_enc and b_dec with a backward that
-    touches only the kept entries. Shapes as `StackedSAE.pre_acts`."""
-    return _SegmentPreActs.apply(codes.vals, codes, x, W_enc, b_enc, b_dec)
+    touches only the kept entries. Shapes as `StackedSAE.pre_acts`. Computes in W_enc's dtype; the
+    values of inactive entries (`codes.active`) are 0 and pass no gradient."""
+    kept = _SegmentPreActs.apply(codes.vals.to(W_enc.dtype), codes, x.to(W_enc.dtype), W_enc, b_enc, b_dec)
+    return kept if codes.active is None else kept * codes.active.to(kept.dtype)

@@ -59,6 +59,7 @@ class StackedAdam:
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.step_count = torch.zeros((), dtype=torch.long)
+        self._t = 0  # step_count on the host: the bias corrections need it without a device read
         self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in named.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in named.items()}
 
@@ -89,7 +90,8 @@ class StackedAdam:
                     p.grad.mul_(_runs_view(coef, p))
 
         self.step_count += 1
-        t = int(self.step_count)
+        self._t += 1
+        t = self._t
         bias_correction1 = 1 - self.beta1 ** t
         bias_correction2_sqrt = math.sqrt(1 - self.beta2 ** t)
         step_size = self.lr / bias_correction1  # (R,)
@@ -123,6 +125,7 @@ class StackedAdam:
         if missing:
             raise PipelineError(f"optimizer state lacks {', '.join(missing)}")
         self.step_count = sd["step"].clone().to(torch.long)
+        self._t = int(self.step_count)  # one read at load time, none per step
         self.lr = sd["lr"].clone().to(self.lr.device)
         self.beta1, self.beta2 = (float(b) for b in sd["betas"])
         self.eps = float(sd["eps"])

@@ -84,6 +84,12 @@ class TrainConfig:
     """Seed of the weights and of the loader's shuffle."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
+    precision: str = "auto"
+    """fp32, tf32 or bf16 (autocast matmuls; float32 weights, Adam, losses, export); auto: bf16 on
+    CUDA, fp32 on CPU."""
+    kernels: str = "auto"
+    """plain (autograd through the architecture's formulas), fused (its hand-written kernel) or auto
+    (per device, the faster one)."""
     log_every: int = 50
     """Steps between metric lines."""
     eval_every: int = 0
@@ -248,7 +254,7 @@ def weight_identity(cfg: TrainConfig) -> dict:
     """The fields a run's weights depend on, which a resumed checkpoint must match; tokens may grow
     on resume (extending the run), the device and the logging may change."""
     return {k: v for k, v in asdict(cfg).items()
-            if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume", "eval_every",
+            if k not in ("out", "tokens", "device", "precision", "kernels", "log_every", "checkpoint_every", "resume", "eval_every",
                          "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
 
 
@@ -321,7 +327,8 @@ def run_train(cfg: TrainConfig) -> dict:
     loop = LoopConfig(lr=cfg.lr, lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay, total_steps=steps,
                       max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
                       b_dec_init="keep" if init_cfg else cfg.b_dec_init,
-                      init_scale_search=cfg.init_scale_search and not init_cfg, metrics_path=str(out / "metrics.jsonl") if main else None)
+                      init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
+                      kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None)
     identity = weight_identity(cfg)
     has_eval = bool(train.source.shards("eval"))
     evaluator = None

@@ -42,8 +42,8 @@ from typing import Iterable, Sequence
 import torch
 
 from pipeline.errors import PipelineError
-from trainer.kernels_batch import BatchCodes, BatchTopKSelector, codes_from_dense, codes_from_flat, segment_decode, \
-    segment_pre_acts
+from trainer.kernels_batch import BatchCodes, BatchTopKSelector, codes_from_dense, codes_from_flat, codes_from_topk, \
+    segment_decode, segment_pre_acts
 from trainer.registry import register_architecture
 from trainer.sae_jumprelu import jumprelu, load_threshold
 from trainer.sae_topk import TopKConfig, TopKSAE, topk_per_run
@@ -75,6 +75,12 @@ class BatchTopKSAE(TopKSAE):
     config_class = BatchTopKConfig
     supports_transcoder = False  # its forward reconstructs its input only
     unit_norm_decoder = True
+    fused_transcoder = False
+    selection: str = "auto"
+    """How the fused step finds the batch's top k*B: "threshold" (`BatchTopKSelector`: a compare pass
+    and an order statistic over the candidates, faster on a CPU, but it reads counts back: a few host
+    syncs a step), "topk" (`codes_from_topk`: one topk per run, fixed-size codes, no host sync) or
+    "auto" (threshold on a CPU, topk elsewhere). Both keep exactly the same entries."""
 
     def __init__(self, cfgs: BatchTopKConfig | Sequence[BatchTopKConfig]):
         super().__init__(cfgs)
@@ -95,14 +101,8 @@ class BatchTopKSAE(TopKSAE):
         self._selector = BatchTopKSelector()
 
     def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
-        if "fired" in out:  # this process's own selection: counted from the sparse codes in forward
-            self._count_tokens(out["fired"] > 0, n_tokens)
-        else:  # dense latents (gathered from every rank in data-parallel training)
-            self.update_dead(out["latents"], n_tokens)
-        if "batch_threshold" in out:
-            self._move_threshold(out["batch_threshold"].view(-1))
-        else:
-            self.update_threshold(out["latents"])
+        self._count_tokens(out["fired"] > 0, n_tokens)
+        self._move_threshold(out["batch_threshold"].view(-1))
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
         weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
@@ -145,7 +145,9 @@ class BatchTopKSAE(TopKSAE):
         self._move_threshold(self.batch_threshold(latents))
 
     def _move_threshold(self, t_b: torch.Tensor) -> None:
-        """`update_threshold` from the batch thresholds t_b (R,) themselves."""
+        """`update_threshold` from the batch thresholds t_b (R,) themselves (in float32 whatever the
+        latents' precision)."""
+        t_b = t_b.to(self.threshold.dtype)
         ok = torch.isfinite(t_b)
         rate = torch.maximum(self.threshold_lr, 1.0 / (self.threshold_batches + 1).to(torch.float32))
         rate = torch.where(ok, rate, torch.zeros_like(rate)).unsqueeze(1)
@@ -180,17 +182,21 @@ class BatchTopKSAE(TopKSAE):
         """The batch-wide selection over `pre (R, B, d_sae)` (computed without autograd) as sparse
         codes of its positive entries, and the dense latents when the `select` hook gave them.
 
-        The default hook is done without forming dense latents (`BatchTopKSelector`); a swapped-in
-        hook (data-parallel training: a threshold over every rank's rows) returns dense latents
-        (the kept entries ReLU'd, zeros elsewhere) whose positive entries are the codes."""
-        if self.select is batch_topk_per_run:
-            flat, vals = self._selector(pre, self.batch_sizes(pre.shape[1]))
-            return codes_from_flat(flat, vals, tuple(pre.shape)), None
-        latents = self.select(pre, self.k, self.k_max)
-        return codes_from_dense(latents), latents
+        The default hook is done without forming dense latents (`selection`); a swapped-in hook
+        (data-parallel training: a threshold over every rank's rows) returns dense latents (the kept
+        entries ReLU'd, zeros elsewhere) whose positive entries are the codes."""
+        if self.select is not batch_topk_per_run:
+            latents = self.select(pre, self.k, self.k_max)
+            return codes_from_dense(latents), latents
+        B = pre.shape[1]
+        selection = self.selection if self.selection != "auto" else ("threshold" if pre.device.type == "cpu" else "topk")
+        if selection == "topk":
+            return codes_from_topk(pre, self.k * B, self.k_max * B), None
+        flat, vals = self._selector(pre, self.batch_sizes(B))
+        return codes_from_flat(flat, vals, tuple(pre.shape)), None
 
     def sparse_step(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchCodes, torch.Tensor | None, torch.Tensor]:
-        """What both forwards share: `(pre (R, B, d_sae) without a graph, codes, dense latents from a
+        """The fused step's selection: `(pre (R, B, d_sae) without a graph, codes, dense latents from a
         swapped-in hook or None, the kept pre-activations (nnz,) carrying the encoder's graph)`.
 
         Every pre-activation is needed only to choose the kept ones; the gradient reaches the encoder
@@ -200,36 +206,40 @@ class BatchTopKSAE(TopKSAE):
             codes, latents = self.select_codes(pre)
         return pre, codes, latents, segment_pre_acts(codes, x, self.W_enc, self.b_enc, self.input_bias)
 
-    def step_outputs(self, pre: torch.Tensor, codes: BatchCodes,
-                     latents: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """A forward's `l0`, `threshold` and dense `latents` (written over pre, which must no
-        longer be needed), and, when the selection was this process's own, the firing counts and
-        batch threshold that `after_step` and the loop read instead of the dense latents.
-        (Data-parallel training must not get these: they cover this rank's rows only, where
-        `after_step` needs the global batch's.)"""
-        B = pre.shape[1]
-        out = {"l0": codes.run_counts.to(pre.dtype) / B, "threshold": self.threshold.mean(dim=-1)}
-        if latents is None:
-            out["fired"] = codes.fired(pre.dtype)
-            # (R, 1), not (R,): the loop logs every (R,) output as a metric.
-            out["batch_threshold"] = codes.batch_threshold(self.batch_sizes(B)).unsqueeze(1)
-            latents = codes.dense_into(pre)
-        out["latents"] = latents
-        return out
+    def step_outputs(self, codes: BatchCodes | None, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What both paths add to a forward's output: `l0`, the logged `threshold`, the firing counts
+        `fired` (R, d_sae) and the batch threshold `batch_threshold` (R, 1) that `after_step` moves the
+        inference threshold with; from the sparse codes when there are any, else from dense latents."""
+        B = latents.shape[1] if latents is not None else codes.shape[1]
+        if codes is not None:
+            fired, batch_threshold = codes.fired(self.W_dec.dtype), codes.batch_threshold(self.k * B)
+        else:
+            fired, batch_threshold = (latents > 0).sum(dim=1, dtype=self.W_dec.dtype), self.batch_threshold(latents)
+        # batch_threshold is (R, 1), not (R,): the loop logs every (R,) output as a metric.
+        return {"l0": fired.sum(dim=-1) / B, "threshold": self.threshold.mean(dim=-1), "fired": fired,
+                "batch_threshold": batch_threshold.unsqueeze(1)}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l0`, `threshold` (each (R,); `threshold` is the
-        inference threshold so far, logged), `latents` (R, batch, d_sae, detached) and `recon`
-        (R, batch, d_in). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK. Backpropagate
-        `loss.sum()`. With the default selection also `fired` (R, d_sae) and `batch_threshold`
-        (R, 1), for `after_step` and the loop's firing counts."""
-        pre, codes, latents, kept = self.sparse_step(x)
-        R, B, _ = pre.shape
-        recon = segment_decode(kept, self.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1)
-        residual = (x if x.dim() == 3 else x.unsqueeze(0)) - recon
+        inference threshold so far, logged), `recon` (R, batch, d_in), `fired` (R, d_sae) and
+        `batch_threshold` (R, 1). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK.
+        Backpropagate `loss.sum()`."""
+        self._check_input(x)
+        target = x if x.dim() == 3 else x.unsqueeze(0)
+        if self.use_fused(x):
+            pre, codes, latents, kept = self.sparse_step(x)
+            R, B, _ = pre.shape
+            recon = segment_decode(kept, self.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1)
+            aux_x = x
+        else:
+            pre = self.pre_acts(x)
+            codes, latents = None, self.select(pre, self.k, self.k_max)
+            recon = self.decode(latents)
+            aux_x = None
+        residual = target - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x)
-        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, **self.step_outputs(pre, codes, latents),
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, aux_x)
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, **self.step_outputs(codes, latents),
                 "recon": recon}

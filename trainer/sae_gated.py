@@ -78,6 +78,9 @@ class GatedSAE(StackedSAE):
     unit_norm_decoder = False
     # The auxiliary reconstruction adds a decoder product and its gradient to the five of an SAE step.
     dense_matmuls = 7
+    # trainer.kernels_gated: measured faster on CPU (BENCHMARKS.md); chunked for a CPU cache, float32.
+    fused_on = frozenset({"cpu"})
+    fused_autocast = False
 
     def __init__(self, cfgs: GatedConfig | Sequence[GatedConfig]):
         super().__init__(cfgs)
@@ -105,8 +108,7 @@ class GatedSAE(StackedSAE):
 
     def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate's and the magnitudes' pre-activations (pi_gate, pi_mag), each (R, batch, d_sae)."""
-        self._check_input(x)
-        projected = torch.einsum("rbi,ris->rbs", x - self.b_dec.unsqueeze(1), self.W_enc)
+        projected = self.project(x, torch.zeros_like(self.b_gate))
         pi_gate = projected + self.b_gate.unsqueeze(1)
         pi_mag = projected * self.r_mag.exp().unsqueeze(1) + self.b_mag.unsqueeze(1)
         return pi_gate, pi_mag
@@ -134,13 +136,23 @@ class GatedSAE(StackedSAE):
         it is active on. `l1` is the frozen-decoder-norm-weighted L1 of the gate's ReLU (summed over
         latents, averaged over the batch), `gate_recon_mse` the auxiliary reconstruction's error
         through the frozen decoder; aux_loss = l1_scale * l1_coefficient * l1 + gate_recon_mse, so
-        loss = mse + aux_loss. The step is one fused kernel (`trainer.kernels_gated.gated_sae`,
-        equal to the formulas of `gate_and_magnitude` and `gate`). Backpropagate `loss.sum()`."""
+        loss = mse + aux_loss. Backpropagate `loss.sum()`."""
         self._check_input(x)
-        # The L1 weights by the norms of a frozen decoder (module docstring; its auxiliary
-        # reconstruction is frozen anyway): the reconstruction alone trains the decoder.
-        latents, recon, gate_recon, l1, l0, fired = gated_sae(x, self.W_enc, self.b_gate, self.r_mag, self.b_mag,
-                                                              self.b_dec, self.W_dec, frozen_l1_norms=True)
+        if self.use_fused(x):  # trainer.kernels_gated: the same step, fused (latent-major, chunked)
+            latents, recon, gate_recon, l1, l0, fired = gated_sae(
+                x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.b_dec, self.W_dec, frozen_l1_norms=True)
+        else:
+            pi_gate, pi_mag = self.gate_and_magnitude(x)
+            latents = self.gate(pi_gate, pi_mag)
+            recon = self.decode(latents)
+            # The gate path learns from the L1 and the auxiliary reconstruction, both through a frozen
+            # decoder (module docstring): the reconstruction alone trains the decoder.
+            gate_acts = pi_gate.relu()
+            W_dec_frozen = self.W_dec.detach()
+            l1 = (gate_acts.sum(dim=1, dtype=self.W_dec.dtype) * W_dec_frozen.norm(dim=-1)).sum(dim=-1) / x.shape[-2]
+            gate_recon = torch.einsum("rbs,rsi->rbi", gate_acts, W_dec_frozen) + self.b_dec.detach().unsqueeze(1)
+            fired = (latents.detach() > 0).sum(dim=1, dtype=self.W_dec.dtype)
+            l0 = fired.sum(dim=-1) / x.shape[-2]
         mse = self.mse(x, recon)
         gate_recon_mse = self.mse(x, gate_recon)
         aux_loss = (self._l1_scale if l1_scale is None else l1_scale) * self.l1_coefficient * l1 + gate_recon_mse

@@ -144,6 +144,9 @@ class JumpReLUSAE(StackedSAE):
     supports_transcoder = True
     # Unit-norm decoder rows (the loop projects gradients and renormalises, trainer.optim).
     unit_norm_decoder = True
+    # trainer.kernels_jumprelu: measured faster on CPU (BENCHMARKS.md); chunked for a CPU cache, float32.
+    fused_on = frozenset({"cpu"})
+    fused_autocast = False
 
     def __init__(self, cfgs: JumpReLUConfig | Sequence[JumpReLUConfig]):
         super().__init__(cfgs)
@@ -225,18 +228,18 @@ class JumpReLUSAE(StackedSAE):
         aux_loss = l0_scale * l0_coefficient * L0 (the straight-through L0), so loss = mse + aux_loss.
         `l0_scale` is the warm-up factor (default: the one `on_step` set). Backpropagate
         `loss.sum()`: runs share no parameters."""
+        self._check_input(x)
         bandwidth = self.bandwidth * self.data_scale  # (R,): in the data's units
-        if self.is_transcoder:  # the fused kernel assumes one width in and out: plain autograd here
-            pre = self.pre_acts(x)
-            threshold = self.threshold.unsqueeze(1)  # (R, 1, d_sae)
-            latents = JumpReLUFunction.apply(pre, threshold, bandwidth.view(-1, 1, 1))
-            recon = self.decode(latents)
-            l0 = StepFunction.apply(pre, threshold, bandwidth.view(-1, 1, 1)).sum(dim=-1).mean(dim=-1)  # (R,)
-            fired = (latents.detach() > 0).sum(dim=1).to(recon.dtype)
-        else:  # trainer.kernels_jumprelu: the same step, fused (latent-major, one pass in cache)
-            self._check_input(x)
+        if self.use_fused(x):  # trainer.kernels_jumprelu: the same step, fused (latent-major, chunked)
             latents, recon, l0, fired = jumprelu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec,
                                                      self.threshold, bandwidth)
+        else:
+            pre = self.pre_acts(x)
+            threshold, eps = self.threshold.unsqueeze(1), bandwidth.view(-1, 1, 1)  # (R, 1, d_sae), (R, 1, 1)
+            latents = JumpReLUFunction.apply(pre, threshold, eps)
+            recon = self.decode(latents)
+            l0 = StepFunction.apply(pre, threshold, eps).sum(dim=-1, dtype=self.W_dec.dtype).mean(dim=-1)  # (R,)
+            fired = (latents.detach() > 0).sum(dim=1, dtype=self.W_dec.dtype)
         mse = self.mse(x if target is None else target, recon)
         aux_loss = (self._l0_scale if l0_scale is None else l0_scale) * self.l0_coefficient * l0
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0.detach(),

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import PipelineError
+from trainer.kernels import counts
 from trainer.kernels_batch import BatchCodes, segment_decode
 from trainer.registry import register_architecture
 from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -68,6 +69,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.prefix_loss = shared(self.cfgs, "prefix_loss")
         if self.prefix_loss not in ("sum", "mean"):
             raise PipelineError(f"prefix_loss {self.prefix_loss!r}: use sum or mean")
+        # On the device once, so a step does not copy it from the host.
+        self.register_buffer("_prefix_ends", torch.tensor(w), persistent=False)
 
     # -- the training step's forward -----------------------------------------------------------
 
@@ -86,34 +89,41 @@ class MatryoshkaSAE(BatchTopKSAE):
         bag's first entry: the codes are sorted by latent within a token, so a token's groups are
         consecutive runs of its entries."""
         G = len(self.prefix_widths)
-        widths = torch.tensor(self.prefix_widths, device=codes.latent.device)
-        bags = codes.token * G + torch.searchsorted(widths, codes.latent, right=True)
-        counts = torch.bincount(bags, minlength=codes.token_starts.numel() * G)
-        return bags, counts.cumsum(0).sub_(counts)
+        bags = codes.token * G + torch.searchsorted(self._prefix_ends, codes.latent, right=True)
+        per_bag = counts(bags, codes.token_starts.numel() * G)
+        return bags, per_bag.cumsum(0).sub_(per_bag)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse` (the full reconstruction's), `prefix_mse` (the sum or mean of every
-        prefix's MSE, the last prefix included), `aux_loss`, `l0`, `threshold` (each (R,)),
-        `latents` (R, batch, d_sae, detached) and `recon` (R, batch, d_in), plus BatchTopK's
-        `fired` and `batch_threshold`. loss = prefix_mse + aux_loss. Backpropagate `loss.sum()`.
+        prefix's MSE, the last prefix included), `aux_loss`, `l0`, `threshold` (each (R,)) and
+        `recon` (R, batch, d_in), plus BatchTopK's `fired` and `batch_threshold`. loss = prefix_mse + aux_loss. Backpropagate `loss.sum()`.
 
-        Each prefix group's part of every token's reconstruction is one sparse bag sum; the
-        prefixes' reconstructions are their running sums over the groups."""
-        pre, codes, latents, kept = self.sparse_step(x)
-        R, B, _ = pre.shape
-        G = len(self.prefix_widths)
-        parts = segment_decode(kept, self.W_dec, codes, *self.prefix_bags(codes)).view(R, B, G, -1)
+        The fused step sums each prefix group's part of every token's reconstruction as one sparse
+        bag; the prefixes' reconstructions are their running sums over the groups."""
+        self._check_input(x)
         target = x if x.dim() == 3 else x.unsqueeze(0)
-        # Group by group (unbind: one gradient buffer for all of them, where slicing would zero a
-        # full-size one per group), not a cumsum over the groups' strided dimension (3x slower).
-        recon, mses = self.b_dec.unsqueeze(1), []
-        for part in parts.unbind(dim=2):
-            recon = recon + part
-            mses.append(self.mse(target, recon))
-        mses = torch.stack(mses)  # (G, R)
+        if self.use_fused(x):
+            pre, codes, latents, kept = self.sparse_step(x)
+            R, B, _ = pre.shape
+            G = len(self.prefix_widths)
+            parts = segment_decode(kept, self.W_dec, codes, *self.prefix_bags(codes)).view(R, B, G, -1)
+            # Group by group (unbind: one gradient buffer for all of them, where slicing would zero a
+            # full-size one per group), not a cumsum over the groups' strided dimension (3x slower).
+            recons, recon = [], self.b_dec.unsqueeze(1)
+            for part in parts.unbind(dim=2):
+                recon = recon + part
+                recons.append(recon)
+            aux_x = x
+        else:
+            pre = self.pre_acts(x)
+            codes, latents = None, self.select(pre, self.k, self.k_max)
+            recons = self.prefix_recons(latents)
+            aux_x = None
+        recon = recons[-1]
+        mses = torch.stack([self.mse(target, r) for r in recons])  # (G, R)
         prefix_mse = mses.sum(dim=0) if self.prefix_loss == "sum" else mses.mean(dim=0)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, target - recon, x)
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, target - recon, aux_x)
         return {"loss": prefix_mse + aux_loss, "mse": mses[-1], "prefix_mse": prefix_mse, "aux_loss": aux_loss,
-                **self.step_outputs(pre, codes, latents), "recon": recon}
+                **self.step_outputs(codes, latents), "recon": recon}

@@ -54,6 +54,10 @@ class StandardSAE(StackedSAE):
     supports_transcoder = True
     # The L1 term already charges for decoder norm, so the decoder is left free.
     unit_norm_decoder = False
+    # trainer.kernels.relu_sae: measured faster on CPU (BENCHMARKS.md); its chunked passes are sized
+    # for a CPU cache, and it computes in float32.
+    fused_on = frozenset({"cpu"})
+    fused_autocast = False
 
     def __init__(self, cfgs: StandardConfig | Sequence[StandardConfig]):
         super().__init__(cfgs)
@@ -80,21 +84,22 @@ class StandardSAE(StackedSAE):
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae),
-        `recon` (R, batch, d_in) and `fired` (R, d_sae): per latent, the tokens it is active on. `l1` is the decoder-norm-weighted L1 (summed over latents, averaged
-        over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
+        `recon` (R, batch, d_in) and `fired` (R, d_sae): per latent, the tokens it is active on.
+        `l1` is the decoder-norm-weighted L1 (summed over latents, averaged over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
         loss = mse + aux_loss. `l1_scale` is the warm-up factor (default: the one `on_step` set).
         mse is the squared error summed over d_in and averaged over the batch (SAELens's training
         MSE). `target`: what a transcoder reconstructs (None: x). Backpropagate `loss.sum()`: runs
         share no parameters."""
         self._check_input(x)
-        if self.is_transcoder:  # the fused kernel assumes one width in and out: plain autograd here
+        if self.use_fused(x):  # trainer.kernels.relu_sae: the same step, fused (latent-major, chunked)
+            latents, recon, l1, l0, fired = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+        else:
             latents = self.pre_acts(x).relu()
             recon = self.decode(latents)
-            l1 = (latents * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(dim=-1).mean(dim=-1)
-            active = latents > 0
-            l0, fired = active.sum(dim=-1).to(recon.dtype).mean(dim=-1), active.sum(dim=1).to(recon.dtype)
-        else:
-            latents, recon, l1, l0, fired = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+            # mean_b sum_s latents[b, s] * ||W_dec[s]|| needs only each latent's batch sum.
+            l1 = (latents.sum(dim=1, dtype=self.W_dec.dtype) * self.W_dec.norm(dim=-1)).sum(dim=-1) / x.shape[-2]
+            fired = (latents > 0).sum(dim=1, dtype=self.W_dec.dtype).detach()
+            l0 = fired.sum(dim=-1) / x.shape[-2]
         mse = self.mse(x if target is None else target, recon)
         aux_loss = (self._l1_scale if l1_scale is None else l1_scale) * self.l1_coefficient * l1
         return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l1": l1, "l0": l0,

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import PipelineError
-from trainer.kernels import sparse_decode, sparse_pre_acts
+from trainer.kernels import counts, host_to_device, sparse_decode, sparse_pre_acts
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run
 
@@ -86,6 +86,10 @@ class TopKSAE(StackedSAE):
     # Gao et al. keep decoder rows unit-norm: the loop removes the gradient parallel to each row
     # before the optimiser step and renormalises after it (trainer.optim).
     unit_norm_decoder = True
+    # The sparse step (trainer.kernels: the gradients touch the k kept entries only, O(B k d_in)
+    # instead of three dense matmuls) on every device; its sparse parts compute in float32 under bf16.
+    fused_on = frozenset({"cpu", "cuda"})
+    fused_transcoder = True
 
     def __init__(self, cfgs: TopKConfig | Sequence[TopKConfig]):
         super().__init__(cfgs)
@@ -107,19 +111,22 @@ class TopKSAE(StackedSAE):
         self._k_host = [c.k for c in self.cfgs]
         self.k_max = max(self._k_host)
         self.aux_k_max = int(self.aux_k.max())
+        # No latent can be dead before it has gone dead_tokens_threshold tokens without firing: a host
+        # bound on max(tokens_since_fired) lets the AuxK loss be skipped (it is exactly 0) without
+        # reading the counts back. None: unknown (read once, after construction or a load).
+        self._since_fired_bound: int | None = None
+        self._dead_after = min(c.dead_tokens_threshold for c in self.cfgs)
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_since_fired_bound", None))
 
     def on_step(self, step: int, total_steps: int | None) -> None:
         """k annealing: the k each run uses at this step (host values, so no device sync)."""
         ks = [c.k_at(step) for c in self.cfgs]
         if ks != self._k_host:
-            self.k.copy_(torch.tensor(ks, dtype=torch.long))
+            self.k.copy_(host_to_device(ks, self.k))
             self._k_host, self.k_max = ks, max(ks)
 
     def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
-        if "latent_idx" in out:  # this class's forward: the sparse codes, not a pass over latents
-            self.update_dead_sparse(out["latent_idx"], out["latent_vals"], n_tokens)
-        else:  # a subclass's forward that returns dense latents only
-            self.update_dead(out["latents"], n_tokens)
+        self._count_tokens(out["fired"] > 0, n_tokens)
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
         weights, _ = super().export_run(run)
@@ -145,19 +152,16 @@ class TopKSAE(StackedSAE):
         in `latents (R, batch, d_sae)`. Call once per training step, after forward."""
         self._count_tokens((latents > 0).any(dim=1), n_tokens)
 
-    @torch.no_grad()
-    def update_dead_sparse(self, idx: torch.Tensor, vals: torch.Tensor, n_tokens: int) -> None:
-        """`update_dead` from the sparse codes forward returns: latent ids `idx (R, batch, k)` with
-        their activations `vals` (the dense latents hold vals at idx, zeros elsewhere)."""
-        R, S = self.tokens_since_fired.shape
-        offsets = torch.arange(R, device=idx.device).mul_(S).view(R, 1, 1)
-        fired = torch.zeros(R * S, dtype=torch.bool, device=idx.device)
-        fired[(idx + offsets)[vals > 0]] = True
-        self._count_tokens(fired.view(R, S), n_tokens)
-
     def _count_tokens(self, fired: torch.Tensor, n_tokens: int) -> None:
+        if self._since_fired_bound is None:
+            self._since_fired_bound = int(self.tokens_since_fired.max())  # once per construction or load
+        self._since_fired_bound += n_tokens
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
+
+    def may_have_dead(self) -> bool:
+        """False when no latent can be dead yet (host bookkeeping, no device sync)."""
+        return self._since_fired_bound is None or self._since_fired_bound >= self._dead_after
 
     def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Unweighted AuxK loss per run (R,): the top aux_k[r] dead latents (ReLU'd) reconstruct the
@@ -165,28 +169,25 @@ class TopKSAE(StackedSAE):
         already in the residual). Scaled by min(1, n_dead / aux_k) as sparsify and SAELens do, so it
         fades in as latents die; exactly 0 for a run without dead latents.
 
-        `pre` carries the encoder's autograd graph, or, computed without one, comes with the input
-        `x`: the gradient then reaches the encoder through the chosen entries only (`sparse_pre_acts`)."""
+        `pre` carries the encoder's autograd graph (the plain path), or, computed without one, comes
+        with the input `x` (the fused path): the gradient then reaches the encoder through the chosen
+        entries only (`sparse_pre_acts`), and the decoder sums aux_k rows per token (`sparse_decode`)."""
+        if not self.may_have_dead():  # the first dead_tokens_threshold tokens: exactly 0, skip the work
+            return self.W_dec.new_zeros(self.n_runs)
         dead = self.dead_mask()
         n_dead = dead.sum(dim=1)  # (R,)
-        if not bool(n_dead.any()):  # the common case once training is healthy: skip the work
-            return pre.new_zeros(self.n_runs)
         aux_k = torch.minimum(self.aux_k, n_dead)
-        scale = (n_dead.to(pre.dtype) / self.aux_k.to(pre.dtype)).clamp(max=1.0)
+        scale = (n_dead.to(self.W_dec.dtype) / self.aux_k.to(self.W_dec.dtype)).clamp(max=1.0)
         with torch.no_grad():
             dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
             top, idx = dead_pre.topk(self.aux_k_max, dim=-1, sorted=True)
-        vals = self._selected(pre, top, idx, x)
-        e_hat = sparse_decode(idx, relu_first_k(vals, aux_k), self.W_dec)
-        return scale * (e_hat - residual.detach()).pow(2).sum(dim=-1).mean(dim=-1)
-
-    def _selected(self, pre: torch.Tensor, top: torch.Tensor, idx: torch.Tensor,
-                  x: torch.Tensor | None) -> torch.Tensor:
-        """The pre-activations at idx, differentiable: from pre's graph, or through the sparse
-        encoder gradient when pre has none (then `top` already holds their values)."""
         if x is None:
-            return pre.gather(-1, idx)
-        return sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias)
+            vals = relu_first_k(pre.gather(-1, idx), aux_k)
+            e_hat = torch.einsum("rbs,rsi->rbi", torch.zeros_like(pre).scatter(-1, idx, vals), self.W_dec)
+        else:
+            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias), aux_k)
+            e_hat = sparse_decode(idx, vals, self.W_dec)
+        return scale * (e_hat - residual.detach()).pow(2).sum(dim=-1).mean(dim=-1)
 
     # -- the training step's forward -----------------------------------------------------------
 
@@ -194,29 +195,44 @@ class TopKSAE(StackedSAE):
         """Everything a training step needs, per run. `target`: what a transcoder reconstructs
         (None: x itself).
 
-        Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae) and `recon`
-        (R, batch, d_in). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK.
-        mse is the squared error summed over d_in and averaged over the batch (SAELens's
-        training MSE), so it scales with the activations' norm; divide by the data's total variance
-        for a fraction of variance unexplained. Backpropagate `loss.sum()`: runs share no
-        parameters, so each run's gradient is that of its own loss.
-
-        Also returns the sparse codes: `latent_idx` (R, batch, k_max) and their activations
-        `latent_vals` (detached; latents holds them at latent_idx, zeros elsewhere)."""
-        # Every pre-activation is needed only to choose the top k (and the AuxK candidates); the
-        # gradient flows through the chosen ones (sparse_pre_acts), so no graph over (R, B, d_sae).
-        with torch.no_grad():
-            pre = self.pre_acts(x)
-            top, idx = pre.topk(self.k_max, dim=-1, sorted=True)
-        vals = relu_first_k(self._selected(pre, top, idx, x), self.k)
-        recon = sparse_decode(idx, vals, self.W_dec) + self.b_dec.unsqueeze(1)
+        Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `recon` (R, batch, d_out), `fired`
+        (R, d_sae): per latent, the tokens it is active on, and the sparse codes `latent_idx`
+        (R, batch, k_max) with their activations `latent_vals` (detached; run r's entries past its
+        own k are 0; `dense_latents` rebuilds the (R, batch, d_sae) latents). loss = mse + aux_loss,
+        with aux_loss = aux_k_coef * AuxK. mse is the squared error summed over the width and
+        averaged over the batch (SAELens's training MSE). Backpropagate `loss.sum()`: runs share no
+        parameters, so each run's gradient is that of its own loss."""
         y = x if target is None else target
-        residual = (y if y.dim() == 3 else y.unsqueeze(0)) - recon
+        y = y if y.dim() == 3 else y.unsqueeze(0)
+        fused = self.use_fused(x)
+        if fused:
+            # Every pre-activation is needed only to choose the top k (and the AuxK candidates); the
+            # gradient flows through the chosen ones (trainer.kernels.sparse_pre_acts), so there is no
+            # graph over (R, B, d_sae), and the decoder sums k rows per token (sparse_decode).
+            with torch.no_grad():
+                pre = self.pre_acts(x)
+                top, idx = pre.topk(self.k_max, dim=-1, sorted=True)
+            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias), self.k)
+            recon = sparse_decode(idx, vals, self.W_dec) + self.b_dec.unsqueeze(1)
+        else:
+            pre = self.pre_acts(x)
+            vals, idx = pre.topk(self.k_max, dim=-1, sorted=True)
+            vals = relu_first_k(vals, self.k)
+            latents = torch.zeros_like(pre).scatter(-1, idx, vals)
+            recon = self.decode(latents)
+        residual = y - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x)
+        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x if fused else None)
         vals = vals.detach()
-        # Dense latents for the caller, written over pre (no longer needed): no new (R, B, d_sae) buffer.
-        latents = pre.zero_().scatter_(-1, idx, vals)
-        l0 = (vals > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
-        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": l0,
-                "latents": latents, "recon": recon, "latent_idx": idx, "latent_vals": vals}
+        active = (vals > 0).to(self.W_dec.dtype)
+        R, S = self.n_runs, self.d_sae
+        fired = counts((idx + torch.arange(R, device=idx.device).view(R, 1, 1) * S).view(-1), R * S,
+                       active.view(-1)).view(R, S)
+        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": active.sum(dim=-1).mean(dim=-1),
+                "recon": recon, "fired": fired, "latent_idx": idx, "latent_vals": vals}
+
+
+def dense_latents(out: dict[str, torch.Tensor], d_sae: int) -> torch.Tensor:
+    """The (R, batch, d_sae) latents of a TopK forward's output, from its sparse codes."""
+    idx, vals = out["latent_idx"], out["latent_vals"]
+    return vals.new_zeros(*idx.shape[:2], d_sae).scatter_(-1, idx, vals)

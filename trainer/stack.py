@@ -38,6 +38,10 @@ def per_run(cfgs: Sequence, name: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([getattr(c, name) for c in cfgs], dtype=dtype)
 
 
+KERNELS = ("auto", "fused", "plain")
+"""The training forward's path: `plain` (autograd through the formulas, the reference), `fused` (the
+architecture's hand-written kernel), `auto` (per device, the one measured faster: `fused_on`)."""
+
 
 class StackedSAE(nn.Module):
     """What every architecture here shares: R runs of a tied-init linear encoder and decoder.
@@ -52,6 +56,14 @@ class StackedSAE(nn.Module):
     dense_matmuls: int = 5
     """(batch x d_in x d_sae) matmuls a dense step of this architecture needs (forward and
     backward): encoder, decoder, and the decoder's and encoder's gradients. The benchmark's bound."""
+    fused_on: frozenset = frozenset()
+    """Device types on which `kernels="auto"` takes the fused path (empty: no fused kernel)."""
+    fused_autocast: bool = True
+    """Whether the fused kernel computes in autocast's dtype (bf16); if not, bf16 takes the plain path."""
+    fused_transcoder: bool = False
+    """Whether the fused kernel handles a transcoder (d_out != d_in or a separate target)."""
+    kernels: str = "auto"
+    """`KERNELS`: which training forward to run; set by the loop from its config."""
 
     def __init__(self, cfgs: Any):
         super().__init__()
@@ -89,6 +101,24 @@ class StackedSAE(nn.Module):
     def transcoder_cfg(self, architecture: str) -> dict:
         """cfg.json fields of a transcoder export (SAELens's Transcoder: no b_dec on the input)."""
         return {"architecture": architecture, "d_out": self.d_out, "apply_b_dec_to_input": False}
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes the fused kernel (`kernels`, the device, autocast, transcoder)."""
+        if self.kernels not in KERNELS:
+            raise PipelineError(f"unknown kernels {self.kernels!r}; use one of {', '.join(KERNELS)}")
+        if self.kernels == "plain" or not self.fused_on:
+            return False
+        why_not = None
+        if self.is_transcoder and not self.fused_transcoder:
+            why_not = "does not handle transcoders"
+        elif not self.fused_autocast and torch.is_autocast_enabled(x.device.type):
+            why_not = "computes in float32 (use --precision fp32 or tf32 with it)"
+        if self.kernels == "fused":
+            if why_not:
+                raise PipelineError(f"the fused {self.architecture_name} kernel {why_not}; "
+                                    "or use --kernels plain / auto")
+            return True
+        return why_not is None and x.device.type in self.fused_on
 
     # -- hooks the training loop calls (an architecture overrides what it needs) ----------------
 
@@ -147,11 +177,23 @@ class StackedSAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations (R, batch, d_sae); x is (batch, d_in) or (R, batch, d_in)."""
+        return self.project(x, self.b_enc)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`(x - input_bias) @ W_enc + bias` (R, batch, d_sae), for any (R, d_sae) `bias`."""
         self._check_input(x)
+        centre = self.input_bias
         # (batch, d_in) - (R, 1, d_in) broadcasts to (R, batch, d_in): every run sees the same batch.
-        x_centred = x - self.input_bias.unsqueeze(1)
-        # b_enc enters the matmul's accumulator: no second pass over the (R, batch, d_sae) result.
-        return torch.baddbmm(self.b_enc.unsqueeze(1), x_centred, self.W_enc)
+        x_centred = x - centre.detach().unsqueeze(1)
+        bias = bias.unsqueeze(1)
+        if centre.requires_grad and torch.is_grad_enabled():
+            # b_dec's gradient through the centring, without autograd's gradient of the centred input
+            # (a sixth batch x d_in x d_sae matmul, summed over the batch right after): the ghost
+            # centre - centre.detach() is zero, and its gradient is b_dec's, -W_enc @ sum_b grad_pre.
+            ghost = (centre - centre.detach()).unsqueeze(1)
+            bias = bias - torch.bmm(ghost, self.W_enc)
+        # The bias enters the matmul's accumulator: no second pass over the (R, batch, d_sae) result.
+        return torch.baddbmm(bias, x_centred, self.W_enc)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Reconstruction (R, batch, d_out) from latents (R, batch, d_sae)."""

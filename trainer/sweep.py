@@ -43,7 +43,7 @@ SWEEP_WIDE = ("cache", "out", "batch_size", "device", "normalize", "log_every", 
               "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp")
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
 STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
-                "init_scale_search", "k_anneal_steps", "init_from")
+                "init_scale_search", "k_anneal_steps", "init_from", "precision", "kernels")
 # Fields a stack pays its largest value of for every run (the TopK family selects and decodes the
 # stack's largest k for all of its runs), so runs that differ in them are not stacked where the
 # architecture has them: on the 2-core CPU of BENCHMARKS.md, 4 TopK runs of k = 16..128 (d_sae 1024)
@@ -254,7 +254,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
         loop = LoopConfig(lr=[r.lr for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
                           lr_warmup_steps=runs[0].lr_warmup_steps, lr_decay=runs[0].lr_decay,
                           b_dec_init=runs[0].b_dec_init, init_scale_search=runs[0].init_scale_search,
-                          total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
+                          precision=runs[0].precision, kernels=runs[0].kernels, total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
         trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
         stacks.append({"runs": runs, "trainer": trainer, "hook": runs[0].hook, "seconds": 0.0})
     if any(r.init_from for s in stacks for r in s["runs"]):
@@ -321,9 +321,10 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
             if line:
                 line.update(step=step, tokens=tokens, tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
                 _log_runs(line, stacks, out, console, wandb_log)
-            if all(all(s["trainer"].failed.tolist()) for s in stacks):
-                raise RunDiverged(f"every run of the sweep diverged (NaN/Inf) by step {step}; "
-                                  f"the last good checkpoint is in {sweep_dir}")
+                # Read back at log steps only: a read every batch would make the host wait for the GPU.
+                if all(all(s["trainer"].failed.tolist()) for s in stacks):
+                    raise RunDiverged(f"every run of the sweep diverged (NaN/Inf) by step {step}; "
+                                      f"the last good checkpoint is in {sweep_dir}")
             if base.checkpoint_every and step % base.checkpoint_every == 0:
                 checkpoint()
             if max_steps is not None and step >= max_steps:

@@ -23,7 +23,8 @@ from pipeline.errors import PipelineError
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.init import search_init_scale_
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
-from trainer.stack import StackedSAE
+from trainer.precision import compute_precision, resolve_precision
+from trainer.stack import KERNELS, StackedSAE
 
 if TYPE_CHECKING:
     from trainer.distributed import DataParallel
@@ -54,6 +55,12 @@ class LoopConfig:
     """For the schedule; None = as many steps as the iterator gives (then decay is off)."""
     metrics_path: str | None = None
     """JSONL file the metric lines go to."""
+    precision: str = "auto"
+    """fp32, tf32 or bf16 (autocast matmuls, float32 weights and losses); auto: bf16 on CUDA, else fp32
+    (trainer.precision)."""
+    kernels: str = "auto"
+    """plain (autograd through each architecture's formulas), fused (its hand-written kernel) or auto
+    (per device, the one measured faster)."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance stored with the run."""
 
@@ -125,6 +132,10 @@ class StackTrainer:
         self.window_tokens = 0
         self.unit_norm = getattr(model, "unit_norm_decoder", False)
         self.on_step, self.after_step = getattr(model, "on_step", None), getattr(model, "after_step", None)
+        if cfg.kernels not in KERNELS:
+            raise PipelineError(f"unknown kernels {cfg.kernels!r}; use one of {', '.join(KERNELS)}")
+        model.kernels = cfg.kernels
+        self.precision = resolve_precision(cfg.precision, device)
 
     def init_from_data(self, first: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """b_dec and the initial scale from the first batch (a fresh run only); `target` is a
@@ -158,7 +169,8 @@ class StackTrainer:
         if self.on_step is not None:
             self.on_step(self.step, self.cfg.total_steps)
         args = (batch,) if target is None else (batch, target)
-        out = model(*args) if self.ddp is None else self.ddp.forward(model, *args)
+        with compute_precision(self.precision, batch.device):
+            out = model(*args) if self.ddp is None else self.ddp.forward(model, *args)
         bad = ~torch.isfinite(out["loss"].detach())
         self.failed |= bad if self.ddp is None else self.ddp.any(bad)
         done = self.step_t >= self.totals  # a run of unknown length (NaN) is never done
@@ -179,13 +191,8 @@ class StackTrainer:
         seen, rows = (out, batch.shape[0]) if self.ddp is None else self.ddp.global_out(out, batch.shape[0])
         if self.after_step is not None:
             self.after_step(seen, rows)
-        if "fired" in seen:  # counted by the forward, in its pass over the latents
-            self.fired += seen["fired"]
-        elif "latent_idx" in seen:  # sparse codes: count from them, not from (R, B, d_sae) latents
-            self.fired.scatter_add_(1, seen["latent_idx"].flatten(1),
-                                    (seen["latent_vals"] > 0).flatten(1).to(self.fired.dtype))
-        else:
-            self.fired += (seen["latents"] > 0).sum(dim=1)
+        # Every built-in forward counts each latent's firing in its own pass over the latents.
+        self.fired += seen["fired"] if "fired" in seen else (seen["latents"] > 0).sum(dim=1)
         self.step += 1
         self.step_t += 1
         self.window_tokens += rows

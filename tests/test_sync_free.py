@@ -1,0 +1,132 @@
+"""A training step queues its work without waiting for the device: no host sync inside `train_step`.
+
+On a GPU, reading a value back (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`), an op whose output size
+depends on the data (`nonzero`, a boolean-mask index, `bincount`, `unique`), or a tensor made from
+host data (a pageable host-to-device copy) makes the host wait for every queued kernel, so it can no
+longer run ahead of the GPU. CI has no GPU, so this counts those calls on the CPU: aten ops through a
+`TorchDispatchMode`, Python-level reads (which the CPU does without an aten op) through a
+`TorchFunctionMode`. Every architecture's step is counted in the path `kernels="auto"` takes on CUDA
+(the dense architectures' plain path, the TopK family's fused sparse path with BatchTopK's
+fixed-size `topk` selection) and in the plain path; AuxK takes part (some latents are dead).
+
+The CPU's own BatchTopK selector (`selection="threshold"`) reads candidate counts back by design:
+it is the faster choice on a CPU, where a sync costs nothing; its count is reported, not bounded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.test_architectures import sparse_batches, stack_configs
+from trainer.registry import get_architecture
+from trainer.sae_standard import StandardConfig
+from trainer.sae_topk import TopKConfig
+from trainer.train import LoopConfig, StackTrainer
+
+aten = torch.ops.aten
+# aten ops that read a device value back or size their output from the data.
+SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.unique_dim,
+            aten._unique, aten._unique2, aten.unique_consecutive, aten.repeat_interleave, aten.equal,
+            aten.is_nonzero, aten.item, aten.lift_fresh}
+# Python-level reads the CPU serves without an aten op (a GPU copies to the host first).
+SYNC_METHODS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records every call inside it that would make the host wait for a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in SYNC_OPS:
+            self.calls.append(str(func))
+        elif func.overloadpacket in (aten.index, aten.index_put, aten.index_put_):
+            indices = args[1] if len(args) > 1 else []
+            if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
+                self.calls.append(f"{func} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self, counter: SyncCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in SYNC_METHODS:
+            self.counter.calls.append(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn) -> list[str]:
+    counter = SyncCounter()
+    with HostReads(counter), counter:
+        fn()
+    return counter.calls
+
+
+def configs(arch: str) -> list:
+    """Two or three runs with low dead-token thresholds, so AuxK takes part after a few steps."""
+    if arch == "topk":
+        return [TopKConfig(d_in=32, d_sae=128, k=k, seed=s, dead_tokens_threshold=128, aux_k=8)
+                for s, k in enumerate((4, 8))]
+    if arch == "standard":
+        return [StandardConfig(d_in=32, d_sae=128, l1_coefficient=c, l1_warmup_steps=10, seed=s)
+                for s, c in enumerate((0.5, 2.0))]
+    return stack_configs(arch, 32, 128)
+
+
+# The path kernels="auto" takes on CUDA (StackedSAE.fused_on): what a GPU runs.
+CUDA_PATH = {"standard": "plain", "jumprelu": "plain", "gated": "plain", "topk": "fused", "batchtopk": "fused",
+             "matryoshka": "fused"}
+
+
+def trainer_for(arch: str, kernels: str) -> tuple[StackTrainer, list[torch.Tensor]]:
+    model = get_architecture(arch)(configs(arch))
+    if hasattr(model, "selection"):
+        model.selection = "topk"  # BatchTopK's selection on a GPU
+    tr = StackTrainer(model, LoopConfig(lr=1e-3, lr_warmup_steps=3, lr_decay="cosine", total_steps=20,
+                                        kernels=kernels))
+    data = sparse_batches(8, 128, d=32)
+    tr.init_from_data(data[0])
+    return tr, data
+
+
+@pytest.mark.parametrize("kernels", ["cuda-auto", "plain"])
+@pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu", "gated", "batchtopk", "matryoshka"])
+def test_train_step_has_no_host_sync(arch, kernels):
+    kernels = CUDA_PATH[arch] if kernels == "cuda-auto" else kernels
+    tr, data = trainer_for(arch, kernels)
+    for x in data[:4]:  # warm up: the one read of the dead-latent counts, past the first dead latents
+        tr.train_step(x)
+    if hasattr(tr.model, "dead_mask"):
+        assert bool(tr.model.dead_mask().any()), "no dead latent: AuxK did not take part"
+    for x in data[4:]:
+        calls = count_syncs(lambda: tr.train_step(x))
+        assert calls == [], f"{arch} ({kernels}) step {tr.step}: {calls}"
+
+
+def test_the_counter_sees_syncs():
+    """The counter itself: each kind of sync it must catch."""
+    x = torch.randn(8)
+    assert count_syncs(lambda: x.sum().item()) != []
+    assert count_syncs(lambda: bool((x > 0).any())) != []
+    assert count_syncs(lambda: x.tolist()) != []
+    assert count_syncs(lambda: x[x > 0]) != []
+    assert count_syncs(lambda: torch.bincount(torch.tensor([1, 2]))) != []
+    assert count_syncs(lambda: torch.tensor([1.0, 2.0])) != []
+    assert count_syncs(lambda: (x * 2).relu_().topk(3)) == []
+
+
+def test_threshold_selector_syncs_are_reported():
+    """The CPU selector's reads, counted (not bounded: it is only chosen on a CPU)."""
+    tr, data = trainer_for("batchtopk", "fused")
+    tr.model.selection = "threshold"
+    tr.train_step(data[0])
+    calls = count_syncs(lambda: tr.train_step(data[1]))
+    assert calls, "the threshold selector reads candidate counts back"
