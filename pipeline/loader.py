@@ -6,11 +6,20 @@ Shuffling happens at two levels, both seeded and deterministic from (seed, epoch
 2. buffer: consecutive blocks fill a buffer of about `buffer_rows` rows, which is permuted; full
    batches are cut from it and the rows left over join the next buffer.
 
-The plan (which rows make which batch) is computed from row counts alone, so a restored
+The plan (which rows make which batch) is computed from row counts alone, with numpy arrays (no
+Python object per block, so a billion-row cache plans an epoch in a second), and a restored
 `state_dict()` resumes at the exact batch: only the rows of the batches still to come are read.
-Blocks are read with plain slices of memory-mapped shards (sequential I/O); the buffer is the only
-anonymous memory the loader holds. A background thread prepares batches (pinned when the target is
-a GPU) while the caller trains.
+
+The host does contiguous work only. A background thread copies each buffer's blocks (whole 64-row
+slices of the memory-mapped shards, at memcpy speed, over several threads) in the cache's stored
+dtype into one slot of a reused staging ring (pinned when the target is a GPU); the slot goes to
+the device with a non-blocking copy on a side CUDA stream, ahead of its use; the row permutation,
+the dtype cast and the normalisation are done on the device. A bf16 cache thus sends half the bytes
+of an fp32 one, and the host never gathers single rows.
+
+`resident="yes"` (or `"auto"` when it fits the memory budget) copies the split once to the device
+(the GPU, or RAM on a CPU) in the stored dtype, and every epoch is served from there: the disk is
+read once, whatever the number of epochs. Both modes give the same batches.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from pipeline.manifest import MANIFEST_FILE
 
 DEFAULT_BLOCK_ROWS = 64
 DEFAULT_BUFFER_BATCHES = 16
+RESIDENT = ("no", "yes", "auto")
+# Stored dtype name -> torch dtype (bfloat16 is stored as its 16-bit patterns, uint16 in numpy).
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def open_source(path: str | Path):
@@ -71,9 +83,22 @@ class LoaderState:
     """Rows yielded in total (all epochs)."""
 
 
-def _stored_to_tensor(array: np.ndarray, stored: str) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    return t.view(torch.bfloat16) if stored == "bfloat16" else t
+@dataclass
+class Buffer:
+    """One buffer of an epoch's plan: its blocks (arrays of shard, start, stop), the number of rows
+    carried over from the previous buffer, the permutation of all its rows (carried first), the
+    number of its first batch in the epoch, its batch sizes, and the rows its full batches serve
+    (the permutation's rows past them are carried into the next buffer)."""
+
+    number: int
+    shard: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    carried: int
+    perm: np.ndarray
+    first: int
+    sizes: list[int]
+    full_rows: int
 
 
 class ActivationLoader:
@@ -81,7 +106,10 @@ class ActivationLoader:
 
     `hooks`: None (the cache's hooks: a tensor if it has one, a dict if several), a hook name
     (tensor batches), or a list of names (dict hook -> tensor, rows aligned across hooks).
-    Iterating yields one epoch (or, with `tokens`, epochs until that many rows).
+    Iterating yields one epoch (or, with `tokens`, epochs until that many rows). `resident`:
+    "no" (stream from disk), "yes" (copy the split to `device` once; refused, with the numbers, when
+    it does not fit `resident_budget` bytes), "auto" (resident when it fits, else streamed).
+    `resident_budget` defaults to half the device's free memory (RAM on a CPU).
     """
 
     def __init__(
@@ -99,9 +127,12 @@ class ActivationLoader:
         tokens: int | None = None,
         rank: int = 0,
         world_size: int = 1,
-        prefetch: int = 4,
+        prefetch: int = 2,
         normalize: bool = False,
         drop_last: bool = False,
+        resident: str = "no",
+        resident_budget: int | None = None,
+        threads: int | None = None,
     ):
         self.source = open_source(path)
         self.path = Path(path)
@@ -118,9 +149,11 @@ class ActivationLoader:
             raise PipelineError(f"rank {rank} is outside world size {world_size}")
         if self.batch_size < 1 or self.block_rows < 1:
             raise PipelineError("batch_size and block_rows must be positive")
+        if resident not in RESIDENT:
+            raise PipelineError(f"resident={resident!r}: use one of {', '.join(RESIDENT)}")
         shards = self.source.shards(split)
-        self.shard_rows = [int(s["rows"]) for s in shards]
-        total = sum(self.shard_rows)
+        self.shard_rows = np.array([int(s["rows"]) for s in shards], dtype=np.int64)
+        total = int(self.shard_rows.sum())
         if total == 0:
             raise PipelineError(f"the {split} split of {self.path} is empty")
         if self.batch_size > total // self.world_size:
@@ -132,12 +165,17 @@ class ActivationLoader:
         # Open (and size-check) every shard now, so a truncated one is named before training starts.
         self._arrays = {h: [self.source.activations(h, split, i) for i in range(len(shards))] for h in self.hooks}
         self._stored = self.source.dtype
-        self._threads = max(1, min(4, os.cpu_count() or 1))
+        self._stored_torch = STORED_DTYPES[self._stored]
+        self._threads = max(1, min(16, os.cpu_count() or 1) if threads is None else int(threads))
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="loader-copy")
         self._regions = {h: [self._open_region(a) for a in arrs] for h, arrs in self._arrays.items()}
         if any(not isinstance(a, np.ndarray) for arrs in self._arrays.values() for a in arrs):
             warnings.warn(f"cache {self.path} is compressed: blocks are decoded by zarr, slower than "
                           "memory-mapped reads", stacklevel=2)
+        # Blocks of the split: shard s holds blocks [first_block[s], first_block[s + 1]).
+        blocks = -(-self.shard_rows // self.block_rows)
+        self._first_block = np.concatenate([[0], np.cumsum(blocks)])
+        self._first_row = np.concatenate([[0], np.cumsum(self.shard_rows)])  # a row's id in the split
         self.scale = {h: 1.0 for h in self.hooks}
         """Per-hook factor applied to every row (normalisation), to be folded into exported SAEs."""
         if normalize:
@@ -145,6 +183,9 @@ class ActivationLoader:
                 mean_norm = self.source.hook_stats(h)["mean_norm"]
                 self.scale[h] = math.sqrt(self.source.hooks[h]) / mean_norm
         self.state = LoaderState()
+        self.resident_bytes = total * sum(self.source.hooks[h] for h in self.hooks) * self._stored_torch.itemsize
+        self.resident = self._resident_mode(resident, resident_budget)
+        self._resident: dict[str, torch.Tensor] | None = None
 
     @staticmethod
     def _open_region(array) -> tuple[int, int] | None:
@@ -153,13 +194,28 @@ class ActivationLoader:
             return None
         return os.open(region[0], os.O_RDONLY), region[1]
 
+    def _resident_mode(self, resident: str, budget: int | None) -> bool:
+        """Whether the split is held on the device: "yes" when it fits the budget (else a PipelineError
+        with the numbers), "auto" when it fits, "no" never."""
+        if resident == "no":
+            return False
+        budget = default_resident_budget(self.device) if budget is None else int(budget)
+        fits = self.resident_bytes <= budget
+        if resident == "yes" and not fits:
+            raise PipelineError(
+                f"the {self.split} split of {self.path} ({', '.join(self.hooks)}) needs "
+                f"{self.resident_bytes / 2**30:.2f} GiB on {self.device} in its stored dtype ({self._stored}); "
+                f"the budget is {budget / 2**30:.2f} GiB; use --resident auto (streams when it does not fit) or no")
+        return fits
+
     def close(self) -> None:
-        """Release file descriptors and threads (also done when the loader is garbage collected)."""
+        """Release file descriptors, threads and a resident copy (also done when garbage collected)."""
         for regions in getattr(self, "_regions", {}).values():
             for r in regions:
                 if r is not None:
                     os.close(r[0])
         self._regions = {}
+        self._resident = None
         if hasattr(self, "_pool"):
             self._pool.shutdown(wait=False)
 
@@ -171,79 +227,89 @@ class ActivationLoader:
 
     # ----------------------------------------------------------------------------- the plan
 
-    def _blocks(self, epoch: int) -> list[tuple[int, int, int]]:
-        """This rank's blocks (shard, start, stop) for an epoch, in shuffled order."""
-        blocks = [(s, start, min(start + self.block_rows, n))
-                  for s, n in enumerate(self.shard_rows) for start in range(0, n, self.block_rows)]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(blocks))
-        return [blocks[i] for i in order[self.rank::self.world_size]]
+    def _order(self, epoch: int) -> np.ndarray:
+        """This rank's blocks (global block ids) for an epoch, in shuffled order."""
+        n = int(self._first_block[-1])
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return order[self.rank::self.world_size]
 
-    def _plan(self, epoch: int) -> Iterator[tuple[list, np.ndarray, np.ndarray, int, list[int]]]:
-        """Per buffer: (blocks, leftover row ids, permutation, number of its first batch, batch sizes).
-
-        Row ids are (shard << 40) | row: the rows carried over from the previous buffer are named
-        by id, so any buffer can be rebuilt without reading the ones before it.
-        """
-        blocks = self._blocks(epoch)
+    def _plan(self, epoch: int) -> Iterator[Buffer]:
+        """The epoch's buffers in order (rows are never named here, only counted)."""
+        order = self._order(epoch)
         per_buffer = max(1, math.ceil(self.buffer_rows / self.block_rows))
-        leftover = np.zeros(0, dtype=np.int64)
-        first = 0
-        for c in range(0, len(blocks), per_buffer):
-            chunk = blocks[c:c + per_buffer]
-            n = len(leftover) + sum(stop - start for _, start, stop in chunk)
+        carried, first = 0, 0
+        for c in range(0, len(order), per_buffer):
+            ids = order[c:c + per_buffer]
+            shard = np.searchsorted(self._first_block, ids, side="right") - 1
+            start = (ids - self._first_block[shard]) * self.block_rows
+            stop = np.minimum(start + self.block_rows, self.shard_rows[shard])
+            n = carried + int((stop - start).sum())
             perm = np.random.default_rng([self.seed, epoch, self.rank, c]).permutation(n)
             full = n // self.batch_size
             sizes = [self.batch_size] * full
-            last = c + per_buffer >= len(blocks)
+            last = c + per_buffer >= len(order)
             if last and n % self.batch_size and not self.drop_last:
                 sizes.append(n % self.batch_size)  # the epoch's tail: every row once
-            yield chunk, leftover, perm, first, sizes
+            yield Buffer(c // per_buffer, shard, start, stop, carried, perm, first, sizes, full * self.batch_size)
             first += len(sizes)
-            if not last:
-                ids = np.concatenate([leftover] + [(np.int64(s) << 40) + np.arange(start, stop, dtype=np.int64)
-                                                   for s, start, stop in chunk])
-                leftover = ids[perm[full * self.batch_size:]]
+            carried = 0 if last else n - full * self.batch_size
 
     def batches_per_epoch(self) -> int:
-        return sum(len(sizes) for *_, sizes in self._plan(0))
+        return sum(len(b.sizes) for b in self._plan(0))
+
+    def _row_ids(self, buf: Buffer) -> np.ndarray:
+        """Split-wide ids of the buffer's block rows, in buffer order (after the carried ones)."""
+        lengths = buf.stop - buf.start
+        offsets = np.repeat(self._first_row[buf.shard] + buf.start - np.cumsum(np.r_[0, lengths[:-1]]), lengths)
+        return offsets + np.arange(int(lengths.sum()), dtype=np.int64)
+
+    def _carried_ids(self, epoch: int, upto: int) -> np.ndarray:
+        """Split-wide ids of the rows carried into buffer number `upto` (counted from 0) of an epoch,
+        by replaying the plan's permutations (no reads): what a resumed run must read by id."""
+        carried = np.zeros(0, dtype=np.int64)
+        for i, buf in enumerate(self._plan(epoch)):
+            if i == upto:
+                return carried
+            ids = np.concatenate([carried, self._row_ids(buf)])
+            carried = ids[buf.perm[buf.full_rows:]]
+        return carried
 
     # ----------------------------------------------------------------------------- reading
 
-    def _gather(self, hook: str, ids: np.ndarray) -> np.ndarray:
-        """Rows by id, copied once from the memory-mapped shards into a new batch array.
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row within the shard) of split-wide row ids."""
+        shard = np.searchsorted(self._first_row, ids, side="right") - 1
+        return shard, ids - self._first_row[shard]
 
-        Ids are grouped by shard (a stable sort keeps the permuted order inside each shard), and
-        the copies are split over a few threads (numpy releases the GIL while it copies).
-        """
+    def _fill(self, hook: str, out: np.ndarray, buf: Buffer, carried_ids: np.ndarray | None) -> int:
+        """Copy the buffer's rows of `hook` into `out` (the carried rows first when their ids are
+        given, read by id: a resumed run), block by block; returns the rows written."""
         arrays = self._arrays[hook]
-        ids = ids[np.argsort(ids >> 40, kind="stable")]
-        shard, row = ids >> 40, ids & ((1 << 40) - 1)
-        out = np.empty((len(ids), self.source.hooks[hook]), dtype=_np_dtype(arrays[0]))
-        bounds = np.flatnonzero(np.diff(shard)) + 1
-        pieces = []
-        step = max(256, -(-len(ids) // self._threads))
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(ids)]):
-            pieces += [(int(shard[lo]), a, min(a + step, hi)) for a in range(lo, hi, step)]
+        at = 0
+        if carried_ids is not None and len(carried_ids):
+            shard, row = self._locate(carried_ids)
+            for s in np.unique(shard):
+                pick = np.flatnonzero(shard == s)
+                out[at + pick] = _rows(arrays[s], row[pick])
+            at += len(carried_ids)
+        lengths = (buf.stop - buf.start).astype(np.int64)
+        dest = at + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        # Whole blocks (contiguous slices: memcpy speed), split over the copy threads.
+        parts = np.array_split(np.arange(len(lengths)), min(self._threads, max(1, len(lengths) // 16)))
 
-        def copy(piece: tuple[int, int, int]) -> None:
-            s, lo, hi = piece
-            a = arrays[s]
-            if isinstance(a, np.ndarray):
-                np.take(a, row[lo:hi], axis=0, out=out[lo:hi])
-            else:  # compressed zarr: decoded by zarr
-                out[lo:hi] = a.get_orthogonal_selection((row[lo:hi], slice(None)))
+        def copy(part: np.ndarray) -> None:
+            for i in part:
+                a, lo, hi = arrays[buf.shard[i]], int(buf.start[i]), int(buf.stop[i])
+                out[dest[i]:dest[i] + hi - lo] = a[lo:hi]
 
-        if len(pieces) == 1:
-            copy(pieces[0])
-        else:
-            list(self._pool.map(copy, pieces))
-        return out
+        list(self._pool.map(copy, parts)) if len(parts) > 1 else copy(parts[0])
+        return at + int(lengths.sum())
 
-    def _prefetch_blocks(self, chunk: list) -> None:
+    def _prefetch_blocks(self, buf: Buffer) -> None:
         """Ask the kernel to read the buffer's blocks ahead: sequential reads instead of page faults."""
         for hook in self.hooks:
             arrays = self._arrays[hook]
-            for s, start, stop in chunk:
+            for s, start, stop in zip(buf.shard.tolist(), buf.start.tolist(), buf.stop.tolist()):
                 region = self._regions[hook][s]
                 if region is None:
                     continue
@@ -251,89 +317,183 @@ class ActivationLoader:
                 row_bytes = arrays[s].strides[0]
                 os.posix_fadvise(fd, offset + start * row_bytes, (stop - start) * row_bytes, os.POSIX_FADV_WILLNEED)
 
-    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
-        """The epoch's batches after its first `skip` ones; skipped buffers are not read."""
-        for chunk, leftover, perm, first, sizes in self._plan(epoch):
-            if first + len(sizes) <= skip:
-                continue
-            self._prefetch_blocks(chunk)
-            ids = np.concatenate([leftover] + [(np.int64(s) << 40) + np.arange(start, stop, dtype=np.int64)
-                                               for s, start, stop in chunk])
-            at = 0
-            for k, size in enumerate(sizes):
-                batch_ids = ids[perm[at:at + size]]
-                at += size
-                if first + k >= skip:
-                    yield {h: self._gather(h, batch_ids) for h in self.hooks}
+    def _make_resident(self) -> dict[str, torch.Tensor]:
+        """The split of every hook on the device in its stored dtype, copied shard by shard."""
+        if self._resident is None:
+            out = {}
+            for h in self.hooks:
+                t = torch.empty(int(self._first_row[-1]), self.source.hooks[h], dtype=self._stored_torch,
+                                device=self.device)
+                for s, a in enumerate(self._arrays[h]):
+                    lo, hi = int(self._first_row[s]), int(self._first_row[s + 1])
+                    t[lo:hi].copy_(_as_tensor(np.array(a[:]), self._stored))  # a copy: the map is read-only
+                out[h] = t
+            self._resident = out
+        return self._resident
 
     # ----------------------------------------------------------------------------- iteration
 
-    def _to_tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        out = {}
-        for h, a in arrays.items():
-            t = _stored_to_tensor(a, self._stored).to(self.dtype)
-            if self.scale[h] != 1.0:
-                t.mul_(self.scale[h])
-            if self.device.type == "cuda":
-                t = t.pin_memory()
-            out[h] = t
-        return out
+    def _epochs(self, state: LoaderState) -> Iterator[tuple[int, Buffer, int, bool]]:
+        """(epoch, buffer, batches of it to skip, whether its carried rows must be read by id) from
+        `state` on; an epoch ends with (epoch, None, 0, False)."""
+        epoch, skip, tokens = state.epoch, state.batch, state.tokens
+        while True:
+            first_buffer = True
+            for buf in self._plan(epoch):
+                if buf.first + len(buf.sizes) <= skip:
+                    continue
+                yield epoch, buf, max(0, skip - buf.first), first_buffer and buf.carried > 0
+                first_buffer = False
+            yield epoch, None, 0, False
+            epoch, skip = epoch + 1, 0
 
-    def _producer(self, q: queue.Queue, stop: threading.Event, state: LoaderState) -> None:
+    def _producer(self, ready: queue.Queue, free: queue.Queue, stop: threading.Event, state: LoaderState) -> None:
+        """Fills staging slots with each buffer's rows (host memcpy only) until stopped."""
         try:
-            epoch, skip, tokens = state.epoch, state.batch, state.tokens
-            while not stop.is_set():
-                for arrays in self._epoch_batches(epoch, skip):
-                    if self.tokens is not None:
-                        room = self.tokens - tokens
-                        if room <= 0:
-                            break
-                        arrays = {h: a[:room] for h, a in arrays.items()}
-                    tokens += len(next(iter(arrays.values())))
-                    item = self._to_tensors(arrays)
-                    while not stop.is_set():
-                        try:
-                            q.put(("batch", item), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(("epoch_end", None))
-                if self.tokens is None or tokens >= self.tokens:
-                    break
-                epoch, skip = epoch + 1, 0
-            q.put(("done", None))
+            for epoch, buf, skip, by_id in self._epochs(state):
+                if buf is None:
+                    ready.put(("epoch_end", epoch, None, None))
+                    continue
+                carried = self._carried_ids(epoch, buf.number) if by_id else None
+                while True:
+                    try:
+                        slot, event = free.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        if stop.is_set():
+                            return
+                if stop.is_set():
+                    return
+                if event is not None:
+                    event.synchronize()  # its last host-to-device copy is done: the slot may be refilled
+                self._prefetch_blocks(buf)
+                n = {h: self._fill(h, self._slot_arrays[slot][h], buf, carried) for h in self.hooks}
+                ready.put(("buffer", epoch, buf, (slot, skip, next(iter(n.values())), carried is not None)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(("error", e))
+            ready.put(("error", 0, None, e))
+
+    def _staging(self) -> None:
+        """The staging ring: `prefetch + 1` slots, each as large as a buffer plus its carried rows,
+        pinned when the target is a GPU (a pageable copy would first be staged by the driver)."""
+        rows = max(1, math.ceil(self.buffer_rows / self.block_rows)) * self.block_rows + self.batch_size
+        pin = self.device.type == "cuda"
+        self._slots = [{h: torch.empty(rows, self.source.hooks[h], dtype=self._stored_torch, pin_memory=pin)
+                        for h in self.hooks} for _ in range(self.prefetch + 1)]
+        self._slot_arrays = [{h: _as_numpy(t, self._stored) for h, t in slot.items()} for slot in self._slots]
+
+    def _to_device(self, slot: int, n: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """A filled slot's first n rows on the device, and the event after which the slot may be
+        refilled (None on a CPU: the slot is the data, free once the buffer has been served)."""
+        if self.device.type != "cuda":
+            return {h: t[:n] for h, t in self._slots[slot].items()}, None
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._side):
+            data = {h: t[:n].to(self.device, non_blocking=True) for h, t in self._slots[slot].items()}
+            event = torch.cuda.Event()
+            event.record(self._side)
+        compute.wait_event(event)  # the compute stream waits on the device, the host does not
+        for t in data.values():
+            t.record_stream(compute)
+        return data, event
+
+    def _serve(self, data: dict[str, torch.Tensor], buf: Buffer, skip: int
+               ) -> Iterator[dict[str, torch.Tensor]]:
+        """The buffer's batches after its first `skip`: the permutation, cast and scale on the device."""
+        perm = _host_to(torch.from_numpy(buf.perm), self.device)
+        at = sum(buf.sizes[:skip])
+        for size in buf.sizes[skip:]:
+            idx = perm[at:at + size]
+            at += size
+            batch = {}
+            for h, rows in data.items():
+                t = rows.index_select(0, idx).to(self.dtype)
+                batch[h] = t.mul_(self.scale[h]) if self.scale[h] != 1.0 else t
+            yield batch
+
+    def _carry(self, data: dict[str, torch.Tensor], buf: Buffer) -> dict[str, torch.Tensor]:
+        """The rows of a buffer left over for the next one (a copy: the slot is reused)."""
+        rest = _host_to(torch.from_numpy(buf.perm[buf.full_rows:]), self.device)
+        return {h: rows.index_select(0, rest) for h, rows in data.items()}
+
+    def _buffers(self, state: LoaderState) -> Iterator[tuple[str, Buffer | None, int, dict | None]]:
+        """("buffer", buf, skip, rows) per buffer with its rows on the device (carried rows first),
+        ("epoch_end", None, 0, None) between epochs; streamed, or gathered from a resident copy."""
+        carried: dict[str, torch.Tensor] | None = None
+        if self.resident:
+            resident = self._make_resident()
+            for epoch, buf, skip, by_id in self._epochs(state):
+                if buf is None:
+                    carried = None
+                    yield "epoch_end", None, 0, None
+                    continue
+                ids = self._row_ids(buf)
+                if by_id:
+                    ids = np.concatenate([self._carried_ids(epoch, buf.number), ids])
+                idx = _host_to(torch.from_numpy(ids), self.device)
+                data = {h: resident[h].index_select(0, idx) for h in self.hooks}
+                if carried is not None and not by_id:
+                    data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
+                carried = self._carry(data, buf)
+                yield "buffer", buf, skip, data
+            return
+        if self.device.type == "cuda":
+            self._side = torch.cuda.Stream(self.device)
+        self._staging()
+        ready: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for slot in range(len(self._slots)):
+            free.put((slot, None))
+        stop = threading.Event()
+        thread = threading.Thread(target=self._producer, args=(ready, free, stop, state), name="activation-loader",
+                                  daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, _, buf, item = ready.get()
+                if kind == "error":
+                    raise item
+                if kind == "epoch_end":
+                    carried = None
+                    yield "epoch_end", None, 0, None
+                    continue
+                slot, skip, n, by_id = item
+                data, event = self._to_device(slot, n)
+                if event is not None:  # on a GPU the slot is free once its copy is done (the producer waits for it)
+                    free.put((slot, event))
+                if carried is not None and not by_id:
+                    data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
+                carried = self._carry(data, buf)
+                yield "buffer", buf, skip, data
+                if event is None:  # on a CPU the slot was the data: free once the buffer has been served
+                    free.put((slot, None))
+        finally:
+            stop.set()
+            thread.join()
 
     def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         if self.tokens is not None and self.state.tokens >= self.tokens:
             return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        thread = threading.Thread(target=self._producer, args=(q, stop, LoaderState(**asdict(self.state))),
-                                  name="activation-loader", daemon=True)
-        thread.start()
+        buffers = self._buffers(LoaderState(**asdict(self.state)))
         try:
-            while True:
-                kind, item = q.get()
-                if kind == "error":
-                    raise item
-                if kind == "done":
-                    return
+            for kind, buf, skip, data in buffers:
                 if kind == "epoch_end":
                     self.state = LoaderState(self.state.epoch + 1, 0, self.state.tokens)
                     if self.tokens is None:
                         return
                     continue
-                batch = {h: t.to(self.device, non_blocking=True) for h, t in item.items()}
-                self.state = LoaderState(self.state.epoch, self.state.batch + 1,
-                                         self.state.tokens + len(next(iter(batch.values()))))
-                yield batch[self.hooks[0]] if self.single else batch
+                for batch in self._serve(data, buf, skip):
+                    if self.tokens is not None:
+                        room = self.tokens - self.state.tokens
+                        if room <= 0:
+                            return
+                        batch = {h: t[:room] for h, t in batch.items()}
+                    rows = len(next(iter(batch.values())))
+                    self.state = LoaderState(self.state.epoch, self.state.batch + 1, self.state.tokens + rows)
+                    yield batch[self.hooks[0]] if self.single else batch
+                if self.tokens is not None and self.state.tokens >= self.tokens:
+                    return
         finally:
-            stop.set()
-            thread.join()
+            buffers.close()
 
     def state_dict(self) -> dict:
         return {**asdict(self.state), "seed": self.seed, "batch_size": self.batch_size, "split": self.split,
@@ -350,5 +510,37 @@ class ActivationLoader:
         self.state = LoaderState(int(state["epoch"]), int(state["batch"]), int(state["tokens"]))
 
 
-def _np_dtype(array) -> np.dtype:
-    return array.dtype if isinstance(array, np.ndarray) else np.dtype(array.dtype)
+def default_resident_budget(device: torch.device) -> int:
+    """Half the device's free memory: a GPU's (`cuda.mem_get_info`), or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _rows(array, rows: np.ndarray) -> np.ndarray:
+    """Rows by index from a shard array (memory-mapped, or a compressed zarr array)."""
+    if isinstance(array, np.ndarray):
+        return np.take(array, rows, axis=0)
+    return array.get_orthogonal_selection((rows, slice(None)))
+
+
+def _as_numpy(t: torch.Tensor, stored: str) -> np.ndarray:
+    """A numpy view of a staging tensor in the stored layout (bfloat16 as its uint16 patterns)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if stored == "bfloat16" else t.numpy()
+
+
+def _as_tensor(array: np.ndarray, stored: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.view(torch.bfloat16) if stored == "bfloat16" else t
+
+
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, without making the host wait (pinned, non-blocking) on a GPU."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -32,28 +32,32 @@ def ids(batches) -> list[int]:
     return [int(v) for b in batches for v in (b if torch.is_tensor(b) else b["id"])[:, 0].tolist()]
 
 
+@pytest.mark.parametrize("resident", ["no", "yes"])
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
-def test_every_row_exactly_once(tmp_path, fmt):
+def test_every_row_exactly_once(tmp_path, fmt, resident):
     id_cache(tmp_path / "c", fmt=fmt)
-    loader = ActivationLoader(tmp_path / "c", hooks="id", batch_size=64, block_rows=16, buffer_rows=256)
+    loader = ActivationLoader(tmp_path / "c", hooks="id", batch_size=64, block_rows=16, buffer_rows=256,
+                              resident=resident)
     got = ids(loader)
     assert sorted(got) == list(range(3000))
     assert got != sorted(got)  # shuffled
     assert loader.batches_per_epoch() == 47  # 46 full batches and the epoch's tail of 56 rows
 
 
-def test_ranks_partition_the_epoch(tmp_path):
+@pytest.mark.parametrize("resident", ["no", "yes"])
+def test_ranks_partition_the_epoch(tmp_path, resident):
     id_cache(tmp_path / "c")
     parts = [ids(ActivationLoader(tmp_path / "c", hooks="id", batch_size=32, block_rows=16, buffer_rows=128,
-                                  rank=r, world_size=3)) for r in range(3)]
+                                  rank=r, world_size=3, resident=resident)) for r in range(3)]
     assert sum(len(p) for p in parts) == 3000
     assert sorted(sum(parts, [])) == list(range(3000))
     assert all(set(a).isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])
 
 
-def test_deterministic_from_seed_and_epoch(tmp_path):
+@pytest.mark.parametrize("resident", ["no", "yes"])
+def test_deterministic_from_seed_and_epoch(tmp_path, resident):
     id_cache(tmp_path / "c")
-    kw = dict(hooks="id", batch_size=64, block_rows=16, buffer_rows=256)
+    kw = dict(hooks="id", batch_size=64, block_rows=16, buffer_rows=256, resident=resident)
     a = ActivationLoader(tmp_path / "c", seed=3, **kw)
     first, second = ids(a), ids(a)  # two epochs
     assert first == ids(ActivationLoader(tmp_path / "c", seed=3, **kw))
@@ -61,10 +65,12 @@ def test_deterministic_from_seed_and_epoch(tmp_path):
     assert first != ids(ActivationLoader(tmp_path / "c", seed=4, **kw))
 
 
-@pytest.mark.parametrize("stop_after", [1, 7, 20])
-def test_exact_resume_mid_epoch(tmp_path, stop_after):
+@pytest.mark.parametrize("resident", ["no", "yes"])
+@pytest.mark.parametrize("stop_after", [1, 7, 20, 47, 48, 60])  # an epoch has 47 batches: across its end too
+def test_exact_resume_mid_epoch(tmp_path, stop_after, resident):
     id_cache(tmp_path / "c")
-    kw = dict(hooks=["id", "double"], batch_size=64, block_rows=16, buffer_rows=256, seed=1, tokens=7000)
+    kw = dict(hooks=["id", "double"], batch_size=64, block_rows=16, buffer_rows=256, seed=1, tokens=7000,
+              resident=resident)
     straight = list(ActivationLoader(tmp_path / "c", **kw))
     first = ActivationLoader(tmp_path / "c", **kw)
     head = []
@@ -98,11 +104,16 @@ def test_hooks_aligned_and_dict(tmp_path):
         torch.testing.assert_close(batch["double"], 2 * batch["id"])
 
 
+@pytest.mark.parametrize("resident", ["no", "yes"])
 @pytest.mark.parametrize("stored", ["float16", "bfloat16"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_dtypes(tmp_path, stored, out_dtype):
+def test_dtypes(tmp_path, stored, out_dtype, resident):
     id_cache(tmp_path / "c", rows=1000, dtype=stored)
-    batches = list(ActivationLoader(tmp_path / "c", hooks="double", batch_size=100, dtype=out_dtype))
+    loader = ActivationLoader(tmp_path / "c", hooks="double", batch_size=100, dtype=out_dtype, resident=resident)
+    batches = list(loader)
+    # Rows travel in the stored dtype (a staging slot, or the resident copy) and are cast after.
+    held = loader._resident["double"] if resident == "yes" else loader._slots[0]["double"]
+    assert held.dtype == getattr(torch, stored)
     assert all(b.dtype == out_dtype for b in batches)
     got = torch.cat(batches).float()
     i = torch.arange(1000, dtype=torch.float32)
@@ -139,16 +150,60 @@ def shuffle_quality(batch_seqs: list[np.ndarray], n_rows_per_seq: int) -> tuple[
     return rate / uniform_rate, spread / uniform_spread
 
 
-def test_shuffle_quality_on_unshuffled_cache(tmp_path):
+@pytest.mark.parametrize("resident", ["no", "yes"])
+def test_shuffle_quality_on_unshuffled_cache(tmp_path, resident):
     """Defaults on a cache written in sequence order (like `--no-shuffle`): 2,000 sequences of 127 rows."""
     id_cache(tmp_path / "c", rows=254_000, seq_len=127, shuffle=False, shard_mb=1)
     batches = [b[:, 1].numpy().astype(np.int64) for b in ActivationLoader(tmp_path / "c", hooks="id",
-                                                                          batch_size=4096)]
+                                                                          batch_size=4096, resident=resident)]
     pair_factor, spread = shuffle_quality(batches, 127)
     # Stated in the README: same-sequence pairs within 4x of a uniform shuffle's rate, and a
     # sequence's tokens reach at least 40% as many distinct batches as uniformly.
     assert pair_factor < 4.0, pair_factor
     assert spread > 0.4, spread
+
+
+def test_resident_and_streamed_batches_are_the_same(tmp_path):
+    """Both modes follow one plan: the same batches, bit for bit, over two epochs (and a tail)."""
+    id_cache(tmp_path / "c", rows=3000)
+    kw = dict(hooks=["id", "double"], batch_size=64, block_rows=16, buffer_rows=256, seed=2, tokens=6500)
+    streamed = list(ActivationLoader(tmp_path / "c", resident="no", **kw))
+    resident = list(ActivationLoader(tmp_path / "c", resident="yes", **kw))
+    assert len(streamed) == len(resident) == 102
+    for a, b in zip(streamed, resident):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["double"], b["double"])
+
+
+def test_resident_budget_refuses_or_streams(tmp_path):
+    """`yes` refuses with the numbers when the split does not fit the budget; `auto` streams then."""
+    id_cache(tmp_path / "c", rows=3000)  # two hooks x 4 floats x 3000 rows = 96,000 bytes
+    with pytest.raises(PipelineError, match=r"needs 0\.00 GiB on cpu .*float32.*budget is 0\.00 GiB.*--resident auto"):
+        ActivationLoader(tmp_path / "c", batch_size=64, resident="yes", resident_budget=50_000)
+    small = ActivationLoader(tmp_path / "c", batch_size=64, resident="auto", resident_budget=50_000)
+    assert small.resident_bytes == 96_000 and not small.resident
+    big = ActivationLoader(tmp_path / "c", batch_size=64, resident="auto", resident_budget=100_000)
+    assert big.resident
+    assert sorted(ids(small)) == sorted(ids(big)) == list(range(3000))
+    with pytest.raises(PipelineError, match="resident='maybe'"):
+        ActivationLoader(tmp_path / "c", batch_size=64, resident="maybe")
+
+
+def test_plan_is_arrays_and_scales(tmp_path):
+    """An epoch's plan is numpy arrays (no Python object per block): 100M rows in 400 shards plan
+    1.56M blocks; every buffer's blocks lie inside their shards and the epoch covers each block once."""
+    id_cache(tmp_path / "c", rows=3000)
+    loader = ActivationLoader(tmp_path / "c", hooks="id", batch_size=64)
+    loader.batch_size, loader.buffer_rows = 4096, 16 * 4096
+    loader.shard_rows = np.full(400, 250_000, dtype=np.int64)  # a plan needs row counts only
+    loader._first_block = np.concatenate([[0], np.cumsum(-(-loader.shard_rows // 64))])
+    order = loader._order(0)
+    assert isinstance(order, np.ndarray) and len(order) == 400 * 3907
+    plan = loader._plan(0)
+    first = next(plan)
+    assert isinstance(first.shard, np.ndarray) and len(first.shard) == 1024
+    assert bool((first.stop <= loader.shard_rows[first.shard]).all()) and bool((first.start % 64 == 0).all())
+    assert first.full_rows == 16 * 4096 and len(first.perm) == 1024 * 64 - int((first.start + 64 > first.stop).sum())
+    assert sum(len(b.shard) for b in plan) + 1024 == len(order)
 
 
 # ----------------------------------------------------------------------------- bad input

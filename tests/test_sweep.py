@@ -110,7 +110,7 @@ def test_sweep_resume_equals_straight_sweep(cache, tmp_path):
 
 
 def test_memory_refusal_names_how_many_runs_fit(cache, tmp_path):
-    from trainer.sweep import stack_bytes
+    from trainer.memory import stack_bytes
 
     held, peak = stack_bytes(2, 32, 64, 256)
     budget = held + peak + 1000  # room for the stack of two TopK runs and its step, not for the third run

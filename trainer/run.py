@@ -17,13 +17,14 @@ import torch
 
 from pipeline import __version__, distributed
 from pipeline.errors import PipelineError
-from pipeline.loader import ActivationLoader, open_source
+from pipeline.loader import ActivationLoader, LoaderState, open_source
 from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
 from trainer.export import export_saelens, init_from
 from trainer.logs import ConsoleLog, WandbLog
+from trainer.memory import resident_budget, stack_bytes
 from trainer.distributed import RankBatches, data_parallel, loader_share
 from trainer.train import LoopConfig, train_stack
 
@@ -84,6 +85,9 @@ class TrainConfig:
     """Seed of the weights and of the loader's shuffle."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
+    resident: str = "auto"
+    """Hold the cache's split on the device (GPU memory, or RAM on a CPU) and read the disk once:
+    yes, no, or auto (when it fits next to the training's memory plan)."""
     precision: str = "auto"
     """fp32, tf32 or bf16 (autocast matmuls; float32 weights, Adam, losses, export); auto: bf16 on
     CUDA, fp32 on CPU."""
@@ -185,53 +189,63 @@ def snapshot_steps(total_steps: int, n: int, spacing: str) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model: StackedSAE, batches: list, dense_threshold: float = 0.1) -> tuple[dict, torch.Tensor]:
-    """Metrics per run over `batches` (the eval split: tensors, or (input, target) pairs for a
-    transcoder), and each latent's firing frequency (R, d_sae). Explained variance is against the
-    split's own mean."""
-    pairs = [b if isinstance(b, (tuple, list)) else (b, b) for b in batches]
-    rows = sum(len(x) for x, _ in pairs)
-    mean = sum(y.sum(0) for _, y in pairs) / rows
-    fired = torch.zeros(model.n_runs, model.d_sae, device=mean.device)
-    sq_err = total = l0 = 0.0
-    for x, y in pairs:
+def evaluate(model: StackedSAE, batches, dense_threshold: float = 0.1) -> tuple[dict, torch.Tensor]:
+    """Metrics per run over `batches` (any iterable, read once: the eval split streamed as tensors, or
+    (input, target) pairs for a transcoder), and each latent's firing frequency (R, d_sae).
+    Explained variance is against the split's own mean, from float64 running sums of the targets."""
+    sq_err = l0 = fired = y_sum = y_sq = None
+    rows = 0
+    for b in batches:
+        x, y = b if isinstance(b, (tuple, list)) else (b, b)
         latents = model.encode(x)
         recon = model.decode(latents)
-        sq_err = sq_err + (y.unsqueeze(0) - recon).pow(2).sum(dim=(1, 2))
-        total += (y - mean).pow(2).sum()
+        err = (y.unsqueeze(0) - recon).pow(2).sum(dim=(1, 2), dtype=torch.float64)
         # 0/1 floats straight from the comparison: a bool tensor's sum converts it to int64 first
         # (several times slower on CPU); exact up to 2**24 rows a batch.
-        active = torch.gt(latents, 0, out=torch.empty_like(latents)).sum(dim=1)  # (R, d_sae)
-        fired += active
-        l0 = l0 + active.sum(dim=1)
-    density = (fired / rows).cpu()
+        active = torch.gt(latents, 0, out=torch.empty_like(latents)).sum(dim=1).double()  # (R, d_sae)
+        y64 = y.double()
+        if rows == 0:
+            sq_err, fired, l0 = err, active, active.sum(dim=1)
+            y_sum, y_sq = y64.sum(dim=0), y64.pow(2).sum()
+        else:
+            sq_err, fired, l0 = sq_err + err, fired + active, l0 + active.sum(dim=1)
+            y_sum, y_sq = y_sum + y64.sum(dim=0), y_sq + y64.pow(2).sum()
+        rows += len(x)
+    if rows == 0:
+        raise PipelineError("nothing to evaluate: the split is empty")
+    total = y_sq - y_sum.pow(2).sum() / rows  # sum of squared deviations from the split's mean
+    density = (fired / rows).float().cpu()
     metrics = {"eval_explained_variance": (1 - sq_err / total).tolist(), "eval_mse": (sq_err / rows).tolist(),
                "eval_l0": (l0 / rows).tolist(), "eval_dead_fraction": (density == 0).float().mean(dim=1).tolist(),
                "eval_dense_fraction": (density > dense_threshold).float().mean(dim=1).tolist(), "eval_rows": rows}
     return metrics, density
 
 
-def eval_batches(cfg: TrainConfig, hook: str | tuple[str, str], device: str, scale: float | tuple[float, float],
-                 rows: int | None, split: str = "eval") -> list:
-    """The first `rows` rows (all when None) of a split (shuffled as the loader does), scaled as
-    training sees them: tensors for one hook, (input, target) pairs for a transcoder's two."""
-    hooks = [hook] if isinstance(hook, str) else list(hook)
-    scales = list(scale) if isinstance(scale, (tuple, list)) else [scale]
-    loader = ActivationLoader(cfg.cache, hooks=hooks[0] if len(hooks) == 1 else hooks, batch_size=cfg.batch_size,
-                              split=split, device=device, tokens=rows, drop_last=False, seed=cfg.seed + 1)
-    n = loader.source.rows(split)
-    keep = rows if rows is not None and rows < n else None  # `tokens` rounds up to whole batches
-    out, kept = [], 0
-    for b in loader:
-        parts = [b] if len(hooks) == 1 else [b[h] for h in hooks]
-        parts = [t * c if c != 1.0 else t for t, c in zip(parts, scales)]
-        if keep is not None:
-            parts = [t[: keep - kept] for t in parts]
-        out.append(parts[0] if len(parts) == 1 else tuple(parts))
-        kept += len(parts[0])
-        if keep is not None and kept >= keep:
-            break
-    return out
+class SplitRows:
+    """The first `rows` rows (all when None) of a split, shuffled as the loader does and scaled as
+    training sees them, streamed through the loader anew on each iteration (the same rows each time;
+    never a whole split at once on the device): tensors for one hook, (input, target) pairs for a
+    transcoder's two. `resident`/`budget` as the loader's (a periodic evaluation's rows then stay on
+    the device)."""
+
+    def __init__(self, cfg: TrainConfig, hook: str | tuple[str, str], device, scale: float | tuple[float, float],
+                 rows: int | None, split: str = "eval", resident: str = "no", budget: int | None = None):
+        self.hooks = [hook] if isinstance(hook, str) else list(hook)
+        self.scales = list(scale) if isinstance(scale, (tuple, list)) else [scale]
+        n = open_source(cfg.cache).rows(split)
+        self.rows = rows if rows is not None and rows < n else None
+        # A split smaller than a training batch is evaluated in batches of its own size.
+        self.loader = ActivationLoader(cfg.cache, hooks=self.hooks[0] if len(self.hooks) == 1 else self.hooks,
+                                       batch_size=min(cfg.batch_size, n), split=split, device=device,
+                                       tokens=self.rows, drop_last=False, seed=cfg.seed + 1, resident=resident,
+                                       resident_budget=budget)
+
+    def __iter__(self):
+        self.loader.state = LoaderState()  # from the start: every evaluation sees the same rows
+        for b in self.loader:
+            parts = [b] if len(self.hooks) == 1 else [b[h] for h in self.hooks]
+            parts = [t * c if c != 1.0 else t for t, c in zip(parts, self.scales)]
+            yield parts[0] if len(parts) == 1 else tuple(parts)
 
 
 class PairedBatches:
@@ -254,7 +268,7 @@ def weight_identity(cfg: TrainConfig) -> dict:
     """The fields a run's weights depend on, which a resumed checkpoint must match; tokens may grow
     on resume (extending the run), the device and the logging may change."""
     return {k: v for k, v in asdict(cfg).items()
-            if k not in ("out", "tokens", "device", "precision", "kernels", "log_every", "checkpoint_every", "resume", "eval_every",
+            if k not in ("out", "tokens", "device", "resident", "precision", "kernels", "log_every", "checkpoint_every", "resume", "eval_every",
                          "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
 
 
@@ -264,7 +278,7 @@ def calibrate(model: StackedSAE, cfg: TrainConfig, hook: str, device: str, scale
     The sample is bounded so that its pre-activations take at most 256 MiB per run."""
     if hasattr(model, "calibrate_threshold"):
         rows = max(256, min(32_768, 2**26 // model.d_sae))
-        model.calibrate_threshold(eval_batches(cfg, hook, device, scale, rows, split="train"))
+        model.calibrate_threshold(list(SplitRows(cfg, hook, device, scale, rows, split="train")))
 
 
 def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
@@ -302,8 +316,13 @@ def run_train(cfg: TrainConfig) -> dict:
             raise PipelineError("a transcoder (--hook-out) needs --hook, the hook it reads")
         if cfg.hook_out not in have:
             raise PipelineError(f"hook_out {cfg.hook_out!r} is not in the cache {cfg.cache}; it has {', '.join(have)}")
+    source = open_source(cfg.cache)
+    # The plan for the widest hook (an upper estimate); the loader checks the hooks themselves.
+    planned = sum(stack_bytes(1, max(source.hooks.values()), cfg.d_sae, cfg.batch_size))
+    budget = resident_budget(torch.device(device), planned)
     train = ActivationLoader(cfg.cache, hooks=hooks, seed=cfg.seed, device=device, normalize=cfg.normalize,
-                             **loader_share(cfg.batch_size, cfg.tokens, ddp))
+                             resident=cfg.resident, resident_budget=budget, **loader_share(cfg.batch_size, cfg.tokens, ddp))
+    budget -= train.resident_bytes if train.resident else 0
     if cfg.hook_out is None and len(train.hooks) != 1:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")
     hook = train.hooks[0]
@@ -333,7 +352,7 @@ def run_train(cfg: TrainConfig) -> dict:
     has_eval = bool(train.source.shards("eval"))
     evaluator = None
     if cfg.eval_every and has_eval and main:
-        held = eval_batches(cfg, io_hooks, device, io_scales, cfg.eval_tokens)
+        held = SplitRows(cfg, io_hooks, device, io_scales, cfg.eval_tokens, resident="auto", budget=budget)
         evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
     metadata = export_metadata(cfg, train.source, hook, name)
     if cfg.hook_out:
@@ -365,7 +384,7 @@ def run_train(cfg: TrainConfig) -> dict:
         metrics = dict(last)
         density = None
         if has_eval:
-            eval_metrics, density = evaluate(model, eval_batches(cfg, io_hooks, device, io_scales, None))
+            eval_metrics, density = evaluate(model, SplitRows(cfg, io_hooks, device, io_scales, None))
             metrics.update(eval_metrics)
         metrics["run_dir"] = str(out)
         finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)

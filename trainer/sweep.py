@@ -19,7 +19,6 @@ import csv
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,12 +33,13 @@ from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from trainer.distributed import spread_stacks
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
-from trainer.run import (ARCH_FIELDS, TrainConfig, arch_fields, calibrate, eval_batches, evaluate, export_metadata,
+from trainer.memory import available_bytes, resident_budget, stack_bytes
+from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, evaluate, export_metadata,
                          finish_export, run_config, sparsity_knob, weight_identity)
 from trainer.train import LoopConfig, RunDiverged, StackTrainer
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
-SWEEP_WIDE = ("cache", "out", "batch_size", "device", "normalize", "log_every", "checkpoint_every", "resume",
+SWEEP_WIDE = ("cache", "out", "batch_size", "device", "resident", "normalize", "log_every", "checkpoint_every", "resume",
               "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp")
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
 STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
@@ -166,28 +166,9 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
     return plan
 
 
-def stack_bytes(n_runs: int, d_in: int, d_sae: int, batch: int) -> tuple[int, int]:
-    """Bytes a stack of `n_runs` float32 SAEs holds for the whole sweep (weights, gradients, Adam's
-    two moments) and at the peak of one step (pre-activations, latents, their gradients and the
-    reconstruction for a batch): an upper estimate, measured within 10% on CPU for topk/standard."""
-    params = n_runs * (2 * d_in * d_sae + d_sae + d_in)
-    step = n_runs * batch * (5 * d_sae + 3 * d_in)
-    return 4 * 4 * params, 4 * step
-
-
-def available_bytes(device: torch.device) -> int:
-    """Free memory where the SAEs live: the GPU's, or the machine's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int) -> None:
-    """Refuse a sweep whose stacks would not fit in `budget` bytes, saying how many runs would."""
+def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int) -> int:
+    """Refuse a sweep whose stacks would not fit in `budget` bytes, saying how many runs would;
+    returns the bytes the sweep plans for."""
     def need(stacks: list[list[int]]) -> int:
         held, peak = 0, 0
         for idx in stacks:
@@ -198,7 +179,7 @@ def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int) -> None:
 
     total = need(plan.stacks)
     if total <= budget:
-        return
+        return total
     fit, order = 0, [i for idx in plan.stacks for i in idx]
     for n in range(1, len(order) + 1):
         groups: dict[int, list[int]] = {}
@@ -240,12 +221,16 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     mine = spread_stacks(plan.stacks, costs, world)[rank]
     if not mine:  # more ranks than stacks: nothing to train here, only the summary to join
         return _summarize([], plan, out)
-    check_memory(replace(plan, stacks=mine), d_in,
-                 memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)))
+    planned = check_memory(replace(plan, stacks=mine), d_in,
+                           memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)))
 
     hooks = sorted({plan.runs[i].hook for idx in mine for i in idx})
+    # What the plan leaves free may hold the cache: then the disk is read once for every run and epoch.
+    budget = resident_budget(device, planned)
     loader = ActivationLoader(base.cache, hooks=hooks, batch_size=base.batch_size, seed=base.seed, device=device,
-                              tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize)
+                              tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize,
+                              resident=base.resident, resident_budget=budget)
+    budget -= loader.resident_bytes if loader.resident else 0
     stacks = []
     for idx in mine:
         runs = [plan.runs[i] for i in idx]
@@ -292,7 +277,8 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                                            "loader": loader.state_dict(), "config": identity,
                                            "stacks": [s["trainer"].state() for s in stacks]})
 
-    held = ({h: eval_batches(base, h, device, loader.scale[h], base.eval_tokens) for h in hooks}
+    held = ({h: SplitRows(base, h, device, loader.scale[h], base.eval_tokens, resident="auto",
+                          budget=budget // len(hooks)) for h in hooks}
             if base.eval_every and loader.source.shards("eval") else None)
     t0, start_tokens, step = time.perf_counter(), tokens, 0
     try:
@@ -381,7 +367,7 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             tokens: int, plan: SweepPlan, eval_contexts: int = 0) -> list[dict]:
     """Eval every run on the eval split, export it, write summary.csv and pareto.png."""
     has_eval = bool(loader.source.shards("eval"))
-    held = {h: eval_batches(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
+    held = {h: SplitRows(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
     rows = []
     for s in stacks:
         tr = s["trainer"]
