@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
@@ -31,6 +30,7 @@ from cache_writer.tiny_model import (
     tiny_model_config,
     tiny_model_config_dict,
 )
+from pipeline.files import save_safetensors
 
 CONTEXT_SIZE = 128
 EVAL_FRACTION = 0.05
@@ -83,10 +83,8 @@ def save_model_atomically(model: HookedTransformer, meta: dict, out: Path) -> No
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.named_parameters()}
     tmp_weights = out / f".{WEIGHTS_FILENAME}.tmp"
     tmp_config = out / f".{CONFIG_FILENAME}.tmp"
-    save_file(state, str(tmp_weights), metadata={"format": "pt"})
+    save_safetensors(state, tmp_weights, metadata={"format": "pt"})
     tmp_config.write_text(json.dumps(meta, indent=2) + "\n")
-    for tmp in (tmp_weights, tmp_config):
-        os.chmod(tmp, 0o644)  # safetensors writes 0600; shipped assets must be world-readable
     # Config last: it is the file that declares the weights valid.
     os.replace(tmp_weights, out / WEIGHTS_FILENAME)
     os.replace(tmp_config, out / CONFIG_FILENAME)

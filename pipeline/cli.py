@@ -10,7 +10,9 @@ from typing import List, Optional
 
 import typer
 
+from pipeline.cli_help import HelpCommand, HelpGroup
 from pipeline.errors import PipelineError
+
 
 def _finished(message: str) -> None:
     """The command's last line, printed once: by rank 0 under torchrun."""
@@ -20,11 +22,11 @@ def _finished(message: str) -> None:
         typer.echo(message)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, cls=HelpGroup, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache language-model activations once; train many sparse autoencoders from them.")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def cache(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory to write."),
     model: Optional[str] = typer.Option(None, help="'tiny', a TransformerLens name, a HF checkpoint dir, or hf:ID."),
@@ -38,7 +40,7 @@ def cache(
     batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass."),
     eval_fraction: Optional[float] = typer.Option(None, help="Fraction of documents held out as 'eval'."),
     exclude_special_tokens: Optional[bool] = typer.Option(None, "--exclude-special-tokens/--keep-special-tokens",
-                                                          help="Skip BOS/separator positions (default: skip)."),
+                                                          help="Skip BOS/separator positions."),
     positions: Optional[str] = typer.Option(None, help="Keep positions START:END of each sequence."),
     dtype: Optional[str] = typer.Option(None, help="Stored dtype: float32, float16, bfloat16."),
     model_dtype: Optional[str] = typer.Option(None, help="dtype the model runs in."),
@@ -49,9 +51,10 @@ def cache(
     seed: Optional[int] = typer.Option(None, help="Shuffle seed."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     model_kwargs: Optional[str] = typer.Option(None, help="Model loading options: JSON or k=v,k=v."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Run a HF model's own code."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue or extend the cache in --out."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the cache in --out."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
+                                                     help="Run a HF model's own code."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue or extend the cache in --out."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace the cache in --out."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:
     """Stage 1: run a model once over a dataset and write hook activations to a cache."""
@@ -71,7 +74,7 @@ def cache(
                f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def train(
     cache: Optional[str] = typer.Option(None, help="Cache directory to train on."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the run's folder goes in."),
@@ -79,6 +82,7 @@ def train(
     hook: Optional[str] = typer.Option(None, "--hook", "--hook-in", help="Hook to read (default: the cache's only hook)."),
     arch: Optional[str] = typer.Option(None, help="topk, batchtopk, matryoshka, jumprelu, gated, standard, or yours."),
     d_sae: Optional[int] = typer.Option(None, help="Number of latents."),
+    expansion_factor: Optional[int] = typer.Option(None, help="d_sae = N * d_in (instead of --d-sae)."),
     k: Optional[int] = typer.Option(None, help="TopK: latents per token."),
     initial_k: Optional[int] = typer.Option(None, help="TopK: anneal k down from this value."),
     k_anneal_steps: Optional[int] = typer.Option(None, help="TopK: steps of k annealing."),
@@ -108,11 +112,12 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between resume checkpoints."),
     n_snapshots: Optional[int] = typer.Option(None, help="SAEs kept along the run (SAELens format)."),
     snapshot_spacing: Optional[str] = typer.Option(None, help="log or linear."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in OUT/NAME."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in OUT/NAME."),
     init_from: Optional[str] = typer.Option(None, help="Start from a saved SAE (ours or SAELens's)."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
     wandb_project: Optional[str] = typer.Option(None, help="W&B project."),
-    ddp: Optional[bool] = typer.Option(None, "--ddp", help="Data-parallel under torchrun: each rank trains on its part of every batch."),
+    ddp: Optional[bool] = typer.Option(None, "--ddp/--no-ddp",
+                                       help="Data-parallel under torchrun: each rank trains on its part of a batch."),
     hook_out: Optional[str] = typer.Option(None, "--hook-out", help="Transcoder: reconstruct this hook from --hook."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
@@ -135,25 +140,30 @@ def train(
     _finished(f"exported to {metrics['run_dir']}" + (f": explained variance {ev[0]:.3f}, L0 {l0[0]:.1f}" if ev else ""))
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def sweep(
     config: str = typer.Option(..., "--config", help="Sweep TOML: [base] fields and [sweep] lists or [[runs]]."),
     cache: Optional[str] = typer.Option(None, help="Cache directory (overrides [base])."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the runs' folders go in."),
     tokens: Optional[int] = typer.Option(None, help="Rows per run (overrides every run)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per step (all runs)."),
+    expansion_factor: Optional[int] = typer.Option(None, help="d_sae = N * d_in for every run (replaces d_sae)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
     kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
     name: Optional[str] = typer.Option(None, help="Sweep name (W&B group); default: the TOML's name or file name."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the sweep in --out."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the sweep in --out."),
     wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="W&B, one run per SAE (offline without a key)."),
     memory_gb: Optional[float] = typer.Option(None, help="Memory the sweep may plan for (default: 90% of free)."),
-    with_eval: bool = typer.Option(False, "--eval", help="Also CE loss recovered and KL per SAE (`pipeline eval`)."),
+    with_eval: bool = typer.Option(False, "--eval/--no-eval",
+                                   help="Also CE loss recovered and KL per SAE (`pipeline eval`)."),
     eval_contexts: int = typer.Option(64, help="Eval-split contexts for --eval."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
 ) -> None:
-    """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end."""
+    """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end.
+
+    An option given here overrides the TOML's [base] and every run; the defaults shown apply where neither sets it.
+    """
     import importlib
     from pathlib import Path
 
@@ -163,8 +173,8 @@ def sweep(
         importlib.import_module(module)
     spec = load_sweep_spec(config)
     overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
-                                        precision=precision, kernels=kernels, resume=resume,
-                                        wandb=wandb).items() if v is not None}
+                                        precision=precision, kernels=kernels, resume=resume, wandb=wandb,
+                                        expansion_factor=expansion_factor).items() if v is not None}
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None,
                      eval_contexts=eval_contexts if with_eval else 0)
@@ -172,14 +182,15 @@ def sweep(
     _finished(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
 
 
-@app.command("eval")
+@app.command("eval", cls=HelpCommand)
 def eval_(
     sae: str = typer.Argument(..., help="SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."),
     cache: str = typer.Option(..., help="Cache whose manifest names the model and hook; its sequences are the contexts."),
-    split: Optional[str] = typer.Option(None, help="Split whose contexts and mean activation are used (default eval)."),
-    contexts: Optional[int] = typer.Option(None, help="Contexts to run (default 128)."),
-    batch_size: Optional[int] = typer.Option(None, help="Contexts per forward pass (default 8)."),
-    hook: Optional[str] = typer.Option(None, help="Hook to splice at (default: the SAE's hook_name)."),
+    split: Optional[str] = typer.Option(None, help="Split whose contexts and mean activation are used."),
+    contexts: Optional[int] = typer.Option(None, help="Contexts to run."),
+    batch_size: Optional[int] = typer.Option(None, help="Contexts per forward pass."),
+    hook: Optional[str] = typer.Option(None, help="Hook the SAE reads and replaces (default: its hook_name; "
+                                                  "a transcoder replaces its hook_name_out)."),
     model: Optional[str] = typer.Option(None, help="Load this model instead of the one the manifest names."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the results as JSON to this file."),
@@ -191,19 +202,19 @@ def eval_(
     run_eval(EvalConfig(**overrides))
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def report(
     sae: str = typer.Argument(..., help="SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."),
     cache: str = typer.Option(..., help="Cache to read activations and contexts from."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for index.html (default report/)."),
-    split: Optional[str] = typer.Option(None, help="Split to stream over (default eval)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for index.html."),
+    split: Optional[str] = typer.Option(None, help="Split to stream over."),
     hook: Optional[str] = typer.Option(None, help="Hook to read (default: the SAE's hook_name)."),
     latents: Optional[str] = typer.Option(None, help="Latents to show: 1,2,3 (default: chosen by --select)."),
-    n_latents: Optional[int] = typer.Option(None, help="How many latents to show (default 16)."),
-    select: Optional[str] = typer.Option(None, help="top (densest), random (live), or mixed (default: half each)."),
-    contexts: Optional[int] = typer.Option(None, help="Top-activating contexts per latent (default 10)."),
-    left: Optional[int] = typer.Option(None, help="Tokens shown before the activating token (default 40)."),
-    right: Optional[int] = typer.Option(None, help="Tokens shown after it (default 10)."),
+    n_latents: Optional[int] = typer.Option(None, help="How many latents to show."),
+    select: Optional[str] = typer.Option(None, help="top (densest), random (live), or mixed (half each)."),
+    contexts: Optional[int] = typer.Option(None, help="Top-activating contexts per latent."),
+    left: Optional[int] = typer.Option(None, help="Tokens shown before the activating token."),
+    right: Optional[int] = typer.Option(None, help="Tokens shown after it."),
     max_rows: Optional[int] = typer.Option(None, help="Stop the pass after this many rows (default: all)."),
     ce_contexts: Optional[int] = typer.Option(None, help="Also run `pipeline eval` on N contexts for the summary."),
     seed: Optional[int] = typer.Option(None, help="Seed of the random choice of latents."),
@@ -218,7 +229,7 @@ def report(
     typer.echo(f"wrote {page} (open it in a browser; it needs no server)")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def pretokenize(
     out: str = typer.Option(..., "--out", "-o", help="datasets directory to write."),
     dataset: Optional[str] = typer.Option(None, help="'stdlib' (default), a local path, or a HF dataset id."),
@@ -236,7 +247,7 @@ def pretokenize(
     typer.echo(f"wrote {out}: {n:,} sequences of {context_size} tokens")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Show a cache's manifest as tables."""
     from pipeline.verify import render_info
@@ -244,7 +255,7 @@ def info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     render_info(path)
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Check every shard against its checksum and size; name any bad one."""
     from pipeline.verify import verify_cache
@@ -260,7 +271,7 @@ def verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     typer.echo(f"OK {path}: {n} shards, {rows:,} rows verified; {state}")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def push(
     path: str = typer.Argument(..., help="A cache directory (has manifest.json), an SAE export, or a folder of exports."),
     repo_id: str = typer.Argument(..., help="Hub repo ORG/NAME: a dataset repo for a cache, a model repo for SAEs."),
@@ -289,7 +300,7 @@ def push(
     typer.echo(f"pushed {path} to {url}: {len(plan.files)} files sent, {len(plan.skipped)} already there")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def pull(
     repo_id: str = typer.Argument(..., help="Hub dataset repo ORG/NAME holding a cache."),
     out: str = typer.Option(..., "--out", "-o", help="Directory to write the cache (or the part) into."),

@@ -56,6 +56,7 @@ def test_exact_sae_recovers_everything_and_zero_sae_nothing(cache, tmp_path):
     assert exact["ce_zero_ablation"] > exact["ce_mean_ablation"] > exact["ce_clean"] + 0.1
     assert exact["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
     assert exact["ce_recovered_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["ce_recovered_zero_meaningful"] and exact["ce_recovered_zero_note"] is None
     assert abs(exact["kl_spliced"]) < 1e-5 and exact["explained_variance"] == pytest.approx(1.0, abs=1e-5)
     assert exact["contexts"] == 8 and exact["predictions"] == 8 * 63
     # BOS and separators have no cached rows: they are not replaced.
@@ -83,6 +84,40 @@ def test_hugging_face_module_hook(tmp_path):
     assert exact["ce_zero_ablation"] != pytest.approx(exact["ce_clean"], abs=1e-5)  # the hook did replace
     zero = evaluate_ce(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 32, "transformer.h.0")), **base))
     assert zero["ce_spliced"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-6)
+
+
+def test_ce_recovered_is_flagged_when_the_ablation_barely_changes_the_loss(tmp_path, capsys):
+    """A random-weights model barely depends on any one hook: the ratio divides by almost nothing,
+    and eval says so (printed and in its JSON) instead of printing a number like -28.9 bare."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainer.evaluate_ce import ce_recovered, print_results
+
+    assert ce_recovered(2.0, 2.1, 3.0) == (pytest.approx(0.9), None)
+    score, note = ce_recovered(2.0, 2.5, 2.01)  # +0.01 nats: under 1% of the clean CE
+    assert score == pytest.approx(-49.0) and "1% of the clean CE" in note
+    assert ce_recovered(0.05, 0.05, 0.0505)[1] is not None  # under the absolute floor
+    assert ce_recovered(2.0, 2.0, 1.9)[1] is not None  # ablation helps: no ratio to speak of
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tmp_path / "gpt2"), tokenizer="bytes",
+                          hooks=["transformer.h.0"], context_size=32, tokens=2000, eval_fraction=0.5), progress=False)
+    res = evaluate_ce(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 32, "transformer.h.0")), cache=str(tmp_path / "c"),
+                                 contexts=4, device="cpu", out=str(tmp_path / "eval.json")))
+    assert abs(res["ce_zero_ablation"] - res["ce_clean"]) < 0.01 * res["ce_clean"]
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    for ablation in ("zero", "mean"):
+        assert saved[f"ce_recovered_{ablation}_meaningful"] is False
+        assert "divides by almost nothing" in saved[f"ce_recovered_{ablation}_note"]
+    capsys.readouterr()
+    print_results(res)
+    out = capsys.readouterr().out
+    assert "(not meaningful)" in out
+    assert "note: CE loss recovered (zero) is not meaningful: zero ablation changes" in out
 
 
 def test_running_topk_equals_a_sort_of_everything():

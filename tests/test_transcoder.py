@@ -104,3 +104,117 @@ def test_pipeline_train_transcoder_from_a_two_hook_cache(tmp_path):
     with pytest.raises(PipelineError, match="hook_out 'c' is not in the cache"):
         run_train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "r2"), hook="a", hook_out="c",
                               wandb=False))
+
+
+# ------------------------------------------------------------------------------ eval and report of a transcoder
+
+TC_IN, TC_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"  # the MLP's input and output
+RESID_POST0, RESID_PRE1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"  # one tensor, two hook names
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """The shipped tiny model's cache with a transcoder's two hooks, and two hooks that hold the same values."""
+    from cache_writer.run import CacheConfig, run_cache
+    from tests.test_cache_writer import small_corpus
+
+    root = tmp_path_factory.mktemp("tc_eval")
+    torch.set_num_threads(1)
+    run_cache(CacheConfig(out=str(root / "c"), dataset=small_corpus(root / "docs"), tokens=8000, context_size=64,
+                          eval_fraction=0.3, hooks=[TC_IN, TC_OUT, RESID_POST0, RESID_PRE1]), progress=False)
+    return root / "c"
+
+
+def relu_transcoder(out, W_enc, W_dec, hook_in, hook_out):
+    """A ReLU transcoder with zero biases, exported as SAELens's `transcoder`."""
+    d_in, d_sae = W_enc.shape
+    model = make_arch("standard", d_in, d_sae, W_dec.shape[1])
+    model.load_run(0, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.zeros(d_sae),
+                       "b_dec": torch.zeros(W_dec.shape[1])}, {})
+    return export_saelens(model, 0, out, {"hook_name": hook_in, "hook_name_out": hook_out})
+
+
+def make_arch(arch, d_in, d_sae, d_out, **kw):
+    cls = get_architecture(arch)
+    return cls([cls.config_class(d_in=d_in, d_sae=d_sae, d_out=d_out, **kw)])
+
+
+@pytest.mark.parametrize("arch,kind", [("standard", "transcoder"), ("jumprelu", "jumprelu_transcoder"),
+                                       ("topk", "topk_transcoder")])
+def test_load_sae_reads_every_transcoder_kind(tmp_path, arch, kind):
+    from trainer.inference import load_sae
+
+    model = make_arch(arch, 16, 40, 12, seed=1, **({"k": 4} if arch == "topk" else {}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.b_in.normal_()  # an input centring, folded into b_enc by the export
+    sae = load_sae(export_saelens(model, 0, tmp_path / kind, {"hook_name": "a", "hook_name_out": "b"}))
+    assert sae.architecture == kind and sae.is_transcoder and (sae.hook, sae.hook_out) == ("a", "b")
+    assert (sae.d_in, sae.d_sae, sae.d_out) == (16, 40, 12)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.reconstruct(x), model.decode(model.encode(x))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_splices_a_transcoder_reading_one_hook_and_replacing_another(model_cache, tmp_path):
+    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+
+    eye = torch.eye(128)
+    # The identity from resid_post of block 0 to resid_pre of block 1 (the same tensor): exact only if
+    # the transcoder reads its input hook and replaces its output hook at the same positions.
+    exact = relu_transcoder(tmp_path / "exact", torch.cat([eye, -eye], 1), torch.cat([eye, -eye], 0),
+                            RESID_POST0, RESID_PRE1)
+    res = evaluate_ce(EvalConfig(sae=str(exact), cache=str(model_cache), contexts=8))
+    assert res["hook"] == RESID_POST0 and res["hook_out"] == RESID_PRE1 and res["architecture"] == "transcoder"
+    assert res["ce_spliced"] == pytest.approx(res["ce_clean"], abs=1e-5) and abs(res["kl_spliced"]) < 1e-5
+    assert res["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert res["ce_zero_ablation"] > res["ce_clean"] + 0.1
+    # A transcoder whose output is 0 is the zero ablation of the output hook (not of its input hook).
+    zero = relu_transcoder(tmp_path / "zero", torch.zeros(128, 8), torch.zeros(8, 128), TC_IN, TC_OUT)
+    res = evaluate_ce(EvalConfig(sae=str(zero), cache=str(model_cache), contexts=8))
+    assert res["ce_spliced"] == pytest.approx(res["ce_zero_ablation"], abs=1e-6) and res["hook_out"] == TC_OUT
+    # Reading a hook that comes after the one replaced cannot work: said in one line.
+    backwards = relu_transcoder(tmp_path / "back", torch.zeros(128, 8), torch.zeros(8, 128), RESID_PRE1, RESID_POST0)
+    with pytest.raises(PipelineError, match="runs after blocks.0.hook_resid_post"):
+        evaluate_ce(EvalConfig(sae=str(backwards), cache=str(model_cache), contexts=2))
+
+
+def test_trained_transcoder_evaluates_and_reports(model_cache, tmp_path):
+    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+    from trainer.report import ReportConfig, build_report
+    from trainer.run import TrainConfig, run_train
+
+    run_train(TrainConfig(cache=str(model_cache), out=str(tmp_path / "runs"), hook=TC_IN, hook_out=TC_OUT, d_sae=256,
+                          k=8, batch_size=256, tokens=256 * 60, lr=3e-3, lr_warmup_steps=5, log_every=20,
+                          wandb=False, device="cpu"))
+    run = tmp_path / "runs" / "topk-d256-k8"
+    res = evaluate_ce(EvalConfig(sae=str(run), cache=str(model_cache), contexts=8))
+    assert res["architecture"] == "topk_transcoder" and res["hook_out"] == TC_OUT
+    assert res["ce_clean"] < res["ce_spliced"] < res["ce_zero_ablation"] and 0 < res["explained_variance"] < 1
+    assert res["l0"] == pytest.approx(8.0, abs=0.5)
+    page = build_report(ReportConfig(sae=str(run), cache=str(model_cache), out=str(tmp_path / "report"), n_latents=4,
+                                     contexts=3, ce_contexts=4))
+    text = page.read_text()
+    assert f"reconstructs {TC_OUT}" in text and text.count('class="latent"') == 4
+    assert "CE loss recovered" in text
+
+
+def test_eval_splices_a_transcoder_into_a_hugging_face_model(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cache_writer.run import CacheConfig, run_cache
+    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tmp_path / "gpt2"), tokenizer="bytes", context_size=32,
+                          hooks=["transformer.h.0.ln_2", "transformer.h.0.mlp"], tokens=2000, eval_fraction=0.5),
+              progress=False)
+    zero = relu_transcoder(tmp_path / "zero", torch.zeros(32, 8), torch.zeros(8, 32), "transformer.h.0.ln_2",
+                           "transformer.h.0.mlp")
+    res = evaluate_ce(EvalConfig(sae=str(zero), cache=str(tmp_path / "c"), contexts=4, device="cpu"))
+    assert res["hook_out"] == "transformer.h.0.mlp"
+    assert res["ce_spliced"] == pytest.approx(res["ce_zero_ablation"], abs=1e-6)
+    assert res["ce_zero_ablation"] != pytest.approx(res["ce_clean"], abs=1e-6)  # the output hook was replaced

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
+from pipeline.files import save_safetensors
 from pipeline.manifest import fsync_dir
 
 CHECKPOINT = "checkpoint"
@@ -42,8 +43,8 @@ def save_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], state: dic
     final, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_flat(stacks, 0), str(tmp / "model.safetensors"))
-    save_file(_flat(stacks, 1), str(tmp / "optimizer.safetensors"))
+    save_safetensors(_flat(stacks, 0), str(tmp / "model.safetensors"))
+    save_safetensors(_flat(stacks, 1), str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -14,6 +14,11 @@ per batch of contexts:
     CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)     for zero and mean
     KL                = KL(p_clean || p_spliced) of the next-token distributions
 
+A transcoder reads its input hook and its reconstruction replaces its output hook (`hook_name_out`):
+both are taken at the same positions of the same forward pass, and the ablations replace the output
+hook. Where ablating barely changes the CE, CE loss recovered is flagged as not meaningful
+(`ce_recovered`).
+
 Only the positions the cache stores rows for are replaced (by default every token but BOS and
 separators, whose activations are outliers the SAE never saw); the cross-entropy and KL are
 averaged over every next-token prediction of the contexts, as SAELens's evals average the model's
@@ -37,8 +42,10 @@ from pipeline.errors import PipelineError
 from pipeline.reader import Cache
 from trainer.inference import LoadedSAE, load_sae
 
-Replace = Callable[[torch.Tensor], torch.Tensor]
-"""Maps the stored positions' activations (n, d) to what the model sees instead."""
+Replace = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(own, read) -> new: maps the replaced hook's activations at the stored positions (n, d) to what the
+model sees instead, given `read`, the rows the SAE reads there (its own hook's, or a transcoder's
+input hook's)."""
 
 
 @dataclass
@@ -56,7 +63,8 @@ class EvalConfig:
     batch_size: int = 8
     """Contexts per forward pass."""
     hook: str | None = None
-    """Hook to splice at; default: the SAE's metadata hook_name, else the cache's only hook."""
+    """Hook to splice at; default: the SAE's metadata hook_name, else the cache's only hook. A
+    transcoder reads this hook and replaces its output hook (hook_name_out) with its reconstruction."""
     model: str | None = None
     """Load this model instead of the one the manifest names (same argument as `pipeline cache --model`)."""
     device: str = "auto"
@@ -149,54 +157,101 @@ def resolve_hook(cache: Cache, sae: LoadedSAE, hook: str | None) -> str:
     return hook
 
 
+def output_hook(cache: Cache, sae: LoadedSAE, hook: str) -> str:
+    """The hook the SAE's reconstruction replaces: its own, or a transcoder's output hook (its
+    metadata's hook_name_out), which the cache must hold too (its mean is the mean ablation)."""
+    if not sae.is_transcoder:
+        return hook
+    out = sae.hook_out
+    if out is None:
+        raise PipelineError(f"transcoder {sae.path} names no output hook; set hook_name_out in the metadata "
+                            "of its cfg.json")
+    cache.check_hook(out)
+    if cache.hooks[out] != sae.d_out:
+        raise PipelineError(f"transcoder {sae.path} has d_out = {sae.d_out}, but its output hook {out} of cache "
+                            f"{cache.path} has width {cache.hooks[out]}")
+    return out
+
+
 # ------------------------------------------------------------------------------ patched forward passes
 
 
-def _replace_positions(act: torch.Tensor, mask: torch.Tensor, replace: Replace) -> torch.Tensor:
-    """act (B, T, d) with the rows at mask (B, T) replaced."""
+def _replace_positions(act: torch.Tensor, mask: torch.Tensor, replace: Callable) -> torch.Tensor:
+    """act (B, T, d) with the rows at mask (B, T) replaced by replace(rows)."""
     out = act.clone()
     out[mask] = replace(act[mask]).to(act.dtype)
     return out
 
 
-def _patch_activation(act: torch.Tensor, head: int | None, mask: torch.Tensor, replace: Replace) -> torch.Tensor:
-    """A TransformerLens activation patched as the cache flattened it: one head's slice, the heads
-    flattened into one row (hook_z and friends), or the plain (B, T, d) activation."""
+def _tl_hook(hook: str) -> tuple[str, int | None]:
+    """A TransformerLens hook name as (the hook point, the head the cache sliced out or None)."""
+    m = HEAD_SUFFIX.match(hook)
+    return (m["base"], int(m["head"])) if m else (hook, None)
+
+
+def _rows_view(act: torch.Tensor, head: int | None) -> torch.Tensor:
+    """A TransformerLens activation as the cache flattened it, (B, T, d): one head's slice, or the
+    heads flattened into one row (hook_z and friends), or the plain activation."""
+    if head is not None:
+        return act[:, :, head]
+    return act.flatten(2) if act.ndim == 4 else act
+
+
+def _patch_activation(act: torch.Tensor, head: int | None, mask: torch.Tensor, replace: Callable) -> torch.Tensor:
+    """A TransformerLens activation patched at the rows `_rows_view` gives."""
     if head is not None:
         out = act.clone()
         out[:, :, head] = _replace_positions(act[:, :, head], mask, replace)
         return out
-    if act.ndim == 4:
-        return _replace_positions(act.flatten(2), mask, replace).view_as(act)
-    return _replace_positions(act, mask, replace)
+    return _replace_positions(_rows_view(act, None), mask, replace).view_as(act)
 
 
 def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: torch.Tensor,
-                replace: Replace | None) -> torch.Tensor:
-    """Logits (B, T, V) of the model with `replace` applied at the hook's stored positions (clean: None)."""
+                replace: Replace | None, read_hook: str | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of the model with `replace(own, read)` applied at the hook's stored positions
+    (clean: None); `read` are the rows of `read_hook` at those positions in the same forward (a
+    transcoder's input hook), or `own` when None."""
     model = adapter.model
+    read: dict[str, torch.Tensor] = {}
+
+    def new_rows(own: torch.Tensor) -> torch.Tensor:
+        if read_hook is None:
+            return replace(own, own)
+        if "rows" not in read:
+            raise PipelineError(f"hook {read_hook} runs after {hook} in the model's forward: a transcoder reads "
+                                "a hook that comes before the one it replaces")
+        return replace(own, read["rows"])
+
     if adapter.kind == "transformer_lens":
         if replace is None:
             return model(tokens, return_type="logits")
-        m = HEAD_SUFFIX.match(hook)
-        base, head = (m["base"], int(m["head"])) if m else (hook, None)
-        fn = lambda act, hook=None: _patch_activation(act, head, mask, replace)  # noqa: E731
-        return model.run_with_hooks(tokens, fwd_hooks=[(base, fn)], return_type="logits")
-    handle = None
+        fwd_hooks = []
+        if read_hook is not None:
+            read_base, read_head = _tl_hook(read_hook)
+            fwd_hooks.append((read_base, lambda act, hook=None: read.update(rows=_rows_view(act, read_head)[mask])))
+        base, head = _tl_hook(hook)
+        fwd_hooks.append((base, lambda act, hook=None: _patch_activation(act, head, mask, new_rows)))
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type="logits")
+    handles = []
     if replace is not None:
+        modules = dict(model.named_modules())
+
         def fn(module, inputs, output):
-            new = _replace_positions(_module_output(output), mask, replace)
+            new = _replace_positions(_module_output(output), mask, new_rows)
             if isinstance(output, tuple):
                 return (new, *output[1:])
             if hasattr(output, "last_hidden_state"):
                 output.last_hidden_state = new
                 return output
             return new
-        handle = dict(model.named_modules())[hook].register_forward_hook(fn)
+        if read_hook is not None:
+            handles.append(modules[read_hook].register_forward_hook(
+                lambda module, inputs, output: read.update(rows=_module_output(output)[mask])))
+        handles.append(modules[hook].register_forward_hook(fn))
     try:
         return model(input_ids=tokens, use_cache=False).logits
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
 
 
@@ -207,6 +262,29 @@ def _next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ the evaluation
 
+# CE loss recovered divides by the ablation's CE increase. Where ablating the hook raises the loss by
+# less than 1% of the clean CE (or by less than 1e-3 nats), that divisor is as small as the
+# differences between forward passes: the ratio can be any number (-28.9 was seen) and says nothing.
+MIN_ABLATION_GAP_FRACTION = 0.01
+MIN_ABLATION_GAP_NATS = 1e-3
+
+
+def ce_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float,
+                 ablation: str = "zero") -> tuple[float, str | None]:
+    """(CE loss recovered, why it is not meaningful or None): (CE_ablated - CE_spliced) / (CE_ablated -
+    CE_clean), flagged when the divisor is below MIN_ABLATION_GAP_FRACTION of the clean CE or
+    MIN_ABLATION_GAP_NATS."""
+    gap = ce_ablated - ce_clean
+    score = (ce_ablated - ce_spliced) / gap if gap != 0 else math.nan
+    floor = max(MIN_ABLATION_GAP_FRACTION * ce_clean, MIN_ABLATION_GAP_NATS)
+    if gap >= floor:
+        return score, None
+    rule = (f"1% of the clean CE {ce_clean:.4g}" if floor > MIN_ABLATION_GAP_NATS
+            else f"the {MIN_ABLATION_GAP_NATS:g} nats a ratio needs")
+    return score, (f"{ablation} ablation changes the CE by {gap:+.4g} nats, less than {floor:.3g} ({rule}), so the "
+                   "ratio divides by almost nothing: the model barely uses this hook on these contexts")
+
+
 
 @torch.no_grad()
 def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: LoadedSAE | None = None) -> dict:
@@ -215,20 +293,23 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
     cache = Cache(cfg.cache)
     sae = sae or load_sae(cfg.sae, device)
     hook = resolve_hook(cache, sae, cfg.hook)
+    # A transcoder reads `hook` and its reconstruction replaces `hook_out`; an SAE's are one hook.
+    hook_out = output_hook(cache, sae, hook)
+    read_hook = hook if hook_out != hook else None
     adapter = adapter or load_cache_model(cache, device, cfg.model)
-    adapter.check_hooks([hook])
+    adapter.check_hooks(list(dict.fromkeys([hook, hook_out])))
     from cache_writer.run import load_tokenizer
 
     cc = (cache.manifest.get("provenance") or {}).get("cache_config") or {}
     tokenizer = load_tokenizer(SimpleNamespace(tokenizer=cc.get("tokenizer")), adapter)
     contexts = split_sequences(cache, cfg.split, cfg.contexts)
     mask_all = stored_position_mask(cache, contexts, tokenizer)
-    mean = split_mean(cache, hook, cfg.split).to(device)
+    mean = split_mean(cache, hook_out, cfg.split).to(device)
 
     sums = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero_ablation=0.0, ce_mean_ablation=0.0, kl_spliced=0.0,
                 kl_zero_ablation=0.0, kl_mean_ablation=0.0)
     sq_err = l0 = 0.0
-    act_sum = torch.zeros(sae.d_in, dtype=torch.float64)
+    act_sum = torch.zeros(sae.d_out, dtype=torch.float64)
     act_sq = 0.0
     n_pred = n_spliced = 0
     for start in range(0, len(contexts), cfg.batch_size):
@@ -238,21 +319,22 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
         clean = _next_token_logprobs(logits_with(adapter, tokens, hook, mask, None))
         sums["ce_clean"] += float(-clean.gather(-1, targets).sum())
 
-        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        def reconstruct(own: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
             nonlocal sq_err, act_sq, l0
-            x32 = x.float()
-            latents = sae.encode(x32)
+            target = own.float()
+            latents = sae.encode(read.float())
             recon = sae.model.decode(latents.unsqueeze(0))[0]
-            sq_err += float((recon - x32).pow(2).sum())
-            act_sum.add_(x32.double().sum(0).cpu())
-            act_sq += float(x32.double().pow(2).sum())
+            sq_err += float((recon - target).pow(2).sum())
+            act_sum.add_(target.double().sum(0).cpu())
+            act_sq += float(target.double().pow(2).sum())
             l0 += float((latents > 0).sum())
             return recon
 
-        variants: dict[str, Replace] = {"spliced": reconstruct, "zero_ablation": torch.zeros_like,
-                                        "mean_ablation": lambda x: mean.to(x.dtype).expand_as(x)}
+        variants: dict[str, Replace] = {"spliced": reconstruct,
+                                        "zero_ablation": lambda own, read: torch.zeros_like(own),
+                                        "mean_ablation": lambda own, read: mean.to(own.dtype).expand_as(own)}
         for name, replace in variants.items():
-            logp = _next_token_logprobs(logits_with(adapter, tokens, hook, mask, replace))
+            logp = _next_token_logprobs(logits_with(adapter, tokens, hook_out, mask, replace, read_hook))
             sums[f"ce_{name}"] += float(-logp.gather(-1, targets).sum())
             sums[f"kl_{name}"] += float((clean.exp() * (clean - logp)).sum())
         n_pred += targets.numel()
@@ -260,10 +342,11 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
     if n_spliced == 0:
         raise PipelineError(f"no position of the {len(contexts)} contexts has a cached row to replace")
     out = {k: v / n_pred for k, v in sums.items()}
-    for ablation in ("zero_ablation", "mean_ablation"):
-        gap = out[f"ce_{ablation}"] - out["ce_clean"]
-        out[f"ce_recovered_{ablation.split('_')[0]}"] = (
-            (out[f"ce_{ablation}"] - out["ce_spliced"]) / gap if gap != 0 else math.nan)
+    for ablation in ("zero", "mean"):
+        score, note = ce_recovered(out["ce_clean"], out["ce_spliced"], out[f"ce_{ablation}_ablation"], ablation)
+        out[f"ce_recovered_{ablation}"] = score
+        out[f"ce_recovered_{ablation}_meaningful"] = note is None
+        out[f"ce_recovered_{ablation}_note"] = note
     # Explained variance of the SAE on exactly the activations it replaced (against their own mean).
     total_var = act_sq - float(act_sum.pow(2).sum()) / n_spliced
     out.update({
@@ -273,6 +356,8 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
         "sae": str(sae.path), "architecture": sae.architecture, "hook": hook, "model": adapter.name,
         "cache": str(cache.path), "split": cfg.split,
     })
+    if read_hook is not None:
+        out["hook_out"] = hook_out
     if cfg.out:
         import json
 
@@ -287,9 +372,10 @@ def print_results(res: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"SAE {res['sae']} ({res['architecture']}) at {res['hook']} of model {res['model']}: "
+    where = f"reading {res['hook']}, replacing {res['hook_out']}" if res.get("hook_out") else f"at {res['hook']}"
+    console.print(f"SAE {res['sae']} ({res['architecture']}) {where} of model {res['model']}: "
                   f"{res['contexts']} {res['split']} contexts of {res['cache']}, {res['predictions']:,} predictions, "
-                  f"{res['spliced_positions']:,} positions replaced")
+                  f"{res['spliced_positions']:,} positions replaced", highlight=False, soft_wrap=True)
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -300,8 +386,13 @@ def print_results(res: dict) -> None:
             ("KL(clean || SAE)", "kl_spliced", ".5f"), ("explained variance", "explained_variance", ".4f"),
             ("L0", "l0", ".1f")]
     for label, key, fmt in rows:
-        table.add_row(label, format(res[key], fmt))
+        flagged = res.get(f"{key}_meaningful") is False
+        table.add_row(label, format(res[key], fmt) + (" (not meaningful)" if flagged else ""))
     console.print(table)
+    for ablation in ("zero", "mean"):
+        if res.get(f"ce_recovered_{ablation}_note"):
+            console.print(f"note: CE loss recovered ({ablation}) is not meaningful: "
+                          f"{res[f'ce_recovered_{ablation}_note']}", highlight=False, soft_wrap=True)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
+from pipeline.files import save_safetensors
 
 
 def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: torch.Tensor | None = None,
@@ -32,10 +33,10 @@ def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: t
     cfg = {"d_in": model.d_in, "d_sae": model.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            **arch_cfg, "metadata": metadata}
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "sae_weights.safetensors"))
+    save_safetensors({k: v.contiguous() for k, v in weights.items()}, str(out / "sae_weights.safetensors"))
     (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
     if sparsity is not None:
-        save_file({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()},
+        save_safetensors({"sparsity": sparsity.detach().to("cpu", torch.float32).contiguous()},
                   str(out / "sparsity.safetensors"))
     return out
 

@@ -18,6 +18,8 @@ from trainer.registry import get_architecture
 
 # SAELens inference architectures -> ours. BatchTopK and Matryoshka export as `jumprelu`.
 INFERENCE_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+# Transcoders (read one hook, reconstruct another) -> the architecture that trains them.
+TRANSCODERS = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu", "topk_transcoder": "topk"}
 
 
 @dataclass
@@ -44,9 +46,26 @@ class LoadedSAE:
         return int(self.cfg["d_sae"])
 
     @property
+    def d_out(self) -> int:
+        """The reconstruction's width: d_in for an SAE, the output hook's for a transcoder."""
+        return int(self.cfg.get("d_out") or self.cfg["d_in"])
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.architecture in TRANSCODERS
+
+    @property
     def hook(self) -> str | None:
-        """The hook it was trained on, as its metadata says (SAELens's `hook_name`)."""
-        return (self.cfg.get("metadata") or {}).get("hook_name") or self.cfg.get("hook_name")
+        """The hook it reads, as its metadata says (SAELens's `hook_name`)."""
+        return self._meta("hook_name")
+
+    @property
+    def hook_out(self) -> str | None:
+        """A transcoder's output hook, the one it reconstructs (`hook_name_out`); None for an SAE."""
+        return self._meta("hook_name_out") if self.is_transcoder else None
+
+    def _meta(self, key: str) -> str | None:
+        return (self.cfg.get("metadata") or {}).get(key) or self.cfg.get(key)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,17 +74,19 @@ class LoadedSAE:
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction of rows x (n, d_in), in x's dtype."""
+        """The reconstruction (n, d_out) of rows x (n, d_in), in x's dtype (a transcoder: its output hook's)."""
         return self.model.decode(self.model.encode(x.float()))[0].to(x.dtype)
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
-    """Rebuild a saved SAE as our architecture (standard, topk, jumprelu or gated)."""
+    """Rebuild a saved SAE or transcoder as our architecture (every kind `pipeline train` exports,
+    and SAELens's standard, topk, jumprelu, gated, transcoder and jumprelu_transcoder)."""
     weights, cfg = load_saelens(path)
     arch = cfg.get("architecture", "standard")
-    if arch not in INFERENCE_ARCHITECTURES:
+    ours = TRANSCODERS.get(arch, arch)
+    if ours not in INFERENCE_ARCHITECTURES:
         raise PipelineError(f"SAE in {path} has architecture {arch!r}; evaluation reads "
-                            f"{', '.join(INFERENCE_ARCHITECTURES)}")
+                            f"{', '.join(INFERENCE_ARCHITECTURES + tuple(TRANSCODERS))}")
     if cfg.get("rescale_acts_by_decoder_norm"):
         # SAELens's TopK option that ranks pre-activations by decoder norm: ours never does that.
         raise PipelineError(f"SAE in {path} sets rescale_acts_by_decoder_norm; fold the decoder norms into "
@@ -73,10 +94,12 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
     if cfg.get("reshape_activations", "none") not in ("none", "hook_z", None):
         raise PipelineError(f"SAE in {path} has reshape_activations {cfg['reshape_activations']!r}; "
                             "expected 'none' or 'hook_z'")
-    cls = get_architecture(arch)
+    cls = get_architecture(ours)
     fields = {"d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"])}
-    if arch == "topk":
+    if ours == "topk":
         fields["k"] = int(cfg["k"])
+    if arch in TRANSCODERS:
+        fields["d_out"] = int(cfg["d_out"])
     model = cls([cls.config_class(**fields)])
     model.load_run(0, weights, cfg)
     return LoadedSAE(model=model.to(device).eval(), cfg=cfg, path=Path(path))

@@ -404,7 +404,9 @@ def render_page(cfg: ReportConfig, sae: LoadedSAE, cache: Cache, hook: str, st: 
     prov = cache.manifest.get("provenance") or {}
     summary = {
         "SAE": str(sae.path), "architecture": sae.architecture + (f" (k = {sae.cfg['k']})" if "k" in sae.cfg else ""),
-        "d_in / d_sae": f"{sae.d_in} / {sae.d_sae}", "hook": hook, "model": (prov.get("model") or {}).get("name"),
+        "d_in / d_sae": f"{sae.d_in} / {sae.d_sae}" + (f" / d_out {sae.d_out}" if sae.is_transcoder else ""),
+        "hook": hook + (f" (reconstructs {sae.hook_out})" if sae.is_transcoder else ""),
+        "model": (prov.get("model") or {}).get("name"),
         "cache": f"{cache.path} ({cfg.split} split, {st.rows:,} rows read)", "mean L0": f"{float(l0):.2f}",
         "dead latents": f"{int((density == 0).sum())} ({float((density == 0).double().mean()):.1%})",
         "dense latents (> 10% of tokens)": str(int((density > 0.1).sum())), **extra,
@@ -431,8 +433,11 @@ def ce_summary(cfg: ReportConfig, sae: LoadedSAE, device: str) -> dict[str, str]
     res = evaluate_ce(EvalConfig(sae=cfg.sae, cache=cfg.cache, split=cfg.split, contexts=cfg.ce_contexts,
                                  hook=cfg.hook, device=device), sae=sae)
     return {"CE clean / with SAE": f"{res['ce_clean']:.4f} / {res['ce_spliced']:.4f} ({res['contexts']} contexts)",
-            "CE loss recovered (zero / mean ablation)": f"{res['ce_recovered_zero']:.4f} / "
-                                                        f"{res['ce_recovered_mean']:.4f}",
+            "CE loss recovered (zero / mean ablation)": " / ".join(
+                f"{res[f'ce_recovered_{a}']:.4f}" + ("" if res[f"ce_recovered_{a}_meaningful"] else " (not meaningful)")
+                for a in ("zero", "mean")),
+            **{f"note on CE loss recovered ({a})": res[f"ce_recovered_{a}_note"] for a in ("zero", "mean")
+               if res[f"ce_recovered_{a}_note"]},
             "KL(clean || SAE)": f"{res['kl_spliced']:.5f}"}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,8 @@ class TrainConfig:
     """Registered architecture name."""
     d_sae: int = 1024
     """Number of latents."""
+    expansion_factor: int | None = None
+    """d_sae = expansion_factor * d_in (SAELens's option): replaces d_sae (one settings layer gives one)."""
     k: int = 32
     """TopK: latents kept per token."""
     initial_k: int | None = None
@@ -118,6 +120,10 @@ class TrainConfig:
     """Data-parallel under torchrun: each rank trains on its part of every --batch-size rows
     (trainer.distributed); rank 0 logs, checkpoints and exports."""
 
+    # One settings layer (a TOML table, the command line) gives at most one of each pair; a higher
+    # layer's one replaces a lower layer's other (pipeline.config.layer).
+    EXCLUSIVE = (("d_sae", "expansion_factor"),)
+
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
         if self.name:
@@ -167,6 +173,18 @@ def run_config(cfg: TrainConfig, d_in: int, d_out: int | None = None):
                             f"{', '.join(n for n in names if n not in ('d_in', 'd_sae'))}")
     fields.update(cfg.arch_options or {})
     return cls.config_class(**fields)
+
+
+def resolve_width(cfg: TrainConfig, d_in: int | None) -> TrainConfig:
+    """`cfg` with d_sae = expansion_factor * d_in where an expansion factor is set (`d_in` None:
+    the hook is unknown, left for the caller to refuse)."""
+    factor = cfg.expansion_factor
+    if factor is None or d_in is None:
+        return cfg
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise PipelineError(f"expansion_factor must be a positive integer (d_sae = expansion_factor * d_in), "
+                            f"got {factor!r}")
+    return replace(cfg, d_sae=factor * d_in)
 
 
 def build_model(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> StackedSAE:
@@ -268,8 +286,9 @@ def weight_identity(cfg: TrainConfig) -> dict:
     """The fields a run's weights depend on, which a resumed checkpoint must match; tokens may grow
     on resume (extending the run), the device and the logging may change."""
     return {k: v for k, v in asdict(cfg).items()
-            if k not in ("out", "tokens", "device", "resident", "precision", "kernels", "log_every", "checkpoint_every", "resume", "eval_every",
-                         "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
+            if k not in ("out", "tokens", "device", "resident", "precision", "kernels", "log_every", "checkpoint_every",
+                         "resume", "eval_every", "n_snapshots", "snapshot_spacing", "wandb", "wandb_project",
+                         "expansion_factor")}  # resolved into d_sae
 
 
 def calibrate(model: StackedSAE, cfg: TrainConfig, hook: str, device: str, scale: float) -> None:
@@ -281,17 +300,47 @@ def calibrate(model: StackedSAE, cfg: TrainConfig, hook: str, device: str, scale
         model.calibrate_threshold(list(SplitRows(cfg, hook, device, scale, rows, split="train")))
 
 
-def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
-    """Provenance stored in an export's cfg.json `metadata` (SAELens's keys, plus ours)."""
+def cache_provenance(source) -> dict:
+    """What the cache says of where its activations come from: model, dataset, context size, and
+    the hash of its manifest (SAELens's metadata keys)."""
     manifest = getattr(source, "manifest", None) or {}
     prov = manifest.get("provenance", {})
+    return {"model_name": (prov.get("model") or {}).get("name"), "context_size": manifest.get("context_size"),
+            "dataset_path": (prov.get("dataset") or {}).get("name"),
+            "cache_manifest_hash": manifest_hash(manifest) if manifest else None}
+
+
+def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
+    """Provenance stored in an export's cfg.json `metadata` (SAELens's keys, plus ours)."""
     return {
-        "hook_name": hook, "model_name": (prov.get("model") or {}).get("name"),
-        "context_size": manifest.get("context_size"), "dataset_path": (prov.get("dataset") or {}).get("name"),
-        "prepend_bos": True, "cache_manifest_hash": manifest_hash(manifest) if manifest else None,
+        "hook_name": hook, **cache_provenance(source), "prepend_bos": True,
         "training_config": asdict(cfg), "package_version": __version__, "training_architecture": cfg.arch,
         "run_name": name,
     }
+
+
+def relevant_field(cfg: TrainConfig, key: str) -> bool:
+    """Whether TrainConfig field `key` changes what `cfg` trains (k means nothing to a standard SAE,
+    l1 to a TopK one, hook_out to an SAE)."""
+    if key == "hook_out":
+        return cfg.hook_out is not None
+    if key in ARCH_FIELDS:
+        try:
+            return ARCH_FIELDS[key] in arch_fields(cfg.arch)
+        except PipelineError:
+            return True
+    return True
+
+
+def wandb_config(cfg: TrainConfig, source, hook: str) -> dict:
+    """A W&B run's config: the fields of `cfg` its architecture uses, the hook actually read and the
+    widths, and the cache's provenance (model, manifest hash)."""
+    hooks = getattr(source, "hooks", {})
+    out = {k: v for k, v in asdict(cfg).items() if relevant_field(cfg, k)}
+    out.update(hook=hook, d_in=hooks.get(hook), **cache_provenance(source))
+    if cfg.hook_out is not None:
+        out["d_out"] = hooks.get(cfg.hook_out)
+    return out
 
 
 def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metrics: dict,
@@ -327,6 +376,7 @@ def run_train(cfg: TrainConfig) -> dict:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")
     hook = train.hooks[0]
     d_in = train.source.hooks[hook]
+    cfg = resolve_width(cfg, d_in)
     scale = train.scale[hook]
     # A transcoder reads `hook` and reconstructs `hook_out`, each scaled by its own factor.
     io_hooks = hook if cfg.hook_out is None else (hook, cfg.hook_out)
@@ -363,7 +413,8 @@ def run_train(cfg: TrainConfig) -> dict:
                        input_scale=scale, output_scale=out_scale)
 
     console = ConsoleLog(cfg.tokens, description=name) if main else None
-    wandb_log = WandbLog(cfg.wandb_project, [name], [asdict(cfg)], [out]) if cfg.wandb and main else None
+    wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out])
+                 if cfg.wandb and main else None)
 
     def log(m: dict) -> None:
         console(m)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
-from pipeline.config import load_toml
+from pipeline.config import check_fields, exclusive_fields, layer, load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -34,8 +34,8 @@ from trainer.distributed import spread_stacks
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
-from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, evaluate, export_metadata,
-                         finish_export, run_config, sparsity_knob, weight_identity)
+from trainer.run import (SplitRows, TrainConfig, calibrate, evaluate, export_metadata, finish_export,
+                         relevant_field, resolve_width, run_config, sparsity_knob, wandb_config, weight_identity)
 from trainer.train import LoopConfig, RunDiverged, StackTrainer
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
@@ -74,14 +74,12 @@ class SweepPlan:
 def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainConfig]]:
     """Base config and the run configs of a sweep spec (the parsed TOML); `overrides` (command-line
     values that are not None) apply to the base and to every run."""
-    names = {f.name for f in fields(TrainConfig)}
+    pairs = exclusive_fields(TrainConfig)
     base_data = dict(spec.get("base", {}))
     lists = dict(spec.get("sweep", {}))
     explicit = spec.get("runs", [])
-    for where, data in (("[base]", base_data), ("[sweep]", lists)):
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise PipelineError(f"unknown field(s) {', '.join(unknown)} in {where}; valid: {', '.join(sorted(names))}")
+    check_fields(base_data, TrainConfig, "[base]")
+    check_fields(lists, TrainConfig, "[sweep]")
     for key, values in lists.items():
         if not isinstance(values, list) or not values:
             raise PipelineError(f"[sweep] {key} must be a non-empty list, got {values!r}")
@@ -89,46 +87,37 @@ def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainCon
             raise PipelineError(f"[sweep] cannot vary {key}: one loader pass feeds every run; run separate sweeps")
     if lists and explicit:
         raise PipelineError("give either a [sweep] table of lists or [[runs]] tables, not both")
-    base = TrainConfig(**{**base_data, **overrides})
+    base_data = layer({}, base_data, pairs, "[base]")
+    base = TrainConfig(**layer(base_data, overrides, pairs, "the command line"))
     if explicit:
         combos = []
         for i, r in enumerate(explicit):
-            unknown = sorted(set(r) - names)
-            if unknown:
-                raise PipelineError(f"unknown field(s) {', '.join(unknown)} in [[runs]] #{i + 1}")
-            combos.append(r)
+            check_fields(r, TrainConfig, f"[[runs]] #{i + 1}")
+            combos.append((r, f"[[runs]] #{i + 1}"))
     else:
         keys = list(lists)
-        combos = [dict(zip(keys, values)) for values in itertools.product(*(lists[k] for k in keys))]
-    runs = [replace(base, **{**c, **overrides}) for c in combos] or [base]
+        combos = [(dict(zip(keys, values)), "[sweep]") for values in itertools.product(*(lists[k] for k in keys))]
+    runs = [TrainConfig(**layer(layer(base_data, c, pairs, where), overrides, pairs, "the command line"))
+            for c, where in combos] or [base]
     return base, runs
-
-
-def _relevant(cfg: TrainConfig, key: str) -> bool:
-    """Whether `key` changes what `cfg` trains (k means nothing to a standard SAE, l1 to a TopK one)."""
-    if key in ARCH_FIELDS:
-        try:
-            return ARCH_FIELDS[key] in arch_fields(cfg.arch)
-        except PipelineError:
-            return True
-    return True
 
 
 def name_runs(runs: list[TrainConfig]) -> list[TrainConfig]:
     """Give each run a readable name from the fields that vary (e.g. `topk-d1024-k32-lr0.001`), and
     drop runs that only differ in fields irrelevant to their architecture (k of a standard SAE)."""
-    varying = [f.name for f in fields(TrainConfig)
-               if f.name != "name" and len({json.dumps(getattr(r, f.name)) for r in runs}) > 1]
+    varying = [f.name for f in fields(TrainConfig)  # an expansion factor shows as its d_sae
+               if f.name not in ("name", "expansion_factor")
+               and len({json.dumps(getattr(r, f.name)) for r in runs}) > 1]
     out, seen = [], set()
     for r in runs:
-        key = json.dumps({k: v for k, v in asdict(r).items() if k in ("name",) or _relevant(r, k)}, sort_keys=True)
+        key = json.dumps({k: v for k, v in asdict(r).items() if k == "name" or relevant_field(r, k)}, sort_keys=True)
         if key in seen:
             continue
         seen.add(key)
         if r.name is None:
             parts = [r.arch] + [f"{LABELS.get(k, k + '_')}{getattr(r, k):g}" if isinstance(getattr(r, k), float)
                                 else f"{LABELS.get(k, k + '_')}{getattr(r, k)}"
-                                for k in varying if k != "arch" and _relevant(r, k)
+                                for k in varying if k != "arch" and relevant_field(r, k)
                                 and getattr(r, k) is not None]  # unset: the architecture's default
             r = replace(r, name="-".join(str(p) for p in parts) if len(parts) > 1 else r.run_name())
         out.append(r)
@@ -145,8 +134,9 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
     base, runs = expand_runs(spec, overrides)
     plan = SweepPlan(name=name, base=base)
     default_hook = next(iter(d_in)) if len(d_in) == 1 else None
+    runs = [replace(r, hook=r.hook or default_hook) for r in runs]
+    runs = [resolve_width(r, d_in.get(r.hook)) for r in runs]  # before naming: names show d_sae
     for r in name_runs(runs):
-        r = replace(r, hook=r.hook or default_hook)
         try:
             if r.hook_out is not None:
                 raise PipelineError("transcoders are trained with `pipeline train --hook-out`, not in sweeps yet")
@@ -159,7 +149,7 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
         plan.runs.append(r)
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(plan.runs):
-        key = [getattr(r, k) for k in STACK_SHARED] + [getattr(r, k) if _relevant(r, k) else None
+        key = [getattr(r, k) for k in STACK_SHARED] + [getattr(r, k) if relevant_field(r, k) else None
                                                        for k in STACK_BY_COST]
         groups.setdefault(json.dumps(key), []).append(i)
     plan.stacks = list(groups.values())
@@ -201,7 +191,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     """Train every run of the sweep; returns one summary row per run (refused runs included).
     `eval_contexts` > 0 also splices each SAE into the cache's model on that many eval contexts
     (`pipeline eval`) and adds CE loss recovered and KL to the summary."""
-    cfg0 = TrainConfig(**{k: v for k, v in {**spec.get("base", {}), **overrides}.items()})
+    cfg0, _ = expand_runs(spec, overrides)
     # Under torchrun the sweep's stacks are spread over the ranks, each with its own loader over the
     # whole cache (the batches a single process would see); rank 0 writes the summary of all.
     world, rank = distributed.init(cfg0.device), distributed.rank()
@@ -269,8 +259,9 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
         d.mkdir(parents=True, exist_ok=True)
     all_runs = [r for s in stacks for r in s["runs"]]
     console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
-    wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs], [asdict(r) for r in all_runs], run_dirs,
-                          group=name) if base.wandb else None)
+    wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs],
+                          [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name)
+                 if base.wandb else None)
 
     def checkpoint() -> None:
         save_checkpoint(sweep_dir, parts, {"step": stacks[0]["trainer"].step, "tokens": tokens,
@@ -297,7 +288,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                 out_ = tr.train_step(x)
                 s["seconds"] += time.perf_counter() - t
                 step = tr.step
-                if step % base.log_every == 0:
+                if step % base.log_every == 0 or step in tr.run_steps:  # a run's last step is always logged
                     s["last"] = {**tr.metrics(out_, x), "step": step}
                     if held is not None and step % base.eval_every == 0:
                         s["last"].update(evaluate(tr.model, held[s["hook"]])[0])
