@@ -104,6 +104,7 @@ def train(
     tokens: Optional[int] = typer.Option(None, help="Rows to train on."),
     seed: Optional[int] = typer.Option(None, help="Seed of weights and shuffle."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    resident: Optional[str] = typer.Option(None, help="Hold the cache's split on the device and read the disk once: auto (when it fits), yes, no."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
     kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
     log_every: Optional[int] = typer.Option(None, help="Steps between metric lines."),
@@ -149,6 +150,7 @@ def sweep(
     batch_size: Optional[int] = typer.Option(None, help="Rows per step (all runs)."),
     expansion_factor: Optional[int] = typer.Option(None, help="d_sae = N * d_in for every run (replaces d_sae)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    resident: Optional[str] = typer.Option(None, help="Hold the cache's split on the device and read the disk once: auto (when it fits), yes, no."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
     kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
     name: Optional[str] = typer.Option(None, help="Sweep name (W&B group); default: the TOML's name or file name."),
@@ -173,7 +175,8 @@ def sweep(
         importlib.import_module(module)
     spec = load_sweep_spec(config)
     overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
-                                        precision=precision, kernels=kernels, resume=resume, wandb=wandb,
+                                        resident=resident, precision=precision, kernels=kernels, resume=resume,
+                                        wandb=wandb,
                                         expansion_factor=expansion_factor).items() if v is not None}
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None,
