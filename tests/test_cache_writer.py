@@ -143,6 +143,81 @@ def test_hugging_face_module_path(tmp_path):
                                    hidden[2][0, pos], atol=1e-4, rtol=1e-4)
 
 
+def tiny_opt(path: Path) -> Path:
+    """A random-weight 2-layer OPT saved locally: its fc1/fc2 see the tokens flattened, (batch * seq, d)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=257, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
+                             ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def test_module_with_flattened_tokens(tmp_path):
+    """OPT's fc2 outputs (batch * seq, d): cached as (batch, seq, d), row for row."""
+    hook = "model.decoder.layers.1.fc2"
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tiny_opt(tmp_path / "opt")), tokenizer="bytes",
+                          hooks=[hook], context_size=32, batch_size=4, tokens=1000, eval_fraction=0.0),
+              progress=False)
+    cache = Cache(tmp_path / "c")
+    assert cache.hooks == {hook: 32}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "opt").eval()
+    seen = []
+    model.get_submodule(hook).register_forward_hook(lambda m, i, o: seen.append(o))
+    picks, sequences = sample_rows(cache, "train", 10)
+    for shard, row, (tok, seq, pos) in picks:
+        seen.clear()
+        with torch.no_grad():
+            model(torch.tensor(sequences[seq][None], dtype=torch.long))
+        torch.testing.assert_close(cache.activations_tensor(hook, "train", shard)[row], seen[0][pos],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_module_output_of_another_shape_is_named():
+    from cache_writer.model_adapter import per_token
+
+    with pytest.raises(PipelineError, match=r"hook lm.pool: the module's output has shape \(2, 8\), not \(batch, seq, d\)"):
+        per_token(torch.zeros(2, 8), 2, 16, "lm.pool")
+
+
+def test_hugging_face_load_does_not_warn_about_torch_dtype(tmp_path):
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from cache_writer.model_adapter import load_model
+
+    tiny_opt(tmp_path / "opt")
+    hf_logging.warning_once.cache_clear()  # a message transformers already gave once would hide here
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # importing transformer_lens turns transformers' warnings off
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapter = load_model(str(tmp_path / "opt"), dtype="float16")
+            print("IN", records, logger.handlers, logger.getEffectiveLevel())
+    finally:
+        logger.removeHandler(handler)
+    print("RECS", records, hf_logging.warning_once, logging.getLogger("transformers").handlers)
+    assert next(adapter.model.parameters()).dtype == torch.float16
+    assert not [m for m in records + [str(w.message) for w in caught] if "torch_dtype" in m]
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "MIT"  # a table makes setuptools print a deprecation banner
+
+
 def _rows_by_key(path: Path) -> dict:
     cache = Cache(path)
     out = {}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cache_writer.run import CacheConfig, run_cache
-from tests.test_cache_writer import small_corpus
+from tests.test_cache_writer import small_corpus, tiny_opt
 from trainer.evaluate_ce import EvalConfig, evaluate_ce
 from trainer.export import export_saelens
 from trainer.inference import load_sae
@@ -83,6 +83,17 @@ def test_hugging_face_module_hook(tmp_path):
     assert exact["ce_zero_ablation"] != pytest.approx(exact["ce_clean"], abs=1e-5)  # the hook did replace
     zero = evaluate_ce(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 32, "transformer.h.0")), **base))
     assert zero["ce_spliced"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-6)
+
+
+def test_module_with_flattened_tokens_is_spliced(tmp_path):
+    """OPT's fc2 sees the tokens flattened (batch * seq, d): the SAE still replaces the right rows."""
+    hook = "model.decoder.layers.1.fc2"
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tiny_opt(tmp_path / "opt")), tokenizer="bytes",
+                          hooks=[hook], context_size=32, tokens=2000, eval_fraction=0.5), progress=False)
+    base = dict(cache=str(tmp_path / "c"), contexts=4, device="cpu")
+    exact = evaluate_ce(EvalConfig(sae=str(exact_sae(tmp_path / "exact", 32, hook)), **base))
+    assert exact["ce_spliced"] == pytest.approx(exact["ce_clean"], abs=1e-5) and abs(exact["kl_spliced"]) < 1e-6
+    assert exact["ce_zero_ablation"] != pytest.approx(exact["ce_clean"], abs=1e-5)
 
 
 def test_running_topk_equals_a_sort_of_everything():

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cache_writer.model_adapter import HEAD_SUFFIX, ModelAdapter, _module_output, load_model
+from cache_writer.model_adapter import HEAD_SUFFIX, ModelAdapter, _module_output, load_model, per_token
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
 from trainer.inference import LoadedSAE, load_sae
@@ -185,7 +185,8 @@ def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: to
     handle = None
     if replace is not None:
         def fn(module, inputs, output):
-            new = _replace_positions(_module_output(output), mask, replace)
+            act = _module_output(output)
+            new = _replace_positions(per_token(act, *mask.shape, hook), mask, replace).reshape(act.shape)
             if isinstance(output, tuple):
                 return (new, *output[1:])
             if hasattr(output, "last_hidden_state"):
