@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__, distributed
+from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from pipeline.manifest import manifest_hash
@@ -107,6 +108,11 @@ class TrainConfig:
     ddp: bool = False
     """Data-parallel under torchrun: each rank trains on its part of every --batch-size rows
     (trainer.distributed); rank 0 logs, checkpoints and exports."""
+
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("d_sae", "k", "initial_k", "batch_size", "tokens", "log_every", "eval_tokens"),
+                    non_negative=("k_anneal_steps", "l1_warmup_steps", "l0_warmup_steps", "lr_warmup_steps",
+                                  "eval_every", "checkpoint_every", "n_snapshots"))
 
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
