@@ -293,6 +293,88 @@ def test_text_files_and_pretokenized_dataset(tmp_path):
     assert m2["splits"]["eval"]["sequences"] == m["splits"]["eval"]["sequences"]
 
 
+# ----------------------------------------------------------------- the eval split
+
+
+def _sequences(dataset: str | None, fraction: float, n: int, context_size: int = 128) -> list[tuple[str, list]]:
+    """The first `n` (split, token ids) sequences `pipeline cache` would write, byte tokenizer."""
+    import itertools
+
+    from cache_writer.byte_tokenizer import ByteTokenizer
+    from cache_writer.run import special_ids
+    from cache_writer.text_source import iter_sequences, open_documents
+
+    tok = ByteTokenizer()
+    bos, sep, _ = special_ids(tok)
+    return list(itertools.islice(iter_sequences(open_documents(dataset), tok, context_size, fraction, bos, sep), n))
+
+
+def _splits(dataset: str | None, fraction: float, n: int) -> list[str]:
+    return [split for split, _ in _sequences(dataset, fraction, n)]
+
+
+@pytest.mark.parametrize("fraction,n", [(0.05, 157), (0.05, 2000), (0.2, 1954), (0.5, 300)])
+def test_eval_share_is_the_fraction_on_small_caches(fraction, n):
+    """20,000 tokens at 0.05 once gave 0 eval rows, 250,000 at 0.2 gave 51%: whole stdlib files by hash."""
+    splits = _splits(None, fraction, n)
+    assert abs(splits.count("eval") - fraction * n) <= 2  # within two sequences of the fraction
+
+
+def test_eval_tokens_stay_within_one_piece_of_their_target():
+    from cache_writer.eval_split import EvalSplitter
+
+    rng = np.random.default_rng(0)
+    for fraction in (0.01, 0.05, 0.3, 0.7):
+        splitter = EvalSplitter(fraction, minimum=128)
+        for i, n in enumerate(rng.integers(1, 129, size=3000)):
+            splitter.split(f"doc{i}", int(n))
+            assert abs(splitter.held - splitter.target(splitter.seen)) < 128
+
+
+def test_a_single_text_file_gets_an_eval_split(tmp_path):
+    from cache_writer.stdlib_corpus import stdlib_files
+
+    text = tmp_path / "one.txt"
+    text.write_bytes(b"".join(p.read_bytes() for _, p in stdlib_files()[:40])[:60_000])
+    splits = _splits(str(text), 0.05, 400)
+    assert len(splits) == 400 and abs(splits.count("eval") - 20) <= 2
+
+
+def test_smallest_caches_have_both_splits(tmp_path):
+    assert _splits(None, 0.05, 2) == ["train", "eval"]  # each split gets one context first
+    assert _splits(None, 0.9, 2) == ["eval", "train"]
+    with pytest.raises(PipelineError, match=r"--tokens 100 is 1 sequence of 128 tokens: too few for a train and "
+                                            r"an eval split; cache at least 256 tokens, or pass --eval-fraction 0"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=100), progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_pieces_of_one_split_pack_as_the_whole_document():
+    """Cutting documents into pieces changes nothing where they all stay in one split."""
+    import itertools
+
+    from cache_writer.byte_tokenizer import ByteTokenizer
+    from cache_writer.packing import pack_sequences
+    from cache_writer.stdlib_corpus import stream_stdlib_dataset
+
+    docs = (ByteTokenizer().encode(row["text"]) for row in stream_stdlib_dataset())
+    whole = list(itertools.islice(pack_sequences(docs, 64, 256, 256), 3000))
+    assert _sequences(None, 0.0, 3000, context_size=64) == [("train", row) for row in whole]
+
+
+def test_readme_small_cache_has_eval_rows_and_says_tokens_count_both(tmp_path):
+    out = cli("cache", "--model", "tiny", "--tokens", "20000", "--format", "zarr", "--out", str(tmp_path / "small"))
+    m = read_manifest(tmp_path / "small")
+    train, held = m["splits"]["train"]["rows"], m["splits"]["eval"]["rows"]
+    assert abs(held / (train + held) - 0.05) < 0.01
+    assert f"{train:,} train rows + {held:,} eval rows (--tokens counts both)" in out.stdout
+    import inspect
+
+    from pipeline.cli import cache
+
+    assert "train and eval together" in inspect.signature(cache).parameters["tokens"].default.help
+
+
 # ----------------------------------------------------------------- bad input, one line each
 
 
@@ -302,6 +384,25 @@ def test_unknown_hook_lists_nearest(tmp_path):
         run_cache(CacheConfig(out=str(tmp_path / "c"), hooks=["blocks.0.hook_resid_pots"]), progress=False)
     out = cli("cache", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "d"), check=False)
     assert out.returncode == 2 and out.stderr.startswith("error: unknown hook") and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("field,value", [("tokens", 0), ("tokens", -5), ("batch_size", 0), ("context_size", -1),
+                                         ("shard_mb", 0.0), ("eval_fraction", 1.0), ("eval_fraction", -0.1)])
+def test_non_positive_sizes_are_refused(tmp_path, field, value):
+    with pytest.raises(PipelineError, match=f"--{field.replace('_', '-')} must be "):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), **{field: value}), progress=False)
+    assert not (tmp_path / "c").exists()
+    from pipeline.writer import WriterConfig
+
+    with pytest.raises(PipelineError, match=r"--shard-mb must be a number > 0, got -1"):
+        WriterConfig(shard_mb=-1)
+
+
+def test_cli_refuses_zero_tokens_in_one_line(tmp_path):
+    """`--tokens 0` once wrote an empty cache marked complete."""
+    out = cli("cache", "--tokens", "0", "--out", str(tmp_path / "c"), check=False)
+    assert out.returncode == 2 and out.stderr == "error: --tokens must be a number > 0, got 0\n"
+    assert not (tmp_path / "c").exists()
 
 
 def test_unknown_model(tmp_path):
