@@ -29,8 +29,7 @@ TOL = {"float32": dict(atol=1e-4, rtol=1e-4), "float16": dict(atol=2e-2, rtol=2e
 
 
 def small_corpus(root: Path) -> str:
-    """40 documents named so that the hash rule holds out doc01, doc06, doc10, ... at fraction 0.3,
-    whatever the Python version (their text is a slice of the stdlib's own sources)."""
+    """40 documents of up to 2,000 bytes, each a slice of one of the stdlib's own sources."""
     from cache_writer.stdlib_corpus import stdlib_files
 
     files = stdlib_files()

@@ -26,7 +26,7 @@ HOOK = "blocks.0.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    """The shipped tiny model over small stdlib documents, of which the eval split holds some whole."""
+    """The shipped tiny model over small stdlib documents, 30% of them held out (in pieces) as eval."""
     root = tmp_path_factory.mktemp("eval")
     torch.set_num_threads(1)
     run_cache(CacheConfig(out=str(root / "c"), dataset=small_corpus(root / "docs"), tokens=8000, context_size=64,
