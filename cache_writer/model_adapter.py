@@ -180,12 +180,35 @@ def _module_output(output: Any) -> torch.Tensor:
     return output
 
 
+def per_token(act: torch.Tensor, batch: int, seq: int, hook: str) -> torch.Tensor:
+    """A module's output as (batch, seq, d). Some modules see the tokens flattened (OPT's fc1/fc2
+    give (batch * seq, d)): viewed back; any other shape is refused, naming the hook."""
+    if act.ndim == 3 and tuple(act.shape[:2]) == (batch, seq):
+        return act
+    if act.ndim == 2 and act.shape[0] == batch * seq:
+        return act.reshape(batch, seq, act.shape[1])
+    raise PipelineError(
+        f"hook {hook}: the module's output has shape {tuple(act.shape)}, not (batch, seq, d) = ({batch}, {seq}, d) "
+        "or (batch * seq, d); hook a module with one row per token (e.g. the whole layer)"
+    )
+
+
+def hf_dtype_kwarg(dtype: str) -> dict[str, torch.dtype]:
+    """`from_pretrained`'s dtype option: `dtype=` from transformers 4.56 (which warns on every load
+    about the older `torch_dtype=`), `torch_dtype=` before it."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: getattr(torch, dtype)}
+
+
 def _load_hf(path: str, device: str, dtype: str, kwargs: dict, trust_remote_code: bool) -> ModelAdapter:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **kwargs)
+            path, **hf_dtype_kwarg(dtype), trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise PipelineError(f"could not load Hugging Face model {path!r}: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
@@ -215,7 +238,7 @@ def _load_hf(path: str, device: str, dtype: str, kwargs: dict, trust_remote_code
         finally:
             for h in handles:
                 h.remove()
-        return out
+        return {key: per_token(act, *tokens.shape, key) for key, act in out.items()}
 
     cfg = model.config.to_dict()
     n_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

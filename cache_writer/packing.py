@@ -41,13 +41,14 @@ class Packer:
         self.sep_token_id = sep_token_id
         self.row: list[int] = []  # empty means "no row started yet"
 
-    def feed(self, doc: list[int]) -> list[list[int]]:
-        """Add one document; return the rows it completed (possibly none)."""
+    def feed(self, doc: list[int], continues: bool = False) -> list[list[int]]:
+        """Add one document, or with `continues` the next piece of the last one (no separator
+        between them); return the rows it completed (possibly none)."""
         done: list[list[int]] = []
         if len(doc) == 0:
             return done
         row, size, bos, sep = self.row, self.context_size, self.bos_token_id, self.sep_token_id
-        if row and sep is not None and doc[0] != sep:
+        if row and sep is not None and doc[0] != sep and not continues:
             row.append(sep)
             if len(row) == size:
                 done.append(row)

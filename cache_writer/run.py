@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_writer.eval_split import RULE as EVAL_SPLIT_RULE
 from cache_writer.model_adapter import ModelAdapter, load_model
 from cache_writer.text_source import iter_sequences, open_documents
 from pipeline import distributed
+from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_FILE, read_manifest
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
@@ -42,11 +44,11 @@ class CacheConfig:
     context_size: int = 128
     """Tokens per packed sequence."""
     tokens: int = 2_000_000
-    """Token positions to run through the model (sequences x context size), both splits."""
+    """Token positions to run through the model (sequences x context size), train and eval together."""
     batch_size: int = 32
     """Sequences per forward pass (part of the layout a resume must match)."""
     eval_fraction: float = 0.05
-    """Fraction of documents held out, whole, as the eval split."""
+    """Fraction of the tokens held out as the eval split (documents in pieces of one context)."""
     exclude_special_tokens: bool = True
     """Store no rows for BOS/separator/special-token positions (their activations are outliers)."""
     positions: str | None = None
@@ -75,6 +77,11 @@ class CacheConfig:
     """Continue an interrupted cache, or extend a complete one to more --tokens."""
     overwrite: bool = False
     """Replace an existing cache in --out."""
+
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("tokens", "context_size", "batch_size", "shard_mb"))
+        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
+            raise PipelineError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction!r}")
 
 
 def default_hook(adapter: ModelAdapter) -> str:
@@ -139,6 +146,11 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
     out = Path(os.environ.get("SAE_PIPELINE_HUB_STAGING", "caches/hub")) / repo.replace("/", "--") if repo \
         else Path(cfg.out)
     n_target = math.ceil(cfg.tokens / cfg.context_size)
+    if cfg.eval_fraction > 0 and n_target < 2:
+        raise PipelineError(
+            f"--tokens {cfg.tokens:,} is {n_target} sequence of {cfg.context_size} tokens: too few for a train and "
+            f"an eval split; cache at least {2 * cfg.context_size} tokens, or pass --eval-fraction 0"
+        )
     world, rank = distributed.init(cfg.device), distributed.rank()
     done_already = distributed.agree(_complete, out, n_target) if cfg.resume else None
     if done_already is not None:
@@ -176,6 +188,7 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         "context_size": cfg.context_size, "batch_size": cfg.batch_size, "eval_fraction": cfg.eval_fraction,
         "exclude_special_tokens": cfg.exclude_special_tokens, "positions": cfg.positions,
         "packing": {"bos_token_id": bos, "separator_token_id": sep, "rule": "SAELens concat_and_batch_sequences"},
+        "eval_split": EVAL_SPLIT_RULE,
     }
     provenance = {
         "model": adapter.info, "tokenizer": source_config["tokenizer"], "dataset": source.provenance,
@@ -248,6 +261,9 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
             from pipeline.hub import push_cache
 
             push_cache(out, repo)
+    if cfg.eval_fraction > 0 and manifest["splits"]["eval"]["rows"] == 0 and rank == 0:
+        print("the cache has no eval rows: the dataset ended before it filled a sequence for each split; "
+              "use a larger dataset, or --eval-fraction 0")
     if timings is not None:
         timings.update(clock, **writer.seconds)
     return manifest

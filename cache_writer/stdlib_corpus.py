@@ -33,11 +33,15 @@ def stdlib_files() -> list[tuple[str, Path]]:
     return files
 
 
+def key_hash(key: str) -> float:
+    """A fixed pseudo-random number in [0, 1) for a key: sha256(key)[:8] / 2**64."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def is_heldout(relpath: str, eval_fraction: float = 0.05) -> bool:
-    """Fixed hash rule: a file is held out iff sha256(relpath)[:8] / 2**64 < eval_fraction."""
+    """Fixed hash rule: a file is held out iff key_hash(relpath) < eval_fraction."""
     # Hashing the path (not the content) keeps a file's split stable across Python versions.
-    digest = hashlib.sha256(relpath.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+    return key_hash(relpath) < eval_fraction
 
 
 def stdlib_revision() -> dict:

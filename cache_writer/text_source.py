@@ -4,8 +4,9 @@ Sources: the embedded stdlib corpus (default, offline), a local `datasets` direc
 files, or a Hugging Face dataset by name (streamed). A `text` column is tokenized; an `input_ids`
 or `tokens` column is used as is (pre-tokenized; rows already of the context size are kept whole).
 
-Splits: a document goes to `eval` by a fixed hash of its key (the stdlib file's relative path, or
-the row index), before anything is shuffled, so `eval` holds whole documents never seen in `train`.
+Splits: documents go to `eval` in pieces of one context, by a fixed hash of their key (the file's
+relative path, or the row index) and the piece's index, steered to the fraction, before anything
+is shuffled (cache_writer.eval_split).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from cache_writer.eval_split import EvalSplitter
 from cache_writer.packing import Packer
-from cache_writer.stdlib_corpus import STDLIB_DATASET_ID, is_heldout, stdlib_revision, stream_stdlib_dataset
+from cache_writer.stdlib_corpus import STDLIB_DATASET_ID, stdlib_revision, stream_stdlib_dataset
 from pipeline.errors import PipelineError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
@@ -106,19 +108,24 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 def iter_sequences(source: DocumentSource, tokenizer: Any, context_size: int, eval_fraction: float,
                    bos_token_id: int | None, sep_token_id: int | None) -> Iterator[tuple[str, list[int]]]:
-    """Yield (split, context_size token ids) in a fixed order, packing each split on its own."""
+    """Yield (split, context_size token ids) in a fixed order, packing each split on its own.
+
+    Documents go to the splits in pieces of one context (cache_writer.eval_split); consecutive
+    pieces of one document that land in the same split are packed as one document.
+    """
     packers = {s: Packer(context_size, bos_token_id, sep_token_id) for s in ("train", "eval")}
+    splitter = EvalSplitter(eval_fraction, minimum=context_size)
+    last: dict[str, tuple[str, int] | None] = {"train": None, "eval": None}  # last piece fed to each packer
     for key, value in source.documents:
-        if key.startswith("split:"):
-            split = key[len("split:"):]
-        else:
-            split = "eval" if eval_fraction > 0 and is_heldout(key, eval_fraction) else "train"
-        if source.pretokenized:
-            tokens = [int(t) for t in value]
-            if len(tokens) == context_size:  # already packed (e.g. by `pipeline pretokenize`)
-                yield split, tokens
-                continue
-        else:
-            tokens = encode(tokenizer, value)
-        for row in packers[split].feed(tokens):
-            yield split, row
+        given = key[len("split:"):] if key.startswith("split:") else None  # e.g. `pipeline pretokenize`'s rows
+        tokens = [int(t) for t in value] if source.pretokenized else encode(tokenizer, value)
+        if source.pretokenized and len(tokens) == context_size:  # already packed: one unit
+            yield given or splitter.split(key, len(tokens)), tokens
+            continue
+        for i, start in enumerate(range(0, len(tokens), context_size)):
+            piece = tokens[start:start + context_size]
+            split = given or splitter.split(f"{key}#{i}", len(piece))
+            rows = packers[split].feed(piece, continues=i > 0 and last[split] == (key, i - 1))
+            last[split] = (key, i)
+            for row in rows:
+                yield split, row

@@ -36,9 +36,11 @@ def cache(
     column: Optional[str] = typer.Option(None, help="Text or token-id column."),
     tokenizer: Optional[str] = typer.Option(None, help="'bytes' or a HF tokenizer; default: the model's."),
     context_size: Optional[int] = typer.Option(None, help="Tokens per packed sequence."),
-    tokens: Optional[int] = typer.Option(None, help="Token positions to run through the model."),
+    tokens: Optional[int] = typer.Option(None, help="Token positions to run through the model, train and eval "
+                                                    "together."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass."),
-    eval_fraction: Optional[float] = typer.Option(None, help="Fraction of documents held out as 'eval'."),
+    eval_fraction: Optional[float] = typer.Option(None, help="Fraction of the tokens held out as 'eval' (documents "
+                                                             "in pieces of one context)."),
     exclude_special_tokens: Optional[bool] = typer.Option(None, "--exclude-special-tokens/--keep-special-tokens",
                                                           help="Skip BOS/separator positions."),
     positions: Optional[str] = typer.Option(None, help="Keep positions START:END of each sequence."),
@@ -70,7 +72,7 @@ def cache(
     cfg = build_config(CacheConfig, config, overrides, section="cache")
     manifest = run_cache(cfg, command=" ".join(["pipeline"] + sys.argv[1:]))
     rows = {s: v["rows"] for s, v in manifest["splits"].items()}
-    _finished(f"wrote {cfg.out}: {rows['train']:,} train rows, {rows['eval']:,} eval rows, "
+    _finished(f"wrote {cfg.out}: {rows['train']:,} train rows + {rows['eval']:,} eval rows (--tokens counts both), "
                f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
 
 
@@ -240,7 +242,8 @@ def pretokenize(
     column: Optional[str] = typer.Option(None, help="Text column."),
     tokenizer: str = typer.Option("bytes", help="'bytes' or a HF tokenizer name/path."),
     context_size: int = typer.Option(128, help="Tokens per packed sequence."),
-    eval_fraction: float = typer.Option(0.05, help="Fraction of documents held out as 'eval'."),
+    eval_fraction: float = typer.Option(0.05, help="Fraction of the tokens held out as 'eval' (documents in pieces "
+                                                   "of one context)."),
     max_sequences: Optional[int] = typer.Option(None, help="Stop after this many sequences."),
 ) -> None:
     """Tokenize and pack a dataset once into a `datasets` directory (`input_ids`, `split`)."""

@@ -95,3 +95,15 @@ def parse_kwargs(spec: str | None, option: str = "--model-kwargs") -> dict[str, 
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def check_sizes(cfg: Any, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
+    """Refuse a config whose sizes cannot be (0 tokens, a negative batch...), naming the option.
+    Fields that are None (unset, a default chosen later) pass."""
+    for names, ok, words in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise PipelineError(f"--{name.replace('_', '-')} must be a number {words}, got {value!r}")

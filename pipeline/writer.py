@@ -33,6 +33,7 @@ from pipeline.backends import (
     TMP_SUFFIX, check_backend, files_of_entry, fsync_entry, read_table, remove_entry, shard_entry_name,
     stage_table, write_table_index,
 )
+from pipeline.config import check_sizes
 from pipeline.errors import CacheWriteError, PipelineError
 from pipeline.manifest import (
     DTYPES, MANIFEST_FILE, SPLITS, config_differences, empty_stats, fsync_dir, new_manifest, read_manifest,
@@ -89,6 +90,9 @@ class WriterConfig:
     """Seed of the on-disk shuffle."""
     queue_blocks: int = 8
     """Blocks the producer may run ahead of the disk."""
+
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("shard_mb", "queue_blocks"))
 
     def layout(self) -> dict:
         return {"format": self.format, "dtype": self.dtype, "compression": self.compression,

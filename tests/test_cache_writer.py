@@ -29,8 +29,7 @@ TOL = {"float32": dict(atol=1e-4, rtol=1e-4), "float16": dict(atol=2e-2, rtol=2e
 
 
 def small_corpus(root: Path) -> str:
-    """40 documents named so that the hash rule holds out doc01, doc06, doc10, ... at fraction 0.3,
-    whatever the Python version (their text is a slice of the stdlib's own sources)."""
+    """40 documents of up to 2,000 bytes, each a slice of one of the stdlib's own sources."""
     from cache_writer.stdlib_corpus import stdlib_files
 
     files = stdlib_files()
@@ -143,6 +142,81 @@ def test_hugging_face_module_path(tmp_path):
                                    hidden[2][0, pos], atol=1e-4, rtol=1e-4)
 
 
+def tiny_opt(path: Path) -> Path:
+    """A random-weight 2-layer OPT saved locally: its fc1/fc2 see the tokens flattened, (batch * seq, d)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=257, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
+                             ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def test_module_with_flattened_tokens(tmp_path):
+    """OPT's fc2 outputs (batch * seq, d): cached as (batch, seq, d), row for row."""
+    hook = "model.decoder.layers.1.fc2"
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tiny_opt(tmp_path / "opt")), tokenizer="bytes",
+                          hooks=[hook], context_size=32, batch_size=4, tokens=1000, eval_fraction=0.0),
+              progress=False)
+    cache = Cache(tmp_path / "c")
+    assert cache.hooks == {hook: 32}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "opt").eval()
+    seen = []
+    model.get_submodule(hook).register_forward_hook(lambda m, i, o: seen.append(o))
+    picks, sequences = sample_rows(cache, "train", 10)
+    for shard, row, (tok, seq, pos) in picks:
+        seen.clear()
+        with torch.no_grad():
+            model(torch.tensor(sequences[seq][None], dtype=torch.long))
+        torch.testing.assert_close(cache.activations_tensor(hook, "train", shard)[row], seen[0][pos],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_module_output_of_another_shape_is_named():
+    from cache_writer.model_adapter import per_token
+
+    with pytest.raises(PipelineError, match=r"hook lm.pool: the module's output has shape \(2, 8\), not \(batch, seq, d\)"):
+        per_token(torch.zeros(2, 8), 2, 16, "lm.pool")
+
+
+def test_hugging_face_load_does_not_warn_about_torch_dtype(tmp_path):
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from cache_writer.model_adapter import load_model
+
+    tiny_opt(tmp_path / "opt")
+    hf_logging.warning_once.cache_clear()  # a message transformers already gave once would hide here
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # importing transformer_lens turns transformers' warnings off
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapter = load_model(str(tmp_path / "opt"), dtype="float16")
+            print("IN", records, logger.handlers, logger.getEffectiveLevel())
+    finally:
+        logger.removeHandler(handler)
+    print("RECS", records, hf_logging.warning_once, logging.getLogger("transformers").handlers)
+    assert next(adapter.model.parameters()).dtype == torch.float16
+    assert not [m for m in records + [str(w.message) for w in caught] if "torch_dtype" in m]
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "MIT"  # a table makes setuptools print a deprecation banner
+
+
 def _rows_by_key(path: Path) -> dict:
     cache = Cache(path)
     out = {}
@@ -218,6 +292,88 @@ def test_text_files_and_pretokenized_dataset(tmp_path):
     assert m2["splits"]["eval"]["sequences"] == m["splits"]["eval"]["sequences"]
 
 
+# ----------------------------------------------------------------- the eval split
+
+
+def _sequences(dataset: str | None, fraction: float, n: int, context_size: int = 128) -> list[tuple[str, list]]:
+    """The first `n` (split, token ids) sequences `pipeline cache` would write, byte tokenizer."""
+    import itertools
+
+    from cache_writer.byte_tokenizer import ByteTokenizer
+    from cache_writer.run import special_ids
+    from cache_writer.text_source import iter_sequences, open_documents
+
+    tok = ByteTokenizer()
+    bos, sep, _ = special_ids(tok)
+    return list(itertools.islice(iter_sequences(open_documents(dataset), tok, context_size, fraction, bos, sep), n))
+
+
+def _splits(dataset: str | None, fraction: float, n: int) -> list[str]:
+    return [split for split, _ in _sequences(dataset, fraction, n)]
+
+
+@pytest.mark.parametrize("fraction,n", [(0.05, 157), (0.05, 2000), (0.2, 1954), (0.5, 300)])
+def test_eval_share_is_the_fraction_on_small_caches(fraction, n):
+    """20,000 tokens at 0.05 once gave 0 eval rows, 250,000 at 0.2 gave 51%: whole stdlib files by hash."""
+    splits = _splits(None, fraction, n)
+    assert abs(splits.count("eval") - fraction * n) <= 2  # within two sequences of the fraction
+
+
+def test_eval_tokens_stay_within_one_piece_of_their_target():
+    from cache_writer.eval_split import EvalSplitter
+
+    rng = np.random.default_rng(0)
+    for fraction in (0.01, 0.05, 0.3, 0.7):
+        splitter = EvalSplitter(fraction, minimum=128)
+        for i, n in enumerate(rng.integers(1, 129, size=3000)):
+            splitter.split(f"doc{i}", int(n))
+            assert abs(splitter.held - splitter.target(splitter.seen)) < 128
+
+
+def test_a_single_text_file_gets_an_eval_split(tmp_path):
+    from cache_writer.stdlib_corpus import stdlib_files
+
+    text = tmp_path / "one.txt"
+    text.write_bytes(b"".join(p.read_bytes() for _, p in stdlib_files()[:40])[:60_000])
+    splits = _splits(str(text), 0.05, 400)
+    assert len(splits) == 400 and abs(splits.count("eval") - 20) <= 2
+
+
+def test_smallest_caches_have_both_splits(tmp_path):
+    assert _splits(None, 0.05, 2) == ["train", "eval"]  # each split gets one context first
+    assert _splits(None, 0.9, 2) == ["eval", "train"]
+    with pytest.raises(PipelineError, match=r"--tokens 100 is 1 sequence of 128 tokens: too few for a train and "
+                                            r"an eval split; cache at least 256 tokens, or pass --eval-fraction 0"):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=100), progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_pieces_of_one_split_pack_as_the_whole_document():
+    """Cutting documents into pieces changes nothing where they all stay in one split."""
+    import itertools
+
+    from cache_writer.byte_tokenizer import ByteTokenizer
+    from cache_writer.packing import pack_sequences
+    from cache_writer.stdlib_corpus import stream_stdlib_dataset
+
+    docs = (ByteTokenizer().encode(row["text"]) for row in stream_stdlib_dataset())
+    whole = list(itertools.islice(pack_sequences(docs, 64, 256, 256), 3000))
+    assert _sequences(None, 0.0, 3000, context_size=64) == [("train", row) for row in whole]
+
+
+def test_readme_small_cache_has_eval_rows_and_says_tokens_count_both(tmp_path):
+    out = cli("cache", "--model", "tiny", "--tokens", "20000", "--format", "zarr", "--out", str(tmp_path / "small"))
+    m = read_manifest(tmp_path / "small")
+    train, held = m["splits"]["train"]["rows"], m["splits"]["eval"]["rows"]
+    assert abs(held / (train + held) - 0.05) < 0.01
+    assert f"{train:,} train rows + {held:,} eval rows (--tokens counts both)" in out.stdout
+    import inspect
+
+    from pipeline.cli import cache
+
+    assert "train and eval together" in inspect.signature(cache).parameters["tokens"].default.help
+
+
 # ----------------------------------------------------------------- bad input, one line each
 
 
@@ -227,6 +383,25 @@ def test_unknown_hook_lists_nearest(tmp_path):
         run_cache(CacheConfig(out=str(tmp_path / "c"), hooks=["blocks.0.hook_resid_pots"]), progress=False)
     out = cli("cache", "--hook", "blocks.9.hook_resid_post", "--out", str(tmp_path / "d"), check=False)
     assert out.returncode == 2 and out.stderr.startswith("error: unknown hook") and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("field,value", [("tokens", 0), ("tokens", -5), ("batch_size", 0), ("context_size", -1),
+                                         ("shard_mb", 0.0), ("eval_fraction", 1.0), ("eval_fraction", -0.1)])
+def test_non_positive_sizes_are_refused(tmp_path, field, value):
+    with pytest.raises(PipelineError, match=f"--{field.replace('_', '-')} must be "):
+        run_cache(CacheConfig(out=str(tmp_path / "c"), **{field: value}), progress=False)
+    assert not (tmp_path / "c").exists()
+    from pipeline.writer import WriterConfig
+
+    with pytest.raises(PipelineError, match=r"--shard-mb must be a number > 0, got -1"):
+        WriterConfig(shard_mb=-1)
+
+
+def test_cli_refuses_zero_tokens_in_one_line(tmp_path):
+    """`--tokens 0` once wrote an empty cache marked complete."""
+    out = cli("cache", "--tokens", "0", "--out", str(tmp_path / "c"), check=False)
+    assert out.returncode == 2 and out.stderr == "error: --tokens must be a number > 0, got 0\n"
+    assert not (tmp_path / "c").exists()
 
 
 def test_unknown_model(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cache_writer.run import CacheConfig, run_cache
-from tests.test_cache_writer import small_corpus
+from tests.test_cache_writer import small_corpus, tiny_opt
+from pipeline.errors import PipelineError
 from trainer.evaluate_ce import EvalConfig, evaluate_ce
 from trainer.export import export_saelens
 from trainer.inference import load_sae
@@ -25,7 +26,7 @@ HOOK = "blocks.0.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    """The shipped tiny model over small stdlib documents, of which the eval split holds some whole."""
+    """The shipped tiny model over small stdlib documents, 30% of them held out (in pieces) as eval."""
     root = tmp_path_factory.mktemp("eval")
     torch.set_num_threads(1)
     run_cache(CacheConfig(out=str(root / "c"), dataset=small_corpus(root / "docs"), tokens=8000, context_size=64,
@@ -118,6 +119,42 @@ def test_ce_recovered_is_flagged_when_the_ablation_barely_changes_the_loss(tmp_p
     out = capsys.readouterr().out
     assert "(not meaningful)" in out
     assert "note: CE loss recovered (zero) is not meaningful: zero ablation changes" in out
+
+
+def test_module_with_flattened_tokens_is_spliced(tmp_path):
+    """OPT's fc2 sees the tokens flattened (batch * seq, d): the SAE still replaces the right rows."""
+    hook = "model.decoder.layers.1.fc2"
+    run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tiny_opt(tmp_path / "opt")), tokenizer="bytes",
+                          hooks=[hook], context_size=32, tokens=2000, eval_fraction=0.5), progress=False)
+    base = dict(cache=str(tmp_path / "c"), contexts=4, device="cpu")
+    exact = evaluate_ce(EvalConfig(sae=str(exact_sae(tmp_path / "exact", 32, hook)), **base))
+    assert exact["ce_spliced"] == pytest.approx(exact["ce_clean"], abs=1e-5) and abs(exact["kl_spliced"]) < 1e-6
+    assert exact["ce_zero_ablation"] != pytest.approx(exact["ce_clean"], abs=1e-5)
+
+
+def test_model_held_in_memory_is_passed_to_evaluation(tmp_path):
+    """A HookedTransformer built from its config caches through the Python API and evaluates the same way."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from cache_writer.model_adapter import adapter_from_hooked_transformer
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=64, d_head=8, n_heads=4,
+                                                      d_mlp=64, d_vocab=257, act_fn="gelu")).eval()
+    run_cache(CacheConfig(out=str(tmp_path / "c"), tokenizer="bytes", hooks=[HOOK], context_size=32, tokens=2000,
+                          eval_fraction=0.3), adapter=adapter_from_hooked_transformer(model, "mine"), progress=False)
+    cfg = dict(sae=str(exact_sae(tmp_path / "exact", 32)), cache=str(tmp_path / "c"), contexts=4, device="cpu")
+    with pytest.raises(PipelineError, match=r"held in memory \(mine\); pass --model, or from Python the model "
+                                            r"itself: EvalConfig\(model=model\)"):
+        evaluate_ce(EvalConfig(**cfg))
+    exact = evaluate_ce(EvalConfig(**cfg, model=model))
+    assert exact["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4) and exact["model"] == "mine"
+    assert exact["ce_zero_ablation"] != pytest.approx(exact["ce_clean"], abs=1e-5)  # the hook did replace
+
+
+def test_eval_refuses_non_positive_sizes(cache, tmp_path):
+    with pytest.raises(PipelineError, match=r"--contexts must be a number > 0, got 0"):
+        EvalConfig(sae=str(tmp_path), cache=str(cache), contexts=0)
 
 
 def test_running_topk_equals_a_sort_of_everything():

@@ -118,3 +118,39 @@ def test_memory_refusal_names_how_many_runs_fit(cache, tmp_path):
     s["sweep"].update(k=[3], seed=[0, 1])  # a stack of two TopK runs, then one of two standard runs
     with pytest.raises(PipelineError, match=r"needs about .* MiB for 4 runs but .* MiB is available: 2 of its runs fit"):
         run_sweep(s, {}, name="t", memory_budget=budget)
+
+
+@pytest.mark.parametrize("field,value", [("tokens", 0), ("tokens", -1), ("batch_size", 0), ("d_sae", 0), ("k", -3),
+                                         ("lr_warmup_steps", -1)])
+def test_non_positive_sizes_are_refused_by_train_and_sweep(cache, tmp_path, field, value):
+    """`pipeline train --tokens 0` once exported an untrained SAE."""
+    from trainer.run import TrainConfig, run_train
+
+    flag = f"--{field.replace('_', '-')} must be a number"
+    with pytest.raises(PipelineError, match=flag):
+        run_train(TrainConfig(cache=str(cache), out=str(tmp_path / "t"), wandb=False, **{field: value}))
+    with pytest.raises(PipelineError, match=flag):
+        run_sweep(spec(cache, tmp_path / "s", **{field: value}), {})
+    if field != "batch_size":  # one value for the whole sweep, never in [sweep]
+        bad = spec(cache, tmp_path / "s")
+        bad["sweep"][field] = [value]
+        with pytest.raises(PipelineError, match=flag):
+            run_sweep(bad, {})
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
+def test_cli_train_and_sweep_refuse_zero_tokens_in_one_line(cache, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(f'[base]\ncache = "{cache}"\nd_sae = 64\n[sweep]\nk = [3, 6]\n')
+    for args in (["train", "--cache", str(cache), "--tokens", "0", "--out", str(tmp_path / "t")],
+                 ["sweep", "--config", str(toml), "--tokens", "0", "--out", str(tmp_path / "s")]):
+        out = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 2 and out.stderr == "error: --tokens must be a number > 0, got 0\n", out.stderr
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()

@@ -32,12 +32,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from cache_writer.model_adapter import HEAD_SUFFIX, ModelAdapter, _module_output, load_model
+from cache_writer.model_adapter import (
+    HEAD_SUFFIX, ModelAdapter, _module_output, adapter_from_hooked_transformer, load_model, per_token,
+)
+from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
 from trainer.inference import LoadedSAE, load_sae
@@ -65,28 +68,38 @@ class EvalConfig:
     hook: str | None = None
     """Hook to splice at; default: the SAE's metadata hook_name, else the cache's only hook. A
     transcoder reads this hook and replaces its output hook (hook_name_out) with its reconstruction."""
-    model: str | None = None
-    """Load this model instead of the one the manifest names (same argument as `pipeline cache --model`)."""
+    model: Any = None
+    """Load this model instead of the one the manifest names (same argument as `pipeline cache --model`);
+    from Python, also the model itself (a HookedTransformer or a ModelAdapter, e.g. the one a cache was
+    written from in memory)."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     out: str | None = None
     """Also write the results as JSON here."""
 
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("contexts", "batch_size"))
+
 
 # ------------------------------------------------------------------------------ model and contexts
 
 
-def load_cache_model(cache: Cache, device: str, override: str | None = None) -> ModelAdapter:
-    """The model the cache was written with, loaded as `pipeline cache` loaded it."""
+def load_cache_model(cache: Cache, device: str, override: Any = None) -> ModelAdapter:
+    """The model the cache was written with, loaded as `pipeline cache` loaded it (or `override`: a
+    name, or a model object used as it is)."""
     prov = cache.manifest.get("provenance") or {}
     info = prov.get("model") or {}
     cc = prov.get("cache_config") or {}
+    if isinstance(override, ModelAdapter):
+        return override
+    if override is not None and not isinstance(override, str):  # a HookedTransformer held in memory
+        return adapter_from_hooked_transformer(override, info.get("name") or "in-memory")
     if not info and override is None:
         raise PipelineError(f"cache {cache.path} records no model (its source was not a language model); "
                             "pass --model")
     if info.get("source") == "in-memory" and override is None:
         raise PipelineError(f"cache {cache.path} was written from a model held in memory ({info.get('name')}); "
-                            "pass --model")
+                            "pass --model, or from Python the model itself: EvalConfig(model=model)")
     # cache_config holds the exact --model argument (hf:ID stays hf:ID); older manifests only the info.
     name = override or cc.get("model") or info["name"]
     adapter = load_model(name, device=device, dtype=cc.get("model_dtype") or info.get("dtype") or "float32",
@@ -237,7 +250,8 @@ def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: to
         modules = dict(model.named_modules())
 
         def fn(module, inputs, output):
-            new = _replace_positions(_module_output(output), mask, new_rows)
+            act = _module_output(output)
+            new = _replace_positions(per_token(act, *mask.shape, hook), mask, new_rows).reshape(act.shape)
             if isinstance(output, tuple):
                 return (new, *output[1:])
             if hasattr(output, "last_hidden_state"):
@@ -246,7 +260,8 @@ def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: to
             return new
         if read_hook is not None:
             handles.append(modules[read_hook].register_forward_hook(
-                lambda module, inputs, output: read.update(rows=_module_output(output)[mask])))
+                lambda module, inputs, output: read.update(
+                    rows=per_token(_module_output(output), *mask.shape, read_hook)[mask])))
         handles.append(modules[hook].register_forward_hook(fn))
     try:
         return model(input_ids=tokens, use_cache=False).logits

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__, distributed
+from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, LoaderState, open_source
 from pipeline.manifest import manifest_hash
@@ -123,6 +124,12 @@ class TrainConfig:
     # One settings layer (a TOML table, the command line) gives at most one of each pair; a higher
     # layer's one replaces a lower layer's other (pipeline.config.layer).
     EXCLUSIVE = (("d_sae", "expansion_factor"),)
+
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("d_sae", "expansion_factor", "k", "initial_k", "batch_size", "tokens", "log_every",
+                                     "eval_tokens"),
+                    non_negative=("k_anneal_steps", "l1_warmup_steps", "l0_warmup_steps", "lr_warmup_steps",
+                                  "eval_every", "checkpoint_every", "n_snapshots"))
 
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
