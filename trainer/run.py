@@ -126,7 +126,7 @@ class TrainConfig:
     EXCLUSIVE = (("d_sae", "expansion_factor"),)
 
     def __post_init__(self) -> None:
-        check_sizes(self, positive=("d_sae", "expansion_factor", "k", "initial_k", "batch_size", "tokens", "log_every",
+        check_sizes(self, positive=("d_sae", "k", "initial_k", "batch_size", "tokens", "log_every",
                                      "eval_tokens"),
                     non_negative=("k_anneal_steps", "l1_warmup_steps", "l0_warmup_steps", "lr_warmup_steps",
                                   "eval_every", "checkpoint_every", "n_snapshots"))
