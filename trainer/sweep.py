@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from trainer.distributed import spread_stacks
-from trainer.logs import ConsoleLog, WandbLog
+from trainer.logs import ConsoleLog, WandbLog, log_console
 from trainer.registry import get_architecture
 from trainer.run import (ARCH_FIELDS, TrainConfig, arch_fields, calibrate, eval_batches, evaluate, export_metadata,
                          finish_export, run_config, sparsity_knob, weight_identity)
@@ -442,7 +442,6 @@ EVAL_COLUMNS = ["ce_recovered_zero", "ce_recovered_mean", "kl"]
 
 def write_summary(rows: list[dict], out: Path) -> None:
     """OUT/summary.csv, a printed table, and OUT/pareto.png (explained variance against L0 by architecture)."""
-    from rich.console import Console
     from rich.table import Table
 
     columns = COLUMNS + [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
@@ -457,7 +456,7 @@ def write_summary(rows: list[dict], out: Path) -> None:
     for r in rows:  # the CSV keeps a refused run's reason; the table only says so
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")).split(":")[0]
                         for c in columns])
-    Console().print(table)
+    log_console().print(table)
 
     import matplotlib
 
