@@ -11,10 +11,16 @@ environment or the user's netrc and never passes through this code.
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+WANDB_ID_FILE = "wandb_run_id"
+"""In a run's folder: its W&B run id, so a resumed run continues the same W&B run."""
+
 
 def log_console() -> Console:
     """A rich console for stdout; off a terminal (a file, a pipe), one that never cuts or wraps:
@@ -101,17 +107,29 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def wandb_run_id(out_dir: Path, resume: bool) -> str:
+    """The W&B run id of the run in `out_dir`: the stored one when resuming, else a new one (stored)."""
+    path = Path(out_dir) / WANDB_ID_FILE
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class WandbLog:
-    """One W&B run per SAE (run r of a stack logs to `runs[r]`), offline without a key."""
+    """One W&B run per SAE (run r of a stack logs to `runs[r]`), offline without a key. `resume`:
+    continue the W&B runs stored in `out_dirs` (a resumed training) instead of starting new ones."""
 
     def __init__(self, project: str, names: list[str], configs: list[dict], out_dirs: list[Path],
-                 group: str | None = None):
+                 group: str | None = None, resume: bool = False):
         import wandb
 
         mode = wandb_mode()
         quiet = wandb.Settings(silent=True, console="off")  # its banners were most of a log's lines
         self.runs = [wandb.init(project=project, name=name, config=config, group=group, dir=str(out_dir),
-                                mode=mode, reinit="create_new", settings=quiet)
+                                mode=mode, reinit="create_new", id=wandb_run_id(out_dir, resume), resume="allow",
+                                settings=quiet)
                      for name, config, out_dir in zip(names, configs, out_dirs)]
         if mode == "offline":
             where = out_dirs[0] if len(out_dirs) == 1 else Path(out_dirs[0]).parent / "*"

@@ -337,7 +337,8 @@ def run_train(cfg: TrainConfig) -> dict:
                        input_scale=scale, output_scale=out_scale)
 
     console = ConsoleLog(cfg.tokens, description=name) if main else None
-    wandb_log = WandbLog(cfg.wandb_project, [name], [asdict(cfg)], [out]) if cfg.wandb and main else None
+    wandb_log = (WandbLog(cfg.wandb_project, [name], [asdict(cfg)], [out], resume=cfg.resume and (out / CHECKPOINT).exists())
+                 if cfg.wandb and main else None)
 
     def log(m: dict) -> None:
         console(m)

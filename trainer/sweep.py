@@ -30,8 +30,9 @@ from pipeline import distributed
 from pipeline.config import load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
-from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
+from trainer.interrupt import StopOnSignal
 from trainer.logs import ConsoleLog, WandbLog, log_console
 from trainer.registry import get_architecture
 from trainer.run import (ARCH_FIELDS, TrainConfig, arch_fields, calibrate, eval_batches, evaluate, export_metadata,
@@ -282,10 +283,11 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     run_dirs = [out / r.name for s in stacks for r in s["runs"]]
     for d in run_dirs:
         d.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(d / "metrics.jsonl", tokens)  # lines past the checkpoint come again
     all_runs = [r for s in stacks for r in s["runs"]]
     console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
     wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs], [asdict(r) for r in all_runs], run_dirs,
-                          group=name) if base.wandb else None)
+                          group=name, resume=bool(resumed)) if base.wandb else None)
 
     def checkpoint() -> None:
         save_checkpoint(sweep_dir, parts, {"step": stacks[0]["trainer"].step, "tokens": tokens,
@@ -295,9 +297,10 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     held = ({h: eval_batches(base, h, device, loader.scale[h], base.eval_tokens) for h in hooks}
             if base.eval_every and loader.source.shards("eval") else None)
     t0, start_tokens, step = time.perf_counter(), tokens, 0
+    stop = StopOnSignal()
     try:
         first = not resumed
-        for batch in loader:
+        for batch in stop.until(loader):
             batch = batch if isinstance(batch, dict) else {hooks[0]: batch}
             tokens += next(iter(batch.values())).shape[0]
             line: dict = {}
@@ -329,11 +332,13 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
             if max_steps is not None and step >= max_steps:
                 break
         checkpoint()
+        stop.end(step, sweep_dir / CHECKPOINT)
         console.close()
         rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, eval_contexts)
         if wandb_log:
             wandb_log.summary([r for r in rows if r["status"] != "refused"])
     finally:
+        stop.restore()
         console.close()
         if wandb_log:
             wandb_log.close()
