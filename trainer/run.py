@@ -78,7 +78,7 @@ class TrainConfig:
     """Scale activations to mean norm sqrt(d_in) while training (folded back into the export)."""
     batch_size: int = 4096
     """Rows per step."""
-    tokens: int = 2_000_000
+    tokens: int = 4_000_000
     """Rows to train on (epochs repeat as needed)."""
     seed: int = 0
     """Seed of the weights and of the loader's shuffle."""
