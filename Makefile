@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 CACHE ?= caches/default
 TOKENS ?= 2000000
-TRAIN_TOKENS ?= 4000000
-# glibc returns big per-step buffers to the OS and faults them back in (REFERENCE.md): keep them.
+CACHE_CMD = $(BIN)/pipeline cache --tokens $(TOKENS) --out $(CACHE) --resume
+# Empty: configs/train_default.toml's `tokens` (the one place the default is set).
+TRAIN_TOKENS ?=
+# glibc returns big per-step buffers to the OS and faults them back in (pipeline/malloc.py): keep them.
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
@@ -23,16 +25,21 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 cache: setup
-	$(BIN)/pipeline cache --tokens $(TOKENS) --out $(CACHE) --resume
+	$(CACHE_CMD)
 
-# Trains on the cache `make cache` wrote (run that first): configs/train_default.toml, flags on top.
+# `make train` / `make sweep` on a fresh clone write the cache first (as `make cache`); an existing
+# one is used as it is.
+$(CACHE)/manifest.json: | $(BIN)/.installed
+	$(CACHE_CMD)
+
+# configs/train_default.toml, flags on top, on the cache (written first when missing).
 # W&B logs offline unless a key is configured; the run lands in runs/default/topk-d1024-k32/.
-train: setup
-	$(BIN)/pipeline train --config configs/train_default.toml --cache $(CACHE) --tokens $(TRAIN_TOKENS) \
-		--out runs/default --resume
+train: setup $(CACHE)/manifest.json
+	$(BIN)/pipeline train --config configs/train_default.toml --cache $(CACHE) \
+		$(if $(TRAIN_TOKENS),--tokens $(TRAIN_TOKENS)) --out runs/default --resume
 
 # 8 SAEs (4 TopK, 4 standard) from one pass over the default cache: runs/sweep/summary.csv, pareto.png.
-sweep: setup
+sweep: setup $(CACHE)/manifest.json
 	$(BIN)/pipeline sweep --config configs/sweep_default.toml --cache $(CACHE) --out runs/sweep --resume
 
 tiny-model: setup

@@ -15,7 +15,7 @@ For each architecture (default: every registered one) and d_sae, one run (R=1):
 The two are interleaved step by step after a warm-up, and the medians are compared:
 ratio = dense / step (>= 0.9 is the goal; a TopK step with a sparse decoder can exceed 1).
 
-The glibc malloc fix (`pipeline.malloc.tune_malloc`, REFERENCE.md's malloc trap) is applied in
+The glibc malloc fix (`pipeline.malloc.tune_malloc`) is applied in
 this process; its effect is shown by running `--malloc-d-sae` again in a subprocess without it
 (PIPELINE_NO_MALLOC_TUNING=1, no MALLOC_* variables), since mallopt cannot be undone in-process.
 """

@@ -321,8 +321,19 @@ def pull(
     pull_cache(repo_id, out, hooks=hook or None, split=split, shards=shards, revision=revision, log=typer.echo)
 
 
+def _resume_command() -> str:
+    """This command line with --resume: what continues a run that stopped."""
+    import shlex
+
+    prog = sys.argv[0]
+    prog = [sys.executable, "-m", "pipeline"] if prog.endswith("__main__.py") else [prog]
+    args = sys.argv[1:] + ([] if "--resume" in sys.argv[1:] else ["--resume"])
+    return shlex.join(prog + args)
+
+
 def main() -> None:
     from pipeline.malloc import tune_malloc
+    from trainer.interrupt import Interrupted
 
     tune_malloc()
     try:
@@ -330,6 +341,9 @@ def main() -> None:
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        typer.echo(f"{e}; resume with: {_resume_command()}" if e.checkpoint else str(e), err=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

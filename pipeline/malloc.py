@@ -1,4 +1,4 @@
-"""Keep glibc from returning big buffers to the OS after every step (REFERENCE.md's malloc trap).
+"""Keep glibc from returning big buffers to the OS after every step (the malloc trap).
 
 PyTorch on the CPU allocates per-step temporaries of tens of MiB; glibc serves those with mmap and
 unmaps them on free, so every step page-faults them back in (measured: a TopK step with d_sae

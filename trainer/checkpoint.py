@@ -81,3 +81,25 @@ def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: di
         model.load_state_dict({k: v.to(device) for k, v in _split(models, name).items()})
         opt.load_state_dict({k: v.to(device) for k, v in _split(opts, name).items()})
     return state
+
+
+def truncate_metrics(path: str | Path, tokens: int) -> None:
+    """Keep the lines of a metrics JSONL file up to `tokens` (the checkpoint a run resumes from; 0
+    for a fresh run): later ones were logged by steps the resumed run takes again, and a kill
+    mid-write leaves a torn last line. Rewritten atomically, only when something goes."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["tokens"] <= tokens:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # torn
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)

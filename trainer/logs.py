@@ -1,47 +1,94 @@
 """Where training metrics go: a rich progress bar with metric lines on the console, and W&B.
 
 The JSONL file is written by the loop itself (`LoopConfig.metrics_path`); these are the loggers a
-run adds on top. W&B runs offline when no API key is configured, so a run never blocks on a login
-and never fails for lack of a network; `wandb sync` uploads it later. The key is read by wandb
-from the environment or the user's netrc and never passes through this code.
+run adds on top. Console lines fit 100 columns and are never wrapped, so a log written to a file
+reads as it does on a terminal. W&B runs offline when no API key is configured, so a run never
+blocks on a login and never fails for lack of a network; `wandb sync` uploads it later. It prints
+nothing itself (one line here says where the runs are). The key is read by wandb from the
+environment or the user's netrc and never passes through this code.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+WANDB_ID_FILE = "wandb_run_id"
+"""In a run's folder: its W&B run id, so a resumed run continues the same W&B run."""
+
+
+def log_console() -> Console:
+    """A rich console for stdout; off a terminal (a file, a pipe), one that never cuts or wraps:
+    rich would lay everything out for 80 columns there."""
+    out = Console()
+    return out if out.is_terminal else Console(width=100_000, soft_wrap=True)
+
+
+def _short(x: float) -> str:
+    """A count in 3 significant digits: 819k, 4.1M."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def _fields(m: dict, r: int, prefix: str = "") -> str | None:
+    """Run r's reconstruction and sparsity metrics (the `prefix`ed ones, e.g. eval_), or None."""
+    keys = ("mse", "explained_variance", "l0", "dead_fraction", "dense_fraction")
+    values = [m.get(prefix + k) for k in keys]
+    if any(not isinstance(v, list) or r >= len(v) or v[r] is None for v in values):
+        return None
+    mse, ev, l0, dead, dense = (v[r] for v in values)
+    return f"mse {mse:#.3g}  EV {ev:.3f}  L0 {l0:.1f}  dead {dead:.1%}  dense {dense:.1%}"
+
+
+def metric_lines(m: dict, run_names: list[str] | None = None) -> list[str]:
+    """A logging step's console lines: one (step, tokens, speed, metrics) for a single run; a
+    header and one line per run for several; an eval line under a run when `m` has eval metrics.
+    EV is the explained variance; dead and dense are fractions of the latents. Within 100 columns
+    up to 6-digit steps and 30-character run names."""
+    head = f"step {m['step']:>5}  {_short(m['tokens']):>5} tok  {_short(m.get('tokens_per_s', 0)):>5} tok/s"
+    several = run_names is not None and len(m["mse"]) > 1
+    width = max(map(len, run_names)) if several else 0
+    lines = [head] if several else []
+    for r in range(len(m["mse"])):
+        lead = f"  {run_names[r]:<{width}}" if several else head
+        stopped = r in m.get("failed", [])
+        lines.append(f"{lead}  " + ("stopped: loss NaN/Inf, kept at its last good weights" if stopped
+                                    else _fields(m, r)))
+        evals = None if stopped else _fields(m, r, "eval_")
+        if evals:
+            lines.append(f"{'eval':>{len(lead)}}  {evals}")
+    return lines
+
 
 class ConsoleLog:
-    """A progress bar over the run's tokens (with tokens/s) and one line per logging step."""
+    """A progress bar over the run's tokens (with tokens/s; on a terminal only) and the lines of each
+    logging step."""
 
     def __init__(self, total_tokens: int, description: str = "train", run_names: list[str] | None = None):
-        self.console = Console(stderr=False)
+        self.console = log_console()
         self.run_names = run_names
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
                                  console=self.console, transient=True)
         self.task = self.progress.add_task(description, total=total_tokens, rate="-")
-        self.progress.start()
+        if self.console.is_terminal:  # in a file it would only add blank lines
+            self.progress.start()
 
     def __call__(self, m: dict) -> None:
         self.progress.update(self.task, completed=m["tokens"], rate=f"{m.get('tokens_per_s', 0):,.0f}")
-        for r in range(len(m["mse"])):
-            name = f"{self.run_names[r]}  " if self.run_names and len(self.run_names) > 1 else ""
-            line = (f"{name}step {m['step']:>6}  tokens {m['tokens']:>10,}  {m.get('tokens_per_s', 0):>8,.0f} tok/s  "
-                    f"mse {m['mse'][r]:.4g}  expl.var {m['explained_variance'][r]:.3f}  L0 {m['l0'][r]:.1f}  "
-                    f"dead {m['dead_fraction'][r]:.3f}  dense {m['dense_fraction'][r]:.3f}")
-            if "eval_explained_variance" in m:
-                line += f"  eval expl.var {m['eval_explained_variance'][r]:.3f}"
-            if r in m.get("failed", []):
-                line += "  [red]stopped: loss NaN/Inf[/red]"
-            self.progress.console.print(line, highlight=False)
+        for line in metric_lines(m, self.run_names):
+            self.progress.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()
 
 
 def wandb_mode() -> str:
@@ -60,17 +107,35 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def wandb_run_id(out_dir: Path, resume: bool) -> str:
+    """The W&B run id of the run in `out_dir`: the stored one when resuming, else a new one (stored)."""
+    path = Path(out_dir) / WANDB_ID_FILE
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class WandbLog:
-    """One W&B run per SAE (run r of a stack logs to `runs[r]`), offline without a key."""
+    """One W&B run per SAE (run r of a stack logs to `runs[r]`), offline without a key. `resume`:
+    continue the W&B runs stored in `out_dirs` (a resumed training) instead of starting new ones."""
 
     def __init__(self, project: str, names: list[str], configs: list[dict], out_dirs: list[Path],
-                 group: str | None = None):
+                 group: str | None = None, resume: bool = False):
         import wandb
 
         mode = wandb_mode()
+        quiet = wandb.Settings(silent=True, console="off")  # its banners were most of a log's lines
         self.runs = [wandb.init(project=project, name=name, config=config, group=group, dir=str(out_dir),
-                                mode=mode, reinit="create_new")
+                                mode=mode, reinit="create_new", id=wandb_run_id(out_dir, resume), resume="allow",
+                                settings=quiet)
                      for name, config, out_dir in zip(names, configs, out_dirs)]
+        if mode == "offline":
+            where = out_dirs[0] if len(out_dirs) == 1 else Path(out_dirs[0]).parent / "*"
+            print(f"W&B offline; to upload: wandb sync {where}/wandb/offline-run-*", flush=True)
+        elif mode != "disabled" and self.runs:
+            print(f"W&B: {self.runs[0].url if len(self.runs) == 1 else self.runs[0].project_url}", flush=True)
 
     def __call__(self, m: dict) -> None:
         for r, run in enumerate(self.runs):

@@ -82,7 +82,7 @@ class TrainConfig:
     """Scale activations to mean norm sqrt(d_in) while training (folded back into the export)."""
     batch_size: int = 4096
     """Rows per step."""
-    tokens: int = 2_000_000
+    tokens: int = 4_000_000
     """Rows to train on (epochs repeat as needed)."""
     seed: int = 0
     """Seed of the weights and of the loader's shuffle."""
@@ -420,7 +420,8 @@ def run_train(cfg: TrainConfig) -> dict:
                        input_scale=scale, output_scale=out_scale)
 
     console = ConsoleLog(cfg.tokens, description=name) if main else None
-    wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out])
+    wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out],
+                          resume=cfg.resume and (out / CHECKPOINT).exists())
                  if cfg.wandb and main else None)
 
     def log(m: dict) -> None:

@@ -29,9 +29,10 @@ from pipeline import distributed
 from pipeline.config import check_fields, exclusive_fields, layer, load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
-from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
-from trainer.logs import ConsoleLog, WandbLog
+from trainer.interrupt import StopOnSignal
+from trainer.logs import ConsoleLog, WandbLog, log_console
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
 from trainer.run import (SplitRows, TrainConfig, calibrate, evaluate, export_metadata, finish_export,
@@ -257,11 +258,12 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     run_dirs = [out / r.name for s in stacks for r in s["runs"]]
     for d in run_dirs:
         d.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(d / "metrics.jsonl", tokens)  # lines past the checkpoint come again
     all_runs = [r for s in stacks for r in s["runs"]]
     console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
     wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs],
-                          [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name)
-                 if base.wandb else None)
+                          [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name,
+                          resume=bool(resumed)) if base.wandb else None)
 
     def checkpoint() -> None:
         save_checkpoint(sweep_dir, parts, {"step": stacks[0]["trainer"].step, "tokens": tokens,
@@ -272,9 +274,10 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                           budget=budget // len(hooks)) for h in hooks}
             if base.eval_every and loader.source.shards("eval") else None)
     t0, start_tokens, step = time.perf_counter(), tokens, 0
+    stop = StopOnSignal()
     try:
         first = not resumed
-        for batch in loader:
+        for batch in stop.until(loader):
             batch = batch if isinstance(batch, dict) else {hooks[0]: batch}
             tokens += next(iter(batch.values())).shape[0]
             line: dict = {}
@@ -307,11 +310,13 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
             if max_steps is not None and step >= max_steps:
                 break
         checkpoint()
+        stop.end(step, sweep_dir / CHECKPOINT)
         console.close()
         rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, eval_contexts)
         if wandb_log:
             wandb_log.summary([r for r in rows if r["status"] != "refused"])
     finally:
+        stop.restore()
         console.close()
         if wandb_log:
             wandb_log.close()
@@ -420,7 +425,6 @@ EVAL_COLUMNS = ["ce_recovered_zero", "ce_recovered_mean", "kl"]
 
 def write_summary(rows: list[dict], out: Path) -> None:
     """OUT/summary.csv, a printed table, and OUT/pareto.png (explained variance against L0 by architecture)."""
-    from rich.console import Console
     from rich.table import Table
 
     columns = COLUMNS + [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
@@ -435,7 +439,7 @@ def write_summary(rows: list[dict], out: Path) -> None:
     for r in rows:  # the CSV keeps a refused run's reason; the table only says so
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")).split(":")[0]
                         for c in columns])
-    Console().print(table)
+    log_console().print(table)
 
     import matplotlib
 

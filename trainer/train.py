@@ -20,8 +20,9 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import PipelineError
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.init import search_init_scale_
+from trainer.interrupt import StopOnSignal
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
 from trainer.precision import compute_precision, resolve_precision
 from trainer.stack import KERNELS, StackedSAE
@@ -265,6 +266,8 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     if not resumed:
         trainer.init_from_data(*_pair(first))
     snapshot_steps = set(snapshot_steps)
+    if cfg.metrics_path:  # lines logged after the checkpoint (a kill) are logged again from it
+        truncate_metrics(cfg.metrics_path, tokens)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
     t0, last, start_tokens = time.perf_counter(), {}, tokens
 
@@ -278,8 +281,9 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             # Nobody reads the run folder (a resume, the next command) before rank 0 has written it.
             distributed.barrier()
 
+    stop = StopOnSignal(enabled=ddp is None)  # ranks must stop at one step: torchrun's signals as they are
     try:
-        for item in _chain(first, it):
+        for item in stop.until(_chain(first, it)):
             batch, target = _pair(item)
             out = trainer.train_step(batch, target)
             step = trainer.step
@@ -308,7 +312,9 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             raise RunDiverged("every run's loss became NaN/Inf (lower --lr or check the data)")
         if run_dir:
             checkpoint()
+        stop.end(trainer.step, Path(run_dir) / CHECKPOINT if run_dir else None, cfg.total_steps)
     finally:
+        stop.restore()
         if metrics_file:
             metrics_file.close()
     if not last:  # fewer steps than log_every: report the final step anyway

@@ -1,0 +1,66 @@
+"""What `pipeline train` and `pipeline sweep` print when their output goes to a file: lines that fit
+100 columns (rich lays out for 80 there and wraps mid-field), whole tables, and W&B quiet."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.cli import ROOT, cli_env
+from tests.test_train_loop import sparse_cache
+
+
+def run_logged(args: list[str], tmp_path, name: str) -> list[str]:
+    """Run a command with stdout and stderr into one file; its lines."""
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as f:
+        code = subprocess.run(args, cwd=ROOT, env=cli_env(tmp_path), stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert code.returncode == 0, text[-3000:]
+    return text.splitlines()
+
+
+def test_train_and_sweep_logs_in_a_file_fit_100_columns_with_whole_tables_and_quiet_wandb(tmp_path):
+    sparse_cache(tmp_path / "c", rows=8000, eval_rows=1000)
+    lines = run_logged([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--d-sae", "64",
+                        "--k", "3", "--batch-size", "1000", "--tokens", "40000", "--log-every", "10",
+                        "--eval-every", "20", "--out", str(tmp_path / "run")], tmp_path, "train")
+    long = [x for x in lines if len(x) > 100 and str(tmp_path) not in x]  # a path is as long as it is
+    assert not long, long
+    assert [x.split()[1] for x in lines if x.startswith("step ")] == ["10", "20", "30", "40"]  # one line a step
+    assert sum(x.lstrip().startswith("eval ") for x in lines) == 2  # and one for each evaluation
+    assert sum("wandb" in x.lower() for x in lines) <= 1, lines
+
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(f'[base]\ncache = "{tmp_path / "c"}"\nout = "{tmp_path / "s"}"\nd_sae = 64\nbatch_size = 1000\n'
+                    'tokens = 20000\nlog_every = 10\nlr = 3e-3\n'
+                    '[sweep]\narch = ["topk", "standard"]\nk = [3, 6]\nl1 = [0.5, 10.0]\n')
+    lines = run_logged([sys.executable, "-m", "pipeline", "sweep", "--config", str(toml)], tmp_path, "sweep")
+    table = lines[lines.index(next(x for x in lines if x.startswith("sweep summary"))):]
+    logs = lines[: len(lines) - len(table)]
+    long = [x for x in logs if len(x) > 100 and str(tmp_path) not in x]
+    assert not long, long
+    assert sum("wandb" in x.lower() for x in lines) <= 1, lines
+    header = next(x for x in table if "run" in x and "status" in x)
+    for column in ("arch", "hook", "d sae", "k or coefficient", "explained variance", "dead fraction",
+                   "tokens per s", "status"):
+        assert column in header, header
+    for run in ("topk-k3", "topk-k6", "standard-l1_0.5", "standard-l1_10"):
+        assert any(f" {run} " in x for x in table), run
+    assert not any("…" in x for x in lines)
+
+
+def test_metric_lines_of_a_large_run_fit_100_columns():
+    from trainer.logs import metric_lines
+
+    n = 8
+    m = {"step": 123_456, "tokens": 505_675_776, "tokens_per_s": 1_234_567.0, "mse": [1.2345e-05] * n,
+         "explained_variance": [-0.12345] * n, "l0": [1234.56] * n, "dead_fraction": [0.123] * n,
+         "dense_fraction": [0.5] * n, "failed": [3]}
+    m.update({f"eval_{k}": v for k, v in m.items() if isinstance(v, list) and k != "failed"})
+    lines = metric_lines({k: (v[:1] if isinstance(v, list) and k != "failed" else v) for k, v in m.items()})
+    assert len(lines) == 2 and lines[1].lstrip().startswith("eval")  # one run: its line and its eval line
+    names = ["standard-d16384-l1_10-lr0.0003"] + [f"topk-k{k}" for k in range(1, n)]
+    lines += metric_lines(m, names)
+    assert max(map(len, lines)) <= 100, [x for x in lines if len(x) > 100]
+    assert "stopped: loss NaN/Inf" in lines[2 + 1 + 2 * 3]

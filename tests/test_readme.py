@@ -1,0 +1,130 @@
+"""The README's commands run as written (on small sizes), and `make train` works on a fresh clone."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.config import build_config
+from tests.cli import ROOT, cli_env
+from trainer.run import TrainConfig
+
+# Commands this test does not run, each with why (every entry must match a README command).
+SKIP = {
+    r"^make ": "make installs .venv first; SETUP runs what `make train` runs, on small sizes",
+    r"^hf auth login": "logs in to the Hugging Face Hub (network)",
+    r"^\S+ (push|pull) (?!.*--dry-run)": "sends to or downloads from the Hub (network)",
+    r"^torchrun ": "several processes, GPUs or nodes",
+}
+# What `make train` runs (Makefile), on a small default cache: of the README's paragraphs, many small
+# documents, so that a cache this small has an eval split for the eval and report commands.
+SETUP = [
+    "pipeline cache --dataset corpus --eval-fraction 0.2 --tokens 30000 --out caches/default --resume",
+    "pipeline train --config configs/train_default.toml --cache caches/default --out runs/default --resume",
+]
+SMALL_TOKENS = "8192"  # rows per training run here (2 steps of the default batch)
+# The sizes of the README's commands, made small (regex -> replacement).
+SMALL = [
+    (r"--contexts 128", "--contexts 4"),
+    (r"--ce-contexts 64", "--ce-contexts 4"),
+    (r"--n-latents 16", "--n-latents 4"),
+]
+MYMODULE = ("from trainer.registry import register_architecture\nfrom trainer.sae_topk import TopKSAE\n\n\n"
+            "@register_architecture('mine')\nclass Mine(TopKSAE):\n    pass\n")
+
+
+def readme_commands() -> list[str]:
+    """Every command of the README's ```bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+def small(command: str) -> list[str]:
+    """The command as run here: our Python for .venv/bin, optional [flags] given (the first of
+    [a | b]), tokens and contexts small."""
+    command = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split("|")[0].strip(), command)
+    for pattern, repl in SMALL:
+        command = re.sub(pattern, repl, command)
+    args = shlex.split(command)
+    if args[0] in (".venv/bin/pipeline", "pipeline"):
+        args = [sys.executable, "-m", "pipeline"] + args[1:]
+    elif args[0] == ".venv/bin/python":
+        args[0] = sys.executable
+    stage = args[3] if args[1:3] == ["-m", "pipeline"] else None
+    if stage in ("train", "sweep"):
+        if "--tokens" in args:
+            args[args.index("--tokens") + 1] = SMALL_TOKENS
+        else:
+            args += ["--tokens", SMALL_TOKENS]
+    elif stage == "cache" and "--tokens" in args:
+        i = args.index("--tokens") + 1
+        args[i] = str(min(int(args[i]), 20_000))
+    return args
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(tmp_path):
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    (tmp_path / "mymodule.py").write_text(MYMODULE)
+    (tmp_path / "corpus").mkdir()
+    for i, paragraph in enumerate((ROOT / "README.md").read_text().split("\n\n")):
+        (tmp_path / "corpus" / f"{i:03d}.txt").write_text(paragraph)
+    env = cli_env(tmp_path, PYTHONPATH=f"{ROOT}:{tmp_path}", WANDB_MODE="disabled")
+    commands = readme_commands()
+    used = {pattern: [c for c in commands if re.search(pattern, c)] for pattern in SKIP}
+    assert all(used.values()), f"SKIP entries that match no README command: {[p for p, c in used.items() if not c]}"
+    run = [c for c in commands if not any(re.search(p, c) for p in SKIP)]
+    assert len(run) >= 13, run  # the extraction found the blocks
+    failed, t0 = [], time.monotonic()
+    for command in SETUP + run:
+        out = subprocess.run(small(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            failed.append(f"{command}\n  -> exit {out.returncode}: {out.stderr.strip()[-600:]}")
+    assert not failed, "README commands that fail:\n" + "\n".join(failed)
+    assert (tmp_path / "runs" / "default" / "topk-d1024-k32" / "cfg.json").is_file()
+    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "eval.json").is_file()
+    assert time.monotonic() - t0 < 300
+
+
+def make_dry_run(target: str, **variables: str) -> str:
+    """What `make -n TARGET` would run (no make flags of a make this test may run under)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), target] + [f"{k}={v}" for k, v in variables.items()],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return re.sub(r"\\\n\s*", " ", out.stdout)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_and_sweep_write_the_cache_first_when_it_is_missing(tmp_path):
+    cache = tmp_path / "caches" / "default"
+    for target in ("train", "sweep"):
+        plan = make_dry_run(target, CACHE=str(cache))
+        assert f"pipeline cache --tokens 2000000 --out {cache} --resume" in plan, plan
+        assert plan.index("pipeline cache") < plan.index(f"pipeline {target}")
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text("{}")
+    for target in ("train", "sweep"):
+        plan = make_dry_run(target, CACHE=str(cache))
+        assert "pipeline cache" not in plan and f"pipeline {target}" in plan, plan
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_takes_its_tokens_from_the_config_the_readme_quotes():
+    train = next(line for line in make_dry_run("train").splitlines() if "pipeline train" in line)
+    assert "--config configs/train_default.toml" in train and "--tokens" not in train, train
+    tokens = build_config(TrainConfig, ROOT / "configs" / "train_default.toml", {}, section="train").tokens
+    assert f"`make train` (`configs/train_default.toml`, {tokens // 10**6}M tokens" in (ROOT / "README.md").read_text()
+    assert f"--tokens {tokens}" in make_dry_run("train", TRAIN_TOKENS=str(tokens))
