@@ -12,7 +12,7 @@ TRAIN_TOKENS ?=
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup cache train sweep tiny-model test test-fast bench clean
+.PHONY: setup cache train sweep tiny-model test test-fast bench bench-gpu gpu-wheels clean
 
 setup: $(BIN)/.installed
 
@@ -53,6 +53,17 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_writer.py
+
+# Wheels for the GPU machine's own Python 3.12 (it has torch but no network): run here, carry .whl there.
+WHEELS ?= .whl
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh $(WHEELS)
+
+# On the GPU machine: its python3, the wheels in $(WHEELS), the suite's tables in $(OUT) (BENCHMARKS.md).
+OUT ?= runs/gpu_suite
+bench-gpu:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $(WHEELS)/*.whl
+	PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_suite.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) caches .pytest_cache

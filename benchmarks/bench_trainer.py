@@ -72,13 +72,18 @@ def training_step(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callab
     return step
 
 
-def dense_matmuls(B: int, d_in: int, d_sae: int, n: int = 5) -> Callable[[], None]:
+def dense_matmuls(B: int, d_in: int, d_sae: int, n: int = 5, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     """A closure running the dense matmuls of one SAE step of this shape: the five every SAE has,
     then pairs of a second decoder forward and its gradient to the latents (a gated SAE's
-    auxiliary reconstruction: n = 7)."""
+    auxiliary reconstruction: n = 7), on `device` in `dtype`."""
     g = torch.Generator().manual_seed(0)
-    x, go = torch.randn(B, d_in, generator=g), torch.randn(B, d_in, generator=g)
-    W_enc, W_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    x, go = randn(B, d_in), randn(B, d_in)
+    W_enc, W_dec = randn(d_in, d_sae), randn(d_sae, d_in)
     if n < 5 or (n - 5) % 2:
         raise SystemExit(f"dense_matmuls {n}: expected 5 plus pairs (5, 7, ...)")
 

@@ -81,3 +81,25 @@ def test_every_architecture_trains_on_cuda_as_on_the_cpu(arch):
     ev_cpu, l0_cpu = train_quality(arch, "cpu")
     assert ev_gpu == pytest.approx(ev_cpu, abs=0.02) and ev_gpu > 0.3, (ev_gpu, ev_cpu)  # it learnt
     assert l0_gpu == pytest.approx(l0_cpu, rel=0.15, abs=0.5), (l0_gpu, l0_cpu)
+
+
+@pytest.mark.parametrize("arch", registered_architectures())
+def test_a_cuda_training_step_never_waits_for_the_host(arch):
+    """kernels=auto, bf16 on CUDA: after warm-up, a step runs under torch's sync debug mode set to
+    raise at the first host synchronization (the CPU test counts them through dispatch modes)."""
+    from tests.test_sync_free import trainer_for
+
+    tr, data = trainer_for(arch, "auto")
+    tr.model.to("cuda")
+    tr = type(tr)(tr.model, tr.cfg)  # optimizer state on the device
+    data = [b.to("cuda") for b in data]
+    tr.init_from_data(data[0])
+    for x in data[:4]:
+        tr.train_step(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in data[4:]:
+            tr.train_step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -263,13 +263,25 @@ def test_eval_split_of_a_language_model_cache(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_batches_equal_cpu(tmp_path):
-    id_cache(tmp_path / "c")
-    cpu = list(ActivationLoader(tmp_path / "c", hooks="id", batch_size=64))
-    gpu = list(ActivationLoader(tmp_path / "c", hooks="id", batch_size=64, device="cuda"))
+@pytest.mark.parametrize("resident", ["no", "yes"])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_cuda_batches_equal_cpu(tmp_path, resident, stored):
+    """Streamed (pinned staging ring, side-stream copies, permutation on the device) or resident on
+    the GPU: the CPU's batches, bit for bit, across an epoch boundary and a resume."""
+    id_cache(tmp_path / "c", dtype=stored)
+    kw = dict(hooks="id", batch_size=64, block_rows=16, buffer_rows=256, tokens=4000)
+    cpu = list(ActivationLoader(tmp_path / "c", **kw))
+    gpu = list(ActivationLoader(tmp_path / "c", device="cuda", resident=resident, **kw))
+    first = ActivationLoader(tmp_path / "c", device="cuda", resident=resident, **kw)
+    head = [b for _, b in zip(range(30), first)]
+    resumed = ActivationLoader(tmp_path / "c", device="cuda", resident=resident, **kw)
+    resumed.load_state_dict(first.state_dict())
+    again = head + list(resumed)
+    assert len(again) == len(cpu) == len(gpu)
     assert all(g.is_cuda for g in gpu)
-    for a, b in zip(cpu, gpu):
+    for a, b, c in zip(cpu, gpu, again):
         torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
+        torch.testing.assert_close(a, c.cpu(), rtol=0, atol=0)
 
 
 def test_compressed_zarr_cache_loads_and_says_so(tmp_path):
