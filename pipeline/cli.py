@@ -112,6 +112,8 @@ def train(
     wandb_project: Optional[str] = typer.Option(None, help="W&B project."),
     ddp: Optional[bool] = typer.Option(None, "--ddp", help="Data-parallel under torchrun: each rank trains on its part of every batch."),
     hook_out: Optional[str] = typer.Option(None, "--hook-out", help="Transcoder: reconstruct this hook from --hook."),
+    skip_bad_shards: Optional[bool] = typer.Option(None, "--skip-bad-shards",
+                                                   help="Leave out shards that fail their checksum instead of stopping."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:
@@ -147,6 +149,8 @@ def sweep(
     memory_gb: Optional[float] = typer.Option(None, help="Memory the sweep may plan for (default: 90% of free)."),
     with_eval: bool = typer.Option(False, "--eval", help="Also CE loss recovered and KL per SAE (`pipeline eval`)."),
     eval_contexts: int = typer.Option(64, help="Eval-split contexts for --eval."),
+    skip_bad_shards: Optional[bool] = typer.Option(None, "--skip-bad-shards",
+                                                   help="Leave out shards that fail their checksum instead of stopping."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
 ) -> None:
     """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end."""
@@ -159,7 +163,8 @@ def sweep(
         importlib.import_module(module)
     spec = load_sweep_spec(config)
     overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
-                                        resume=resume, wandb=wandb).items() if v is not None}
+                                        resume=resume, wandb=wandb, skip_bad_shards=skip_bad_shards).items()
+                 if v is not None}
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None,
                      eval_contexts=eval_contexts if with_eval else 0)

@@ -30,6 +30,7 @@ import torch
 
 from pipeline.backends import file_region
 from pipeline.errors import CacheFormatError, PipelineError
+from pipeline.integrity import ShardVerifier
 from pipeline.manifest import MANIFEST_FILE
 
 DEFAULT_BLOCK_ROWS = 64
@@ -82,6 +83,8 @@ class ActivationLoader:
     `hooks`: None (the cache's hooks: a tensor if it has one, a dict if several), a hook name
     (tensor batches), or a list of names (dict hook -> tensor, rows aligned across hooks).
     Iterating yields one epoch (or, with `tokens`, epochs until that many rows).
+    A batch is yielded only after every shard it reads has been verified against the manifest's
+    checksums (pipeline.integrity); a bad shard stops the run, or is left out with `skip_bad_shards`.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class ActivationLoader:
         prefetch: int = 4,
         normalize: bool = False,
         drop_last: bool = False,
+        skip_bad_shards: bool = False,
     ):
         self.source = open_source(path)
         self.path = Path(path)
@@ -120,6 +124,10 @@ class ActivationLoader:
             raise PipelineError("batch_size and block_rows must be positive")
         shards = self.source.shards(split)
         self.shard_rows = [int(s["rows"]) for s in shards]
+        # Checksums are checked in the background, ahead of the reads (guarantees: pipeline.integrity).
+        self.verifier = ShardVerifier(self.source, split, self.hooks, order=lambda: (s for s, _, _ in self._blocks(0)))
+        if skip_bad_shards:
+            self.shard_rows = self.verifier.usable_rows(self.shard_rows)
         total = sum(self.shard_rows)
         if total == 0:
             raise PipelineError(f"the {split} split of {self.path} is empty")
@@ -160,6 +168,8 @@ class ActivationLoader:
                 if r is not None:
                     os.close(r[0])
         self._regions = {}
+        if hasattr(self, "verifier"):
+            self.verifier.close()
         if hasattr(self, "_pool"):
             self._pool.shutdown(wait=False)
 
@@ -259,6 +269,7 @@ class ActivationLoader:
             self._prefetch_blocks(chunk)
             ids = np.concatenate([leftover] + [(np.int64(s) << 40) + np.arange(start, stop, dtype=np.int64)
                                                for s, start, stop in chunk])
+            self.verifier.require(np.unique(ids >> 40))  # waits only for shards whose check is not done
             at = 0
             for k, size in enumerate(sizes):
                 batch_ids = ids[perm[at:at + size]]

@@ -107,6 +107,8 @@ class TrainConfig:
     ddp: bool = False
     """Data-parallel under torchrun: each rank trains on its part of every --batch-size rows
     (trainer.distributed); rank 0 logs, checkpoints and exports."""
+    skip_bad_shards: bool = False
+    """Leave out shards that fail their checksum (saying which) instead of stopping the run."""
 
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
@@ -212,7 +214,8 @@ def eval_batches(cfg: TrainConfig, hook: str | tuple[str, str], device: str, sca
     hooks = [hook] if isinstance(hook, str) else list(hook)
     scales = list(scale) if isinstance(scale, (tuple, list)) else [scale]
     loader = ActivationLoader(cfg.cache, hooks=hooks[0] if len(hooks) == 1 else hooks, batch_size=cfg.batch_size,
-                              split=split, device=device, tokens=rows, drop_last=False, seed=cfg.seed + 1)
+                              split=split, device=device, tokens=rows, drop_last=False, seed=cfg.seed + 1,
+                              skip_bad_shards=cfg.skip_bad_shards)
     n = loader.source.rows(split)
     keep = rows if rows is not None and rows < n else None  # `tokens` rounds up to whole batches
     out, kept = [], 0
@@ -249,7 +252,7 @@ def weight_identity(cfg: TrainConfig) -> dict:
     on resume (extending the run), the device and the logging may change."""
     return {k: v for k, v in asdict(cfg).items()
             if k not in ("out", "tokens", "device", "log_every", "checkpoint_every", "resume", "eval_every",
-                         "n_snapshots", "snapshot_spacing", "wandb", "wandb_project")}
+                         "n_snapshots", "snapshot_spacing", "wandb", "wandb_project", "skip_bad_shards")}
 
 
 def calibrate(model: StackedSAE, cfg: TrainConfig, hook: str, device: str, scale: float) -> None:
@@ -297,7 +300,7 @@ def run_train(cfg: TrainConfig) -> dict:
         if cfg.hook_out not in have:
             raise PipelineError(f"hook_out {cfg.hook_out!r} is not in the cache {cfg.cache}; it has {', '.join(have)}")
     train = ActivationLoader(cfg.cache, hooks=hooks, seed=cfg.seed, device=device, normalize=cfg.normalize,
-                             **loader_share(cfg.batch_size, cfg.tokens, ddp))
+                             skip_bad_shards=cfg.skip_bad_shards, **loader_share(cfg.batch_size, cfg.tokens, ddp))
     if cfg.hook_out is None and len(train.hooks) != 1:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")
     hook = train.hooks[0]

@@ -245,7 +245,8 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
 
     hooks = sorted({plan.runs[i].hook for idx in mine for i in idx})
     loader = ActivationLoader(base.cache, hooks=hooks, batch_size=base.batch_size, seed=base.seed, device=device,
-                              tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize)
+                              tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize,
+                              skip_bad_shards=base.skip_bad_shards)
     stacks = []
     for idx in mine:
         runs = [plan.runs[i] for i in idx]
