@@ -7,6 +7,7 @@ to a temporary name; the writer renames them when the whole shard is ready (docs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,10 +53,15 @@ def stage_table(backend: str, root: Path, table: str, shard: str, columns: dict[
     tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    if backend == "zarr":
-        _write_zarr(tmp, columns, compression)
-    else:
-        _write_arrow(tmp, columns)
+    try:
+        if backend == "zarr":
+            _write_zarr(tmp, columns, compression)
+        else:
+            _write_arrow(tmp, columns)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove_entry(tmp)  # a full disk or an interrupt: no partial file stays behind
+        raise
     return tmp, final
 
 
@@ -195,18 +201,26 @@ def read_table(backend: str, root: Path, table: str, shard: str, column: str, ro
 
 def zarr_array_meta(path: Path) -> dict:
     try:
-        return json.loads((path / "zarr.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CacheFormatError(f"{path}/zarr.json is unreadable ({e}); the shard is corrupt") from None
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise CacheFormatError(f"{path}/zarr.json is unreadable ({e}); the shard is corrupt "
+                               f"(run `pipeline verify` on the cache)") from None
+    if not isinstance(meta, dict):
+        raise CacheFormatError(f"{path}/zarr.json is not a Zarr array's metadata; the shard is corrupt")
+    return meta
 
 
 def _read_zarr(path: Path, column: str) -> np.ndarray:
     meta = zarr_array_meta(path)
-    shape = tuple(meta["shape"])
-    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-    codecs = [c["name"] for c in meta["codecs"]]
-    chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-    columns = meta.get("attributes", {}).get("columns", [column])
+    try:
+        shape = tuple(int(n) for n in meta["shape"])
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        codecs = [c["name"] for c in meta["codecs"]]
+        chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        columns = (meta.get("attributes") or {}).get("columns", [column])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheFormatError(f"{path}/zarr.json lacks or garbles a field ({type(e).__name__}: {e}); the shard is "
+                               "corrupt (run `pipeline verify` on the cache)") from None
     if codecs == ["bytes"] and chunk_shape == shape:
         chunk = path / "c" / "/".join("0" * len(shape))
         expected = int(np.prod(shape)) * dtype.itemsize
@@ -220,8 +234,14 @@ def _read_zarr(path: Path, column: str) -> np.ndarray:
         import zarr
 
         # Compressed: a lazy zarr array; slices decode only the chunks they touch.
-        array = zarr.open_array(str(path), mode="r")
+        try:
+            array = zarr.open_array(str(path), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr's many ways of refusing metadata: one line
+            raise CacheFormatError(f"shard {path} cannot be opened by zarr ({type(e).__name__}: {e}); the shard "
+                                   "is corrupt (run `pipeline verify` on the cache)") from None
     if len(columns) > 1:
+        if column not in columns:
+            raise CacheFormatError(f"shard {path} has no column {column!r} (it has {columns}); the shard is corrupt")
         array = array[:, columns.index(column)]
     return array
 
@@ -234,6 +254,9 @@ def _read_arrow(path: Path, column: str) -> np.ndarray:
         table = pa.ipc.open_stream(source).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise CacheFormatError(f"shard {path} is truncated or corrupt ({e})") from None
+    if column not in table.column_names:
+        raise CacheFormatError(f"shard {path} has no column {column!r} (it has {table.column_names}); the shard "
+                               "is corrupt (run `pipeline verify` on the cache)")
     chunks = table.column(column).chunks
     zero_copy = len(chunks) == 1
     col = chunks[0] if zero_copy else pa.concat_arrays(chunks)

@@ -122,6 +122,8 @@ def train(
     ddp: Optional[bool] = typer.Option(None, "--ddp/--no-ddp",
                                        help="Data-parallel under torchrun: each rank trains on its part of a batch."),
     hook_out: Optional[str] = typer.Option(None, "--hook-out", help="Transcoder: reconstruct this hook from --hook."),
+    skip_bad_shards: Optional[bool] = typer.Option(None, "--skip-bad-shards",
+                                                   help="Leave out shards that fail their checksum instead of stopping."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
 ) -> None:
@@ -162,6 +164,8 @@ def sweep(
     with_eval: bool = typer.Option(False, "--eval/--no-eval",
                                    help="Also CE loss recovered and KL per SAE (`pipeline eval`)."),
     eval_contexts: int = typer.Option(64, help="Eval-split contexts for --eval."),
+    skip_bad_shards: Optional[bool] = typer.Option(None, "--skip-bad-shards",
+                                                   help="Leave out shards that fail their checksum instead of stopping."),
     import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
 ) -> None:
     """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end.
@@ -178,8 +182,8 @@ def sweep(
     spec = load_sweep_spec(config)
     overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
                                         resident=resident, precision=precision, kernels=kernels, resume=resume,
-                                        wandb=wandb,
-                                        expansion_factor=expansion_factor).items() if v is not None}
+                                        wandb=wandb, expansion_factor=expansion_factor,
+                                        skip_bad_shards=skip_bad_shards).items() if v is not None}
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None,
                      eval_contexts=eval_contexts if with_eval else 0)

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.backends import shard_entry_name
 from pipeline.errors import CacheFormatError, PipelineError
-from pipeline.manifest import MANIFEST_FILE, SPLITS, atomic_write_bytes
+from pipeline.manifest import MANIFEST_FILE, SPLITS, atomic_write_bytes, validate_manifest
 from pipeline.reader import Cache
 from pipeline.writer import file_checksum
 
@@ -122,6 +122,7 @@ def open_remote_cache(url: str, fs=None, cache_dir: str | Path | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheFormatError(f"{url}/{MANIFEST_FILE} is not valid JSON ({e}); the remote manifest is "
                                "corrupt") from None
+    validate_manifest(manifest, f"{url}/{MANIFEST_FILE}")
     local.mkdir(parents=True, exist_ok=True)
     _drop_changed(local, manifest)
     atomic_write_bytes(local / MANIFEST_FILE, data)

@@ -39,6 +39,8 @@ import torch
 
 from pipeline.backends import file_region
 from pipeline.errors import CacheFormatError, PipelineError
+from pipeline.integrity import ShardVerifier
+from pipeline.integrity import ShardVerifier
 from pipeline.manifest import MANIFEST_FILE
 
 DEFAULT_BLOCK_ROWS = 64
@@ -110,6 +112,8 @@ class ActivationLoader:
     "no" (stream from disk), "yes" (copy the split to `device` once; refused, with the numbers, when
     it does not fit `resident_budget` bytes), "auto" (resident when it fits, else streamed).
     `resident_budget` defaults to half the device's free memory (RAM on a CPU).
+    A batch is yielded only after every shard it reads has been verified against the manifest's
+    checksums (pipeline.integrity); a bad shard stops the run, or is left out with `skip_bad_shards`.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class ActivationLoader:
         resident: str = "no",
         resident_budget: int | None = None,
         threads: int | None = None,
+        skip_bad_shards: bool = False,
     ):
         self.source = open_source(path)
         self.path = Path(path)
@@ -153,6 +158,12 @@ class ActivationLoader:
             raise PipelineError(f"resident={resident!r}: use one of {', '.join(RESIDENT)}")
         shards = self.source.shards(split)
         self.shard_rows = np.array([int(s["rows"]) for s in shards], dtype=np.int64)
+        # Checksums are checked in the background, ahead of the reads (guarantees: pipeline.integrity).
+        # Leaving bad shards out changes the plan, which then waits for every check.
+        self.verifier: ShardVerifier | None = None
+        if skip_bad_shards:
+            self.verifier = ShardVerifier(self.source, split, self.hooks)
+            self.shard_rows = np.array(self.verifier.usable_rows(self.shard_rows.tolist()), dtype=np.int64)
         total = int(self.shard_rows.sum())
         if total == 0:
             raise PipelineError(f"the {split} split of {self.path} is empty")
@@ -176,6 +187,8 @@ class ActivationLoader:
         blocks = -(-self.shard_rows // self.block_rows)
         self._first_block = np.concatenate([[0], np.cumsum(blocks)])
         self._first_row = np.concatenate([[0], np.cumsum(self.shard_rows)])  # a row's id in the split
+        if self.verifier is None:  # hashing follows the plan's first reads
+            self.verifier = ShardVerifier(self.source, split, self.hooks, order=self._first_reads)
         self.scale = {h: 1.0 for h in self.hooks}
         """Per-hook factor applied to every row (normalisation), to be folded into exported SAEs."""
         if normalize:
@@ -216,6 +229,8 @@ class ActivationLoader:
                     os.close(r[0])
         self._regions = {}
         self._resident = None
+        if getattr(self, "verifier", None) is not None:
+            self.verifier.close()
         if hasattr(self, "_pool"):
             self._pool.shutdown(wait=False)
 
@@ -254,6 +269,12 @@ class ActivationLoader:
             first += len(sizes)
             carried = 0 if last else n - full * self.batch_size
 
+    def _first_reads(self) -> np.ndarray:
+        """Shard indexes in the order epoch 0's plan first reads them (the verifier's order)."""
+        shards = np.searchsorted(self._first_block, self._order(0), side="right") - 1
+        _, first = np.unique(shards, return_index=True)
+        return shards[np.sort(first)]
+
     def batches_per_epoch(self) -> int:
         return sum(len(b.sizes) for b in self._plan(0))
 
@@ -288,6 +309,7 @@ class ActivationLoader:
         at = 0
         if carried_ids is not None and len(carried_ids):
             shard, row = self._locate(carried_ids)
+            self.verifier.require(np.unique(shard))
             for s in np.unique(shard):
                 pick = np.flatnonzero(shard == s)
                 out[at + pick] = _rows(arrays[s], row[pick])
@@ -320,12 +342,15 @@ class ActivationLoader:
     def _make_resident(self) -> dict[str, torch.Tensor]:
         """The split of every hook on the device in its stored dtype, copied shard by shard."""
         if self._resident is None:
+            self.verifier.require(np.flatnonzero(self.shard_rows))  # a skipped bad shard has 0 rows here
             out = {}
             for h in self.hooks:
                 t = torch.empty(int(self._first_row[-1]), self.source.hooks[h], dtype=self._stored_torch,
                                 device=self.device)
                 for s, a in enumerate(self._arrays[h]):
                     lo, hi = int(self._first_row[s]), int(self._first_row[s + 1])
+                    if hi == lo:
+                        continue
                     t[lo:hi].copy_(_as_tensor(np.array(a[:]), self._stored))  # a copy: the map is read-only
                 out[h] = t
             self._resident = out
@@ -367,6 +392,7 @@ class ActivationLoader:
                 if event is not None:
                     event.synchronize()  # its last host-to-device copy is done: the slot may be refilled
                 self._prefetch_blocks(buf)
+                self.verifier.require(np.unique(buf.shard))  # waits only for shards whose check is not done
                 n = {h: self._fill(h, self._slot_arrays[slot][h], buf, carried) for h in self.hooks}
                 ready.put(("buffer", epoch, buf, (slot, skip, next(iter(n.values())), carried is not None)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer

@@ -6,6 +6,7 @@ only once the manifest lists it (see docs/FORMAT.md for every field).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,11 +39,16 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old or the new file, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a full disk: the old file stays, no partial one beside it
+        raise
     fsync_dir(path.parent)
 
 
@@ -120,16 +126,88 @@ def read_manifest(cache_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheFormatError(f"{path} is not valid JSON ({e}); the manifest is corrupt") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CacheFormatError(f"{path} is not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
+    return validate_manifest(manifest, path)
+
+
+# The manifest's shape (docs/FORMAT.md): a type (or tuple of types) per field; a dict is a nested
+# object, {"*": schema} an object of any keys, [schema] a list. Fields not named here are free.
+_NUMBER = (int, float)
+_STATS = {"count": int, "sum_norm": _NUMBER, "sum_sq_norm": _NUMBER, "sum": [_NUMBER],
+          "mean_norm": (int, float, type(None)), "mean": ([_NUMBER], type(None))}
+_SHARD = {"name": str, "rows": int, "sequences": int, "group": int, "units_start": int,
+          "files": {"*": {"bytes": int, "xxh3_64": str}}}
+_SPLIT = {"rows": int, "sequences": int, "shards": [_SHARD]}
+SCHEMA = {
+    "format": str, "format_version": int, "package_version": str, "created": str, "backend": str,
+    "compression": (str, type(None)), "dtype": str, "complete": bool, "config": dict, "config_hash": str,
+    "provenance": dict, "has_tokens": bool, "context_size": (int, type(None)),
+    "hooks": {"*": {"shape": [int], "dtype": str, "stats": _STATS}},
+    "splits": {split: _SPLIT for split in SPLITS},
+    "progress": {"units": int, "groups": int, "final_partial": bool},
+}
+
+
+def _schema_error(value: Any, schema: Any, where: str) -> str | None:
+    """The first place where `value` does not have the shape `schema` describes, as a sentence."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"`{where}` is {_kind(value)}, expected an object"
+        items = [(k, schema["*"]) for k in value] if "*" in schema else list(schema.items())
+        for key, sub in items:
+            if key not in value:
+                return f"`{where}.{key}` is missing"
+            error = _schema_error(value[key], sub, f"{where}.{key}")
+            if error:
+                return error
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"`{where}` is {_kind(value)}, expected a list"
+        for i, item in enumerate(value):
+            error = _schema_error(item, schema[0], f"{where}[{i}]")
+            if error:
+                return error
+        return None
+    if isinstance(schema, tuple) and any(isinstance(s, (list, dict)) for s in schema):
+        errors = [_schema_error(value, s, where) for s in schema]
+        return None if None in errors else errors[0]
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if isinstance(value, bool) and bool not in types:  # JSON true is not a number here
+        return f"`{where}` is {_kind(value)}, expected {' or '.join(_kind_name(t) for t in types)}"
+    if not isinstance(value, types):
+        return f"`{where}` is {_kind(value)}, expected {' or '.join(_kind_name(t) for t in types)}"
+    return None
+
+
+def _kind_name(t: type) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "true/false", type(None): "null"}.get(t, t.__name__)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _kind_name(type(value))
+
+
+def validate_manifest(manifest: Any, where: str | Path) -> dict:
+    """Check a loaded manifest's format, version and shape; a one-line CacheFormatError names the first fault."""
+    if not isinstance(manifest, dict):
+        raise CacheFormatError(f"{where} is not a {FORMAT_NAME} manifest (it holds {_kind(manifest)}, not an "
+                               "object); the manifest is corrupt")
+    if manifest.get("format") != FORMAT_NAME:
+        raise CacheFormatError(f"{where} is not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheFormatError(
-            f"{cache_dir} has cache format version {version}, this package (v{__version__}) reads "
+            f"{str(where).rsplit('/', 1)[0]} has cache format version {version}, this package (v{__version__}) reads "
             f"version {FORMAT_VERSION}; use a matching package version or rewrite the cache"
         )
     if manifest.get("dtype") not in DTYPES:
-        raise CacheFormatError(f"{path}: unknown dtype {manifest.get('dtype')!r}; expected one of {', '.join(DTYPES)}")
+        raise CacheFormatError(f"{where}: unknown dtype {manifest.get('dtype')!r}; expected one of {', '.join(DTYPES)}")
+    error = _schema_error(manifest, SCHEMA, "manifest")
+    if error is None and manifest["backend"] not in ("zarr", "arrow"):
+        error = f"`manifest.backend` is {manifest['backend']!r}, expected 'zarr' or 'arrow'"
+    if error:
+        raise CacheFormatError(f"{where}: {error}; the manifest is corrupt (restore it, or write the cache again)")
     return manifest
 
 

@@ -123,12 +123,13 @@ def estimate_bytes(rows: int, hooks: dict[str, int], dtype: str, has_tokens: boo
     return rows * per_row + sequences
 
 
-def check_disk_space(path: Path, needed: int) -> None:
-    """Refuse before writing when the disk cannot hold the cache (5% margin)."""
+def check_disk_space(path: Path, needed: int, freed: int = 0) -> None:
+    """Refuse before writing when the disk cannot hold the cache (5% margin); `freed`: bytes the
+    write deletes first (the cache an --overwrite replaces)."""
     probe = path if path.exists() else path.parent
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(probe).free + freed
     if needed * 1.05 > free:
         raise CacheWriteError(
             f"not enough disk space for the cache in {path}: it needs ~{needed / 2**30:.2f} GiB, "
@@ -223,13 +224,17 @@ class CacheWriter:
             raise PipelineError("a cache that stores tokens needs provenance['context_size'] (the sequences' length)")
         content_config = {"layout": self.config.layout(), "hooks": self.hooks, "has_tokens": has_tokens,
                           "source": source_config or {}}
-        self.manifest = self._open(content_config, provenance, resume, overwrite)
+        self._space_needed = (expected_rows, provenance.get("context_size"))
+        try:
+            self.manifest = self._open(content_config, provenance, resume, overwrite)
+        except OSError as e:  # a read-only cache or mount, permissions: one line, not a traceback
+            where = f" ({e.filename})" if e.filename else ""
+            raise CacheWriteError(
+                f"cannot {'resume' if resume else 'write'} the cache in {self.path}: {e.strerror or e}{where}; "
+                "the cache directory must be writable and have room: check its permissions, mount and free "
+                "space, or choose another --out"
+            ) from None
         self.resume_units = self.manifest["progress"]["units"]
-        if expected_rows is not None:
-            done = sum(s["rows"] for s in self.manifest["splits"].values())
-            check_disk_space(self.path, estimate_bytes(max(0, expected_rows - done), self.hooks,
-                                                       self.config.dtype, has_tokens,
-                                                       provenance.get("context_size")))
         row_bytes = sum(self.hooks.values()) * ITEMSIZE[self.config.dtype] / len(self.hooks)
         self.shard_rows = max(1, int(self.config.shard_mb * 2**20 / row_bytes))
         self.seconds: collections.Counter = collections.Counter()
@@ -246,6 +251,7 @@ class CacheWriter:
             "sequences": {s: m["splits"][s]["sequences"] for s in SPLITS},
         }
         self._error: BaseException | None = None
+        self._stats_before_last: dict | None = None  # hook statistics before the last committed group
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._committer = threading.Thread(target=self._commit_loop, name="cache-committer", daemon=True)
@@ -262,6 +268,9 @@ class CacheWriter:
             pass  # a rank's first run: rank 0 has already checked, wiped or created the cache directory
         elif (path / MANIFEST_FILE).exists():
             if overwrite and self.part is None:
+                old = read_manifest(path)
+                self._check_space(None, freed=sum(f["bytes"] for info in old["splits"].values()
+                                                  for sh in info["shards"] for f in sh["files"].values()))
                 self._wipe()
             elif resume:
                 if self.part is None and (self.path / PARTS_DIR).is_dir():
@@ -282,6 +291,7 @@ class CacheWriter:
                         f"cannot resume {path}: its config differs ({'; '.join(diffs)}); "
                         "resume with the cache's settings or use --overwrite"
                     )
+                self._check_space(manifest)
                 self._drop_uncommitted(manifest)
                 if manifest["progress"]["final_partial"]:
                     self._drop_last_group(manifest)
@@ -301,6 +311,7 @@ class CacheWriter:
             raise PipelineError(
                 f"{path} is not empty and holds no cache; choose a new or empty directory for --out"
             )
+        self._check_space(None)
         path.mkdir(parents=True, exist_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = new_manifest(
@@ -309,6 +320,15 @@ class CacheWriter:
         )
         write_manifest(path, manifest)
         return manifest
+
+    def _check_space(self, manifest: dict | None, freed: int = 0) -> None:
+        """Before the first write: refuse when the disk cannot hold the rows still to write."""
+        expected_rows, context_size = self._space_needed
+        if expected_rows is None:
+            return
+        done = sum(s["rows"] for s in manifest["splits"].values()) if manifest else 0
+        check_disk_space(self.path, estimate_bytes(max(0, expected_rows - done), self.hooks, self.config.dtype,
+                                                   self.has_tokens, context_size), freed)
 
     def _wipe(self) -> None:
         wipe_cache(self.path)
@@ -338,6 +358,10 @@ class CacheWriter:
     def _drop_last_group(self, manifest: dict) -> None:
         """Undo the final partial shard group, so an extended cache equals one written straight through."""
         group = manifest["progress"]["groups"] - 1
+        before = manifest["progress"].pop("stats_before_final", None)
+        if before is not None:
+            for hook, stats in before.items():
+                manifest["hooks"][hook]["stats"] = stats
         for split in SPLITS:
             info = manifest["splits"][split]
             while info["shards"] and info["shards"][-1]["group"] == group:
@@ -345,7 +369,7 @@ class CacheWriter:
                 info["rows"] -= shard["rows"]
                 info["sequences"] -= shard["sequences"]
                 manifest["progress"]["units"] = shard["units_start"]
-                if split == "train":  # the manifest keeps train statistics: take this shard's back out
+                if split == "train" and before is None:  # a cache of an earlier version: take them back out
                     for hook in self.hooks:
                         stored = read_table(self.config.format, self.path, f"hooks/{hook}/{split}",
                                             shard["name"], hook, rows=shard["rows"])
@@ -573,7 +597,11 @@ class CacheWriter:
                     if payload:
                         # The last group may end on a short step, whether or not it filled a shard:
                         # extending the cache redoes it, so extension equals one longer run.
-                        self.manifest["progress"]["final_partial"] = self.manifest["progress"]["groups"] > 0
+                        progress = self.manifest["progress"]
+                        progress["final_partial"] = progress["groups"] > 0
+                        if progress["final_partial"] and self._stats_before_last is not None:
+                            # restored as they are when the group is redone: no float subtraction
+                            progress["stats_before_final"] = self._stats_before_last
                         self.manifest["complete"] = True
                         write_manifest(self.manifest_dir, self.manifest)
                         if self._on_commit:
@@ -680,6 +708,7 @@ class CacheWriter:
                 fsync_dir(parent)
         except OSError as e:
             raise self._io_error(e, group, staged) from None
+        self._stats_before_last = {h: dict(v["stats"]) for h, v in m["hooks"].items()}  # merging replaces, not mutates
         for split, entry in entries.items():
             info = m["splits"][split]
             info["shards"].append(entry)
@@ -692,6 +721,7 @@ class CacheWriter:
         m["progress"]["units"] += units
         m["progress"]["groups"] = group + 1
         m["progress"]["final_partial"] = False
+        m["progress"].pop("stats_before_final", None)
         write_manifest(self.manifest_dir, m)
         if self._on_commit:
             self._on_commit(m)

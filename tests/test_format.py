@@ -174,9 +174,7 @@ def test_sigkill_leaves_verifiable_resumable_cache(tmp_path, fmt, point, k):
         seqs = datasets.load_from_disk(str(crashed / "tokens" / "train" / "sequences"))
         assert seqs.num_rows == read_manifest(crashed)["splits"]["train"]["sequences"]
         assert len(seqs[0]["token_ids"]) == CONTEXT
-    assert read_manifest(crashed)["hooks"] == read_manifest(ref)["hooks"] or np.allclose(
-        read_manifest(crashed)["hooks"][next(iter(HOOKS))]["stats"]["mean"],
-        read_manifest(ref)["hooks"][next(iter(HOOKS))]["stats"]["mean"])
+    assert read_manifest(crashed)["hooks"] == read_manifest(ref)["hooks"]  # statistics bit for bit
 
 
 def test_extend_complete_cache_equals_longer_run(tmp_path):

@@ -120,6 +120,8 @@ class TrainConfig:
     ddp: bool = False
     """Data-parallel under torchrun: each rank trains on its part of every --batch-size rows
     (trainer.distributed); rank 0 logs, checkpoints and exports."""
+    skip_bad_shards: bool = False
+    """Leave out shards that fail their checksum (saying which) instead of stopping the run."""
 
     # One settings layer (a TOML table, the command line) gives at most one of each pair; a higher
     # layer's one replaces a lower layer's other (pipeline.config.layer).
@@ -263,7 +265,7 @@ class SplitRows:
         self.loader = ActivationLoader(cfg.cache, hooks=self.hooks[0] if len(self.hooks) == 1 else self.hooks,
                                        batch_size=min(cfg.batch_size, n), split=split, device=device,
                                        tokens=self.rows, drop_last=False, seed=cfg.seed + 1, resident=resident,
-                                       resident_budget=budget)
+                                       resident_budget=budget, skip_bad_shards=cfg.skip_bad_shards)
 
     def __iter__(self):
         self.loader.state = LoaderState()  # from the start: every evaluation sees the same rows
@@ -295,7 +297,7 @@ def weight_identity(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items()
             if k not in ("out", "tokens", "device", "resident", "precision", "kernels", "log_every", "checkpoint_every",
                          "resume", "eval_every", "n_snapshots", "snapshot_spacing", "wandb", "wandb_project",
-                         "expansion_factor")}  # resolved into d_sae
+                         "skip_bad_shards", "expansion_factor")}  # expansion_factor: resolved into d_sae
 
 
 def calibrate(model: StackedSAE, cfg: TrainConfig, hook: str, device: str, scale: float) -> None:
@@ -377,7 +379,8 @@ def run_train(cfg: TrainConfig) -> dict:
     planned = sum(stack_bytes(1, max(source.hooks.values()), cfg.d_sae, cfg.batch_size))
     budget = resident_budget(torch.device(device), planned)
     train = ActivationLoader(cfg.cache, hooks=hooks, seed=cfg.seed, device=device, normalize=cfg.normalize,
-                             resident=cfg.resident, resident_budget=budget, **loader_share(cfg.batch_size, cfg.tokens, ddp))
+                             resident=cfg.resident, resident_budget=budget, skip_bad_shards=cfg.skip_bad_shards,
+                             **loader_share(cfg.batch_size, cfg.tokens, ddp))
     budget -= train.resident_bytes if train.resident else 0
     if cfg.hook_out is None and len(train.hooks) != 1:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")

@@ -220,7 +220,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     budget = resident_budget(device, planned)
     loader = ActivationLoader(base.cache, hooks=hooks, batch_size=base.batch_size, seed=base.seed, device=device,
                               tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize,
-                              resident=base.resident, resident_budget=budget)
+                              resident=base.resident, resident_budget=budget, skip_bad_shards=base.skip_bad_shards)
     budget -= loader.resident_bytes if loader.resident else 0
     stacks = []
     for idx in mine:
