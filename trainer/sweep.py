@@ -41,7 +41,8 @@ from trainer.train import LoopConfig, RunDiverged, StackTrainer
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
 SWEEP_WIDE = ("cache", "out", "batch_size", "device", "resident", "normalize", "log_every", "checkpoint_every", "resume",
-              "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp")
+              "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp",
+              "skip_bad_shards")
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
 STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
                 "init_scale_search", "k_anneal_steps", "init_from", "precision", "kernels")
