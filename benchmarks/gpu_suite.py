@@ -70,9 +70,11 @@ def _stub_wandb() -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
+        import importlib.machinery
         import types
 
         stub = types.ModuleType("wandb")
+        stub.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # find_spec("wandb") must not fail
         stub.init = stub.log = stub.finish = stub.log_artifact = lambda *a, **k: None
         stub.Histogram = stub.Artifact = type("Unavailable", (), {"__init__": lambda self, *a, **k: None})
         sys.modules["wandb"] = stub
@@ -286,7 +288,6 @@ class Suite:
     # -- SAELens ------------------------------------------------------------------------------------
 
     def saelens(self) -> None:
-        _stub_wandb()
         import sae_lens
         from sae_lens.config import SAETrainerConfig
         from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAEConfig
@@ -545,6 +546,7 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke for the CPU version")
+    _stub_wandb()
     suite = Suite(sizes, Path(args.out), args.budget_s or (300 if args.smoke else 420), args.smoke)
     # Shares of the time left when each section starts (the last ones get what is left).
     shares = {"env": 1.0, "peak": 0.1, "step": 0.5, "loader": 0.3, "sweep": 0.4, "saelens": 0.4, "writer": 0.6,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.transfer import to_device
 
 HEAD_SUFFIX = re.compile(r"^(?P<base>.+\.hook_(?:z|q|k|v|result)):(?P<head>\d+)$")
 
@@ -63,7 +64,7 @@ class ModelAdapter:
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
         """hook -> (batch, seq, d) activations for a (batch, seq) token tensor."""
-        return self._capture(tokens.to(self.device), hooks)
+        return self._capture(to_device(tokens, self.device), hooks)
 
     def hook_dims(self, hooks: list[str]) -> dict[str, int]:
         """Width of each hook's rows, from a forward pass over two tokens."""

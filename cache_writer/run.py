@@ -20,6 +20,7 @@ from pipeline import distributed
 from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_FILE, read_manifest
+from pipeline.transfer import to_device
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 
 
@@ -301,7 +302,7 @@ def _blocks(tokens: np.ndarray, splits: list[str], acts: dict[str, torch.Tensor]
         if len(idx) == 0:
             continue
         seq, pos = np.nonzero(keep[idx])
-        rows = torch.from_numpy(idx[seq] * t + pos).to(device)
+        rows = to_device(torch.from_numpy(idx[seq] * t + pos), device)
         blocks.append(ActivationBlock(
             acts={h: a.index_select(0, rows) for h, a in flat_acts.items()}, split=split,
             token_ids=tokens[idx[seq], pos], sequence=seq, position=pos, sequences=tokens[idx], units=len(idx),

@@ -42,6 +42,7 @@ from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.integrity import ShardVerifier
 from pipeline.integrity import ShardVerifier
 from pipeline.manifest import MANIFEST_FILE
+from pipeline.transfer import to_device
 
 DEFAULT_BLOCK_ROWS = 64
 DEFAULT_BUFFER_BATCHES = 16
@@ -425,7 +426,7 @@ class ActivationLoader:
     def _serve(self, data: dict[str, torch.Tensor], buf: Buffer, skip: int
                ) -> Iterator[dict[str, torch.Tensor]]:
         """The buffer's batches after its first `skip`: the permutation, cast and scale on the device."""
-        perm = _host_to(torch.from_numpy(buf.perm), self.device)
+        perm = to_device(torch.from_numpy(buf.perm), self.device)
         at = sum(buf.sizes[:skip])
         for size in buf.sizes[skip:]:
             idx = perm[at:at + size]
@@ -438,7 +439,7 @@ class ActivationLoader:
 
     def _carry(self, data: dict[str, torch.Tensor], buf: Buffer) -> dict[str, torch.Tensor]:
         """The rows of a buffer left over for the next one (a copy: the slot is reused)."""
-        rest = _host_to(torch.from_numpy(buf.perm[buf.full_rows:]), self.device)
+        rest = to_device(torch.from_numpy(buf.perm[buf.full_rows:]), self.device)
         return {h: rows.index_select(0, rest) for h, rows in data.items()}
 
     def _buffers(self, state: LoaderState) -> Iterator[tuple[str, Buffer | None, int, dict | None]]:
@@ -455,7 +456,7 @@ class ActivationLoader:
                 ids = self._row_ids(buf)
                 if by_id:
                     ids = np.concatenate([self._carried_ids(epoch, buf.number), ids])
-                idx = _host_to(torch.from_numpy(ids), self.device)
+                idx = to_device(torch.from_numpy(ids), self.device)
                 data = {h: resident[h].index_select(0, idx) for h in self.hooks}
                 if carried is not None and not by_id:
                     data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
@@ -563,10 +564,3 @@ def _as_numpy(t: torch.Tensor, stored: str) -> np.ndarray:
 def _as_tensor(array: np.ndarray, stored: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t.view(torch.bfloat16) if stored == "bfloat16" else t
-
-
-def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, without making the host wait (pinned, non-blocking) on a GPU."""
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)

@@ -252,6 +252,7 @@ class CacheWriter:
         }
         self._error: BaseException | None = None
         self._stats_before_last: dict | None = None  # hook statistics before the last committed group
+        self._side_stream = None  # a CUDA stream for conversion, statistics and device-to-host copies
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._committer = threading.Thread(target=self._commit_loop, name="cache-committer", daemon=True)
@@ -403,10 +404,20 @@ class CacheWriter:
         for block in blocks:
             self._validate(block)
         ready = None
-        if any(isinstance(a, torch.Tensor) and a.is_cuda for b in blocks for a in b.acts.values()):
-            blocks = [self._copy_to_host(b) for b in blocks]
-            ready = torch.cuda.Event()
-            ready.record()
+        cuda = [a for b in blocks for a in b.acts.values() if isinstance(a, torch.Tensor) and a.is_cuda]
+        if cuda:
+            # Conversion, statistics and copies to the host on a side stream: the next forward pass
+            # runs beside them instead of after them.
+            device = cuda[0].device
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device)
+            self._side_stream.wait_stream(torch.cuda.current_stream(device))
+            for a in cuda:
+                a.record_stream(self._side_stream)  # made on the compute stream, read on the side one
+            with torch.cuda.stream(self._side_stream):
+                blocks = [self._copy_to_host(b) for b in blocks]
+                ready = torch.cuda.Event()
+                ready.record(self._side_stream)
         t0 = time.perf_counter()
         while True:
             self._raise_if_failed()
@@ -459,7 +470,7 @@ class CacheWriter:
                 x = converted.float()
                 sq = (x * x).sum(1)
                 summary = torch.stack([
-                    torch.tensor(float(x.shape[0]), device=a.device, dtype=torch.float64),
+                    torch.full((), float(x.shape[0]), device=a.device, dtype=torch.float64),  # no host copy
                     sq.sqrt().sum(dtype=torch.float64), sq.sum(dtype=torch.float64),
                     (~torch.isfinite(x)).sum().double(),
                     a.abs().amax().double() if a.numel() else torch.zeros((), device=a.device, dtype=torch.float64),

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from pipeline.transfer import to_device
+
 # Rows of the (rows * k, d) gather in `_rowwise_dot` per chunk on a CPU: keeps the temporary (a few
 # MiB) in cache instead of streaming batch * k * d_in values through memory.
 _GATHER_CHUNK_ROWS = 256
@@ -60,13 +62,8 @@ def counts(index: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> 
 
 
 def host_to_device(values: list, like: torch.Tensor) -> torch.Tensor:
-    """A tensor of Python `values` on `like`'s device (dtype of `like`), copied without making the
-    host wait for the device: from pinned memory, non-blocking, on a GPU (a pageable copy
-    synchronizes with the stream first)."""
-    t = torch.tensor(values, dtype=like.dtype)
-    if like.device.type == "cuda":
-        return t.pin_memory().to(like.device, non_blocking=True)
-    return t.to(like.device)
+    """A tensor of Python `values` on `like`'s device (dtype of `like`), copied without a host wait."""
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device)
 
 
 def _flat_codes(idx: torch.Tensor, n_latents: int) -> torch.Tensor:
