@@ -19,6 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from analysis.evaluate_ce import ce_columns
 from pipeline.malloc import tune_malloc
 from trainer.registry import registered_architectures
 from trainer.run import arch_fields
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, default=64)
     ap.add_argument("--arch", action="append", help="default: every registered architecture")
     ap.add_argument("--penalty", action="append", default=[], help="ARCH=VALUE for its l1 or l0 coefficient")
+    ap.add_argument("--precision", action="append", help="fp32, tf32, bf16 (repeatable: each architecture once "
+                    "per precision, with a parity table; default: auto)")
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     tune_malloc()
@@ -66,28 +69,43 @@ def main() -> None:
         arch, value = item.split("=")
         knob = "l0" if "l0_coefficient" in arch_fields(arch) else "l1"
         penalties[arch] = {knob: float(value)}
-    runs = [run_for(a, args.l0, penalties) for a in args.arch or registered_architectures()]
-    for r in runs:
-        r["name"] = r["arch"]
+    precisions = args.precision or ["auto"]
+    runs = []
+    for a in args.arch or registered_architectures():
+        for prec in precisions:
+            r = {**run_for(a, args.l0, penalties), "precision": prec}
+            r["name"] = a if len(precisions) == 1 else f"{a}-{prec}"
+            runs.append(r)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         spec = {"base": {"cache": args.cache, "out": str(out), "d_sae": args.d_sae, "tokens": args.tokens,
                          "batch_size": 4096, "lr": 1e-3, "log_every": 100, "wandb": False,
                          "checkpoint_every": 10**9},
                 "runs": runs}
-        rows = run_sweep(spec, {}, name="architectures", eval_contexts=args.contexts)
+        rows = run_sweep(spec, {}, name="architectures", evaluate_runs=ce_columns(args.cache, args.contexts))
     print(f"\n{args.tokens:,} tokens per run, d_sae {args.d_sae}, target L0 {args.l0}, "
           f"CE on {args.contexts} eval contexts\n")
-    print("| architecture | setting | eval L0 | eval explained variance | dead fraction | CE recovered (zero abl.) "
-          "| CE recovered (mean abl.) | KL (nats) | tokens/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| architecture | setting | precision | eval L0 | eval explained variance | dead fraction | "
+          "CE recovered (zero abl.) | CE recovered (mean abl.) | KL (nats) | tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    by_run = {r["name"]: r for r in runs}
     for row in rows:
         if row.get("status") != "ok":
-            print(f"| {row['run']} | {row.get('status')} | | | | | | | |")
+            print(f"| {row['run']} | {row.get('status')} | | | | | | | | |")
             continue
-        print(f"| {row['arch']} | {setting(row)} | {row['l0']:.1f} | {row['explained_variance']:.3f} | "
-              f"{row['dead_fraction']:.3f} | {row['ce_recovered_zero']:.3f} | {row['ce_recovered_mean']:.3f} | "
-              f"{row['kl']:.4f} | {row['tokens_per_s']:,.0f} |")
+        print(f"| {row['arch']} | {setting(row)} | {by_run[row['run']]['precision']} | {row['l0']:.1f} | "
+              f"{row['explained_variance']:.3f} | {row['dead_fraction']:.3f} | {row['ce_recovered_zero']:.3f} | "
+              f"{row['ce_recovered_mean']:.3f} | {row['kl']:.4f} | {row['tokens_per_s']:,.0f} |")
+    if len(precisions) > 1:  # parity of each precision against the first one
+        ok = {(by_run[r["run"]]["arch"], by_run[r["run"]]["precision"]): r for r in rows if r.get("status") == "ok"}
+        ref = precisions[0]
+        print(f"\n| architecture | precision | EV - EV({ref}) | L0 / L0({ref}) - 1 | speed / speed({ref}) |")
+        print("| --- | --- | --- | --- | --- |")
+        for (arch, prec), r in ok.items():
+            base = ok.get((arch, ref))
+            if prec != ref and base:
+                print(f"| {arch} | {prec} | {r['explained_variance'] - base['explained_variance']:+.4f} | "
+                      f"{r['l0'] / base['l0'] - 1:+.2%} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
 
 
 if __name__ == "__main__":

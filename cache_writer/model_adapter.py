@@ -173,7 +173,7 @@ def _load_tl(name: str, device: str, dtype: str, kwargs: dict) -> ModelAdapter:
 # ------------------------------------------------------------------------------ Hugging Face
 
 
-def _module_output(output: Any) -> torch.Tensor:
+def module_output(output: Any) -> torch.Tensor:
     if isinstance(output, tuple):
         output = output[0]
     if hasattr(output, "last_hidden_state"):
@@ -225,7 +225,7 @@ def _load_hf(path: str, device: str, dtype: str, kwargs: dict, trust_remote_code
 
         def make(key):
             def fn(module, inputs, output):
-                out[key] = _module_output(output).detach()
+                out[key] = module_output(output).detach()
                 if len(out) == len(hooks):
                     raise _StopForward
             return fn

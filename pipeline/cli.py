@@ -184,9 +184,14 @@ def sweep(
                                         resident=resident, precision=precision, kernels=kernels, resume=resume,
                                         wandb=wandb, expansion_factor=expansion_factor,
                                         skip_bad_shards=skip_bad_shards).items() if v is not None}
+    evaluate_runs = None
+    if with_eval:
+        from analysis.evaluate_ce import ce_columns
+        from trainer.run import TrainConfig
+
+        evaluate_runs = ce_columns(cache or spec.get("base", {}).get("cache") or TrainConfig.cache, eval_contexts)
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
-                     memory_budget=int(memory_gb * 2**30) if memory_gb else None,
-                     eval_contexts=eval_contexts if with_eval else 0)
+                     memory_budget=int(memory_gb * 2**30) if memory_gb else None, evaluate_runs=evaluate_runs)
     ok = sum(r["status"] == "ok" for r in rows)
     _finished(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
 
@@ -206,7 +211,7 @@ def eval_(
 ) -> None:
     """Stage 2: CE loss recovered (zero and mean ablation) and KL of an SAE spliced into the cache's model."""
     overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
-    from trainer.evaluate_ce import EvalConfig, run_eval
+    from analysis.evaluate_ce import EvalConfig, run_eval
 
     run_eval(EvalConfig(**overrides))
 
@@ -231,7 +236,7 @@ def report(
 ) -> None:
     """Stage 2: a static HTML page (densities, L0, top contexts per latent) to look at an SAE."""
     overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
-    from trainer.report import ReportConfig, build_report, parse_latents
+    from analysis.report import ReportConfig, build_report, parse_latents
 
     overrides["latents"] = parse_latents(latents)
     page = build_report(ReportConfig(**{k: v for k, v in overrides.items() if v is not None}))

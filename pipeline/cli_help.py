@@ -10,8 +10,8 @@ from typer.core import TyperCommand, TyperGroup
 # Most options default to None so that a --config file's values stand unless a flag is given; their
 # real defaults are the fields of the stage's config dataclass, which `--help` imports to show them.
 CONFIGS = {"cache": ("cache_writer.run", "CacheConfig"), "train": ("trainer.run", "TrainConfig"),
-           "sweep": ("trainer.run", "TrainConfig"), "eval": ("trainer.evaluate_ce", "EvalConfig"),
-           "report": ("trainer.report", "ReportConfig")}
+           "sweep": ("trainer.run", "TrainConfig"), "eval": ("analysis.evaluate_ce", "EvalConfig"),
+           "report": ("analysis.report", "ReportConfig")}
 FIELD_OF = {"hook": "hooks"}  # `pipeline cache --hook` fills CacheConfig.hooks
 
 

@@ -132,7 +132,7 @@ class ActivationLoader:
         tokens: int | None = None,
         rank: int = 0,
         world_size: int = 1,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         normalize: bool = False,
         drop_last: bool = False,
         resident: str = "no",
@@ -150,7 +150,9 @@ class ActivationLoader:
         self.split, self.block_rows = split, int(block_rows)
         self.buffer_rows = int(buffer_rows or DEFAULT_BUFFER_BATCHES * self.batch_size)
         self.tokens, self.rank, self.world_size = tokens, int(rank), int(world_size)
-        self.prefetch, self.drop_last = max(1, int(prefetch)), drop_last
+        # Buffers prepared ahead: on a GPU one more, so a host-to-device copy is always under way.
+        self.prefetch = max(1, int(prefetch)) if prefetch is not None else (2 if self.device.type == "cuda" else 1)
+        self.drop_last = drop_last
         if not 0 <= self.rank < self.world_size:
             raise PipelineError(f"rank {rank} is outside world size {world_size}")
         if self.batch_size < 1 or self.block_rows < 1:
@@ -394,74 +396,79 @@ class ActivationLoader:
                     event.synchronize()  # its last host-to-device copy is done: the slot may be refilled
                 self._prefetch_blocks(buf)
                 self.verifier.require(np.unique(buf.shard))  # waits only for shards whose check is not done
-                n = {h: self._fill(h, self._slot_arrays[slot][h], buf, carried) for h in self.hooks}
+                n = {h: self._fill(h, self._slot_arrays[slot][h][self.batch_size:], buf, carried) for h in self.hooks}
                 ready.put(("buffer", epoch, buf, (slot, skip, next(iter(n.values())), carried is not None)))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             ready.put(("error", 0, None, e))
 
     def _staging(self) -> None:
-        """The staging ring: `prefetch + 1` slots, each as large as a buffer plus its carried rows,
-        pinned when the target is a GPU (a pageable copy would first be staged by the driver)."""
-        rows = max(1, math.ceil(self.buffer_rows / self.block_rows)) * self.block_rows + self.batch_size
+        """The staging ring: `prefetch + 1` slots, pinned when the target is a GPU (a pageable copy
+        would first be staged by the driver). A slot holds a buffer's new rows after `batch_size` rows
+        of head room, where a CPU consumer puts the rows carried from the previous buffer (fewer
+        than a batch): the buffer is then one contiguous view, with no copy of its new rows."""
+        rows = self.batch_size + max(1, math.ceil(self.buffer_rows / self.block_rows)) * self.block_rows + self.batch_size
         pin = self.device.type == "cuda"
         self._slots = [{h: torch.empty(rows, self.source.hooks[h], dtype=self._stored_torch, pin_memory=pin)
                         for h in self.hooks} for _ in range(self.prefetch + 1)]
         self._slot_arrays = [{h: _as_numpy(t, self._stored) for h, t in slot.items()} for slot in self._slots]
 
-    def _to_device(self, slot: int, n: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-        """A filled slot's first n rows on the device, and the event after which the slot may be
-        refilled (None on a CPU: the slot is the data, free once the buffer has been served)."""
+    def _with_carried(self, slot: int, n: int, carried: dict[str, torch.Tensor] | None
+                      ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """A filled slot's n new rows on the device after the carried ones, and the event after which
+        the slot may be refilled (None on a CPU: the slot is the data, free once the buffer is served)."""
+        head = self.batch_size  # the slot's head room (`_staging`)
         if self.device.type != "cuda":
-            return {h: t[:n] for h, t in self._slots[slot].items()}, None
+            c = 0 if carried is None else len(next(iter(carried.values())))
+            out = {}
+            for h, t in self._slots[slot].items():
+                if c:
+                    t[head - c:head].copy_(carried[h])
+                out[h] = t[head - c:head + n]
+            return out, None
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._side):
-            data = {h: t[:n].to(self.device, non_blocking=True) for h, t in self._slots[slot].items()}
+            data = {h: t[head:head + n].to(self.device, non_blocking=True) for h, t in self._slots[slot].items()}
             event = torch.cuda.Event()
             event.record(self._side)
         compute.wait_event(event)  # the compute stream waits on the device, the host does not
         for t in data.values():
             t.record_stream(compute)
+        if carried is not None:  # a device-side copy of the buffer: ~50 us per 100 MB on an H100
+            data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
         return data, event
 
-    def _serve(self, data: dict[str, torch.Tensor], buf: Buffer, skip: int
+    def _serve(self, rows: dict[str, torch.Tensor], order: torch.Tensor, sizes: list[int], skip: int
                ) -> Iterator[dict[str, torch.Tensor]]:
-        """The buffer's batches after its first `skip`: the permutation, cast and scale on the device."""
-        perm = to_device(torch.from_numpy(buf.perm), self.device)
-        at = sum(buf.sizes[:skip])
-        for size in buf.sizes[skip:]:
-            idx = perm[at:at + size]
+        """Batches of `sizes` (after the first `skip`) of the rows at `order` (a device index), cast
+        and scaled on the device."""
+        at = sum(sizes[:skip])
+        for size in sizes[skip:]:
+            idx = order[at:at + size]
             at += size
             batch = {}
-            for h, rows in data.items():
-                t = rows.index_select(0, idx).to(self.dtype)
-                batch[h] = t.mul_(self.scale[h]) if self.scale[h] != 1.0 else t
+            for h, t in rows.items():
+                b = t.index_select(0, idx).to(self.dtype)
+                batch[h] = b.mul_(self.scale[h]) if self.scale[h] != 1.0 else b
             yield batch
 
-    def _carry(self, data: dict[str, torch.Tensor], buf: Buffer) -> dict[str, torch.Tensor]:
-        """The rows of a buffer left over for the next one (a copy: the slot is reused)."""
-        rest = to_device(torch.from_numpy(buf.perm[buf.full_rows:]), self.device)
-        return {h: rows.index_select(0, rest) for h, rows in data.items()}
-
-    def _buffers(self, state: LoaderState) -> Iterator[tuple[str, Buffer | None, int, dict | None]]:
-        """("buffer", buf, skip, rows) per buffer with its rows on the device (carried rows first),
-        ("epoch_end", None, 0, None) between epochs; streamed, or gathered from a resident copy."""
-        carried: dict[str, torch.Tensor] | None = None
+    def _buffers(self, state: LoaderState) -> Iterator[tuple[str, Buffer | None, int, tuple | None]]:
+        """("buffer", buf, skip, (rows, order)) per buffer: its batches are `rows` at `order`, a device
+        index; ("epoch_end", None, 0, None) between epochs. Streamed (the buffer's rows on the device,
+        carried rows first) or from a resident copy (the split, indexed by row id)."""
         if self.resident:
             resident = self._make_resident()
+            carried_ids = np.zeros(0, dtype=np.int64)
             for epoch, buf, skip, by_id in self._epochs(state):
                 if buf is None:
-                    carried = None
+                    carried_ids = np.zeros(0, dtype=np.int64)
                     yield "epoch_end", None, 0, None
                     continue
-                ids = self._row_ids(buf)
                 if by_id:
-                    ids = np.concatenate([self._carried_ids(epoch, buf.number), ids])
-                idx = to_device(torch.from_numpy(ids), self.device)
-                data = {h: resident[h].index_select(0, idx) for h in self.hooks}
-                if carried is not None and not by_id:
-                    data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
-                carried = self._carry(data, buf)
-                yield "buffer", buf, skip, data
+                    carried_ids = self._carried_ids(epoch, buf.number)
+                ids = np.concatenate([carried_ids, self._row_ids(buf)])
+                ordered = ids[buf.perm]
+                carried_ids = ordered[buf.full_rows:]
+                yield "buffer", buf, skip, (resident, to_device(torch.from_numpy(ordered), self.device))
             return
         if self.device.type == "cuda":
             self._side = torch.cuda.Stream(self.device)
@@ -474,6 +481,7 @@ class ActivationLoader:
         thread = threading.Thread(target=self._producer, args=(ready, free, stop, state), name="activation-loader",
                                   daemon=True)
         thread.start()
+        carried: dict[str, torch.Tensor] | None = None
         try:
             while True:
                 kind, _, buf, item = ready.get()
@@ -484,13 +492,13 @@ class ActivationLoader:
                     yield "epoch_end", None, 0, None
                     continue
                 slot, skip, n, by_id = item
-                data, event = self._to_device(slot, n)
+                data, event = self._with_carried(slot, n, None if by_id else carried)
                 if event is not None:  # on a GPU the slot is free once its copy is done (the producer waits for it)
                     free.put((slot, event))
-                if carried is not None and not by_id:
-                    data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
-                carried = self._carry(data, buf)
-                yield "buffer", buf, skip, data
+                perm = to_device(torch.from_numpy(buf.perm), self.device)
+                # The rows left over for the next buffer, copied now: the slot will be refilled.
+                carried = {h: t.index_select(0, perm[buf.full_rows:]) for h, t in data.items()}
+                yield "buffer", buf, skip, (data, perm)
                 if event is None:  # on a CPU the slot was the data: free once the buffer has been served
                     free.put((slot, None))
         finally:
@@ -508,7 +516,7 @@ class ActivationLoader:
                     if self.tokens is None:
                         return
                     continue
-                for batch in self._serve(data, buf, skip):
+                for batch in self._serve(*data, buf.sizes, skip):
                     if self.tokens is not None:
                         room = self.tokens - self.state.tokens
                         if room <= 0:

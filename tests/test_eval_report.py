@@ -15,10 +15,10 @@ import torch
 from cache_writer.run import CacheConfig, run_cache
 from tests.test_cache_writer import small_corpus, tiny_opt
 from pipeline.errors import PipelineError
-from trainer.evaluate_ce import EvalConfig, evaluate_ce
+from analysis.evaluate_ce import EvalConfig, evaluate_ce
 from trainer.export import export_saelens
-from trainer.inference import load_sae
-from trainer.report import ReportConfig, best_per_sequence, build_report, new_stats, update_stats
+from analysis.inference import load_sae
+from analysis.report import ReportConfig, best_per_sequence, build_report, new_stats, update_stats
 from trainer.sae_standard import StandardConfig, StandardSAE
 
 HOOK = "blocks.0.hook_resid_post"
@@ -94,7 +94,7 @@ def test_ce_recovered_is_flagged_when_the_ablation_barely_changes_the_loss(tmp_p
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from trainer.evaluate_ce import ce_recovered, print_results
+    from analysis.evaluate_ce import ce_recovered, print_results
 
     assert ce_recovered(2.0, 2.1, 3.0) == (pytest.approx(0.9), None)
     score, note = ce_recovered(2.0, 2.5, 2.01)  # +0.01 nats: under 1% of the clean CE
@@ -271,12 +271,13 @@ def test_load_sae_rebuilds_each_exported_architecture(tmp_path, arch, fields):
 def test_sweep_eval_adds_ce_columns(cache, tmp_path):
     import csv
 
+    from analysis.evaluate_ce import ce_columns
     from trainer.sweep import run_sweep
 
     spec = {"base": {"cache": str(cache), "out": str(tmp_path / "sw"), "d_sae": 128, "batch_size": 256,
                      "tokens": 256 * 10, "log_every": 5, "wandb": False, "device": "cpu"},
             "sweep": {"arch": ["topk", "standard"], "k": [8], "l1": [1.0]}}
-    rows = run_sweep(spec, {}, name="t", eval_contexts=4)
+    rows = run_sweep(spec, {}, name="t", evaluate_runs=ce_columns(str(cache), 4))
     with open(tmp_path / "sw" / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert {"ce_recovered_zero", "ce_recovered_mean", "kl"} <= set(table[0])

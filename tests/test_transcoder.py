@@ -142,7 +142,7 @@ def make_arch(arch, d_in, d_sae, d_out, **kw):
 @pytest.mark.parametrize("arch,kind", [("standard", "transcoder"), ("jumprelu", "jumprelu_transcoder"),
                                        ("topk", "topk_transcoder")])
 def test_load_sae_reads_every_transcoder_kind(tmp_path, arch, kind):
-    from trainer.inference import load_sae
+    from analysis.inference import load_sae
 
     model = make_arch(arch, 16, 40, 12, seed=1, **({"k": 4} if arch == "topk" else {}))
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_load_sae_reads_every_transcoder_kind(tmp_path, arch, kind):
 
 
 def test_eval_splices_a_transcoder_reading_one_hook_and_replacing_another(model_cache, tmp_path):
-    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+    from analysis.evaluate_ce import EvalConfig, evaluate_ce
 
     eye = torch.eye(128)
     # The identity from resid_post of block 0 to resid_pre of block 1 (the same tensor): exact only if
@@ -181,8 +181,8 @@ def test_eval_splices_a_transcoder_reading_one_hook_and_replacing_another(model_
 
 
 def test_trained_transcoder_evaluates_and_reports(model_cache, tmp_path):
-    from trainer.evaluate_ce import EvalConfig, evaluate_ce
-    from trainer.report import ReportConfig, build_report
+    from analysis.evaluate_ce import EvalConfig, evaluate_ce
+    from analysis.report import ReportConfig, build_report
     from trainer.run import TrainConfig, run_train
 
     run_train(TrainConfig(cache=str(model_cache), out=str(tmp_path / "runs"), hook=TC_IN, hook_out=TC_OUT, d_sae=256,
@@ -204,7 +204,7 @@ def test_eval_splices_a_transcoder_into_a_hugging_face_model(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from cache_writer.run import CacheConfig, run_cache
-    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+    from analysis.evaluate_ce import EvalConfig, evaluate_ce
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(

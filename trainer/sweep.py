@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -189,10 +190,11 @@ def _size(n: int) -> str:
 
 
 def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: int | None = None,
-              max_steps: int | None = None, eval_contexts: int = 0) -> list[dict]:
+              max_steps: int | None = None, evaluate_runs: Callable | None = None) -> list[dict]:
     """Train every run of the sweep; returns one summary row per run (refused runs included).
-    `eval_contexts` > 0 also splices each SAE into the cache's model on that many eval contexts
-    (`pipeline eval`) and adds CE loss recovered and KL to the summary."""
+    `evaluate_runs(rows, out, device)`, when given, adds columns to the rows of the exported runs
+    before the summary is written (`pipeline sweep --eval` passes analysis.evaluate_ce.ce_columns:
+    CE loss recovered and KL, which need the language model, a layer above this package)."""
     cfg0, _ = expand_runs(spec, overrides)
     # Under torchrun the sweep's stacks are spread over the ranks, each with its own loader over the
     # whole cache (the batches a single process would see); rank 0 writes the summary of all.
@@ -313,7 +315,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
         checkpoint()
         stop.end(step, sweep_dir / CHECKPOINT)
         console.close()
-        rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, eval_contexts)
+        rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, evaluate_runs)
         if wandb_log:
             wandb_log.summary([r for r in rows if r["status"] != "refused"])
     finally:
@@ -361,7 +363,7 @@ def _log_runs(line: dict, stacks: list[dict], out: Path, console: ConsoleLog, wa
 
 
 def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loader, out: Path, name: str,
-            tokens: int, plan: SweepPlan, eval_contexts: int = 0) -> list[dict]:
+            tokens: int, plan: SweepPlan, evaluate_runs: Callable | None = None) -> list[dict]:
     """Eval every run on the eval split, export it, write summary.csv and pareto.png."""
     has_eval = bool(loader.source.shards("eval"))
     held = {h: SplitRows(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
@@ -378,23 +380,9 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
             finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])
             rows.append(_row(r, per_run))
-    if eval_contexts:
-        _add_ce(rows, out, base.cache, eval_contexts, str(device))
+    if evaluate_runs is not None:
+        evaluate_runs(rows, out, str(device))
     return _summarize(rows, plan, out)
-
-
-def _add_ce(rows: list[dict], out: Path, cache: str, contexts: int, device: str) -> None:
-    """CE loss recovered (zero and mean ablation) and KL of each run, the model loaded once."""
-    from pipeline.reader import Cache
-    from trainer.evaluate_ce import EvalConfig, evaluate_ce, load_cache_model
-
-    adapter = load_cache_model(Cache(cache), device)
-    for row in rows:
-        if row["status"] == "ok":
-            ce = evaluate_ce(EvalConfig(sae=str(out / row["run"]), cache=cache, contexts=contexts, device=device),
-                             adapter=adapter)
-            row.update(ce_recovered_zero=ce["ce_recovered_zero"], ce_recovered_mean=ce["ce_recovered_mean"],
-                       kl=ce["kl_spliced"])
 
 
 def _summarize(rows: list[dict], plan: SweepPlan, out: Path) -> list[dict]:

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
-from trainer.inference import LoadedSAE, load_sae
+from analysis.inference import LoadedSAE, load_sae
 
 # Per-latent activation histograms: log10 bins fixed in advance, so one pass serves every latent
 # whatever its scale (values outside land in the end bins).
@@ -428,7 +428,7 @@ def render_page(cfg: ReportConfig, sae: LoadedSAE, cache: Cache, hook: str, st: 
 
 def ce_summary(cfg: ReportConfig, sae: LoadedSAE, device: str) -> dict[str, str]:
     """`pipeline eval`'s headline numbers as summary rows (loads the cache's model)."""
-    from trainer.evaluate_ce import EvalConfig, evaluate_ce
+    from analysis.evaluate_ce import EvalConfig, evaluate_ce
 
     res = evaluate_ce(EvalConfig(sae=cfg.sae, cache=cfg.cache, split=cfg.split, contexts=cfg.ce_contexts,
                                  hook=cfg.hook, device=device), sae=sae)
@@ -454,7 +454,7 @@ def parse_latents(spec: str | None) -> list[int] | None:
 @torch.no_grad()
 def build_report(cfg: ReportConfig, sae: LoadedSAE | None = None, extra: dict[str, str] | None = None) -> Path:
     """Write OUT/index.html; returns its path. `extra` adds rows to the summary (e.g. CE results)."""
-    from trainer.evaluate_ce import resolve_hook
+    from analysis.evaluate_ce import resolve_hook
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     cache = Cache(cfg.cache)

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from cache_writer.model_adapter import (
-    HEAD_SUFFIX, ModelAdapter, _module_output, adapter_from_hooked_transformer, load_model, per_token,
+    HEAD_SUFFIX, ModelAdapter, module_output, adapter_from_hooked_transformer, load_model, per_token,
 )
 from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
-from trainer.inference import LoadedSAE, load_sae
+from analysis.inference import LoadedSAE, load_sae
 
 Replace = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(own, read) -> new: maps the replaced hook's activations at the stored positions (n, d) to what the
@@ -250,7 +250,7 @@ def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: to
         modules = dict(model.named_modules())
 
         def fn(module, inputs, output):
-            act = _module_output(output)
+            act = module_output(output)
             new = _replace_positions(per_token(act, *mask.shape, hook), mask, new_rows).reshape(act.shape)
             if isinstance(output, tuple):
                 return (new, *output[1:])
@@ -261,7 +261,7 @@ def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: to
         if read_hook is not None:
             handles.append(modules[read_hook].register_forward_hook(
                 lambda module, inputs, output: read.update(
-                    rows=per_token(_module_output(output), *mask.shape, read_hook)[mask])))
+                    rows=per_token(module_output(output), *mask.shape, read_hook)[mask])))
         handles.append(modules[hook].register_forward_hook(fn))
     try:
         return model(input_ids=tokens, use_cache=False).logits
@@ -415,3 +415,20 @@ def run_eval(cfg: EvalConfig) -> dict:
     res = evaluate_ce(cfg)
     print_results(res)
     return res
+
+
+def ce_columns(cache: str, contexts: int) -> Callable[[list[dict], Path, str], None]:
+    """For `trainer.sweep.run_sweep(evaluate_runs=...)`: adds CE loss recovered (zero and mean
+    ablation) and KL to the row of each exported run, on `contexts` eval contexts of `cache`, the
+    model loaded once."""
+
+    def add(rows: list[dict], out: Path, device: str) -> None:
+        adapter = load_cache_model(Cache(cache), device)
+        for row in rows:
+            if row["status"] == "ok":
+                ce = evaluate_ce(EvalConfig(sae=str(out / row["run"]), cache=cache, contexts=contexts, device=device),
+                                 adapter=adapter)
+                row.update(ce_recovered_zero=ce["ce_recovered_zero"], ce_recovered_mean=ce["ce_recovered_mean"],
+                           kl=ce["kl_spliced"])
+
+    return add
