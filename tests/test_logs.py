@@ -64,3 +64,14 @@ def test_metric_lines_of_a_large_run_fit_100_columns():
     lines += metric_lines(m, names)
     assert max(map(len, lines)) <= 100, [x for x in lines if len(x) > 100]
     assert "stopped: loss NaN/Inf" in lines[2 + 1 + 2 * 3]
+
+
+def test_cache_log_in_a_file_is_whole_lines(tmp_path):
+    """`pipeline cache` into a file: a line at every tenth of the way, not a bar of carriage returns."""
+    (tmp_path / "docs.txt").write_text("\n".join(f"line {i} of a small document about caching" for i in range(2000)))
+    lines = run_logged([sys.executable, "-m", "pipeline", "cache", "--model", "tiny", "--dataset",
+                        str(tmp_path / "docs.txt"), "--tokens", "20000", "--out", str(tmp_path / "c")], tmp_path, "cache")
+    assert not any("\r" in x for x in lines)
+    progress = [x for x in lines if x.startswith("caching: ")]
+    assert 5 <= len(progress) <= 11 and progress[-1].startswith("caching: 100%"), lines
+    assert all(len(x) <= 100 for x in lines if str(tmp_path) not in x), lines
