@@ -17,3 +17,8 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def values_to_device(values: list, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of Python `values` (dtype of `like`) on `like`'s device, queued without a host wait."""
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device)

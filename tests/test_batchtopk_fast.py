@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from trainer.kernels_batch import BatchTopKSelector, codes_from_dense, codes_from_topk
+from trainer.kernels.sparse import BatchTopKSelector, codes_from_dense, codes_from_topk
 from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk_per_run
 from trainer.sae_matryoshka import MatryoshkaConfig, MatryoshkaSAE
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer.kernels_gated as kg
-from trainer.kernels_gated import gated_sae
+from trainer.kernels.chunks import Chunks
+from trainer.kernels.gated import gated_sae
 from trainer.sae_gated import GatedConfig, GatedSAE
 
 NAMES = ("x", "W_enc", "b_gate", "r_mag", "b_mag", "b_dec", "W_dec")
@@ -44,22 +44,18 @@ def make_inputs(R: int, B: int, S: int, d: int, dtype: torch.dtype, seed: int, x
             randn(R, d, scale=0.3), randn(R, S, d, scale=0.5)]
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks(B: int, itemsize: int) -> Chunks:
     """Chunks of 7 latents (forward: some straddle two runs) and 16 (backward, the last one short:
     d_sae 40), whose elementwise work goes in pieces of 7 (the forward's size: 7, 7, 2 and 7, 1)."""
-    def set_for(B: int, itemsize: int) -> None:
-        monkeypatch.setattr(kg, "_FWD_CHUNK_BYTES", 7 * 2 * B * itemsize)
-        monkeypatch.setattr(kg, "_BWD_CHUNK_BYTES", 16 * 2 * B * itemsize)
-    return set_for
+    return Chunks(cpu_bytes=7 * 2 * B * itemsize, matmul_bytes=16 * 2 * B * itemsize)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("R", [1, 3])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_gated_sae_matches_autograd(small_chunks, dtype, R, frozen):
+def test_gated_sae_matches_autograd(dtype, R, frozen):
     B, S, d = 150, 40, 9
-    small_chunks(B, torch.empty((), dtype=dtype).element_size())
+    chunks = small_chunks(B, torch.empty((), dtype=dtype).element_size())
     inputs = make_inputs(R, B, S, d, dtype, seed=R + 10 * frozen)
     g = torch.Generator().manual_seed(99)
     grads_all = [torch.randn(R, B, S, generator=g, dtype=dtype), torch.randn(R, B, d, generator=g, dtype=dtype),
@@ -69,7 +65,7 @@ def test_gated_sae_matches_autograd(small_chunks, dtype, R, frozen):
     for need_x in (False, True):
         ours = [inputs[0].clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in inputs[1:]]
         theirs = [inputs[0].clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in inputs[1:]]
-        out, ref = gated_sae(*ours, frozen_l1_norms=frozen), reference(*theirs, frozen_l1_norms=frozen)
+        out, ref = gated_sae(*ours, frozen_l1_norms=frozen, chunks=chunks), reference(*theirs, frozen_l1_norms=frozen)
         for name, a, b in zip(("latents", "recon", "gate_recon", "l1", "l0", "fired"), out, ref):
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
         assert 0 < out[5].sum() < R * B * S  # some latents fire, not all
@@ -107,9 +103,9 @@ def test_per_run_input_and_default_chunks():
         torch.testing.assert_close(a.grad, b.grad, msg=lambda m: f"{name}: {m}")
 
 
-def test_gradcheck_float64(small_chunks):
+def test_gradcheck_float64():
     R, B, S, d = 2, 5, 7, 3
-    small_chunks(B, 8)
+    chunks = small_chunks(B, 8)
     x, W_enc, _, r_mag, _, b_dec, W_dec = make_inputs(R, B, S, d, torch.float64, seed=0)
     g = torch.Generator().manual_seed(1)
     # Kinks of the gate (pi_gate = 0) and of the magnitudes' ReLU (pi_mag = 0): keep every
@@ -119,11 +115,11 @@ def test_gradcheck_float64(small_chunks):
     W_enc = W_enc * 0.1
     params = [t.clone().requires_grad_() for t in (x, W_enc, b_gate, r_mag, b_mag, b_dec, W_dec)]
     with torch.no_grad():
-        lat = gated_sae(*params)[0]
+        lat = gated_sae(*params, chunks=chunks)[0]
     assert 0 < (lat > 0).sum() < lat.numel()
     # latents, recon and l1 (live decoder norms) in every input.
     def main_terms(*a):
-        out = gated_sae(*a)
+        out = gated_sae(*a, chunks=chunks)
         return out[0], out[1], out[3]
 
     assert torch.autograd.gradcheck(main_terms, tuple(params))
@@ -131,7 +127,7 @@ def test_gradcheck_float64(small_chunks):
     # frozen copy of W_dec: finite differences in those two inputs would see the frozen terms, so
     # they are constants here (b_dec's gradient through the gate: the reference tests above).
     def extra_terms(*a):
-        out = gated_sae(*a, b_dec, W_dec, frozen_l1_norms=True)
+        out = gated_sae(*a, b_dec, W_dec, frozen_l1_norms=True, chunks=chunks)
         return out[2], out[3]
 
     assert torch.autograd.gradcheck(extra_terms, tuple(params[:5]))

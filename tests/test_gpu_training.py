@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.test_architectures import ARCHS, sparse_batches, stack_configs
-from trainer.kernels import relu_sae
-from trainer.kernels_gated import gated_sae
-from trainer.kernels_jumprelu import jumprelu_sae
+from trainer.kernels.relu import relu_sae
+from trainer.kernels.gated import gated_sae
+from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.registry import get_architecture, registered_architectures
 from trainer.train import LoopConfig, explained_variance, train_stack
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import kernels
-from trainer.kernels_jumprelu import jumprelu_sae
+from trainer.kernels.chunks import CHUNKS, Chunks
+from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.sae_jumprelu import JumpReLUConfig, JumpReLUFunction, JumpReLUSAE, StepFunction
 
 
@@ -42,18 +42,18 @@ def _case(R: int, dtype: torch.dtype, seed: int, B: int = 700, S: int = 40, d: i
 @pytest.mark.parametrize("R", [1, 3])
 @pytest.mark.parametrize("need_x", [False, True])
 @pytest.mark.parametrize("small_chunks", [False, True])
-def test_matches_autograd_reference(dtype, R, need_x, small_chunks, monkeypatch):
+def test_matches_autograd_reference(dtype, R, need_x, small_chunks):
     inputs, eps = _case(R, dtype, seed=R + 10 * need_x)
     B, S, d = inputs[0].shape[0], inputs[1].shape[2], inputs[1].shape[1]
-    if small_chunks:  # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
-        monkeypatch.setattr(kernels, "_COUNT_CHUNK_BYTES", 7 * B * inputs[0].element_size())
+    # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
+    chunks = Chunks(cpu_bytes=7 * B * inputs[0].element_size()) if small_chunks else CHUNKS
     g = torch.Generator().manual_seed(99)
     g_lat, g_rec, g_l0 = (torch.randn(R, B, S, generator=g, dtype=dtype), torch.randn(R, B, d, generator=g, dtype=dtype),
                           torch.randn(R, generator=g, dtype=dtype))
 
     ours = [inputs[0].clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in inputs[1:]]
     theirs = [inputs[0].clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in inputs[1:]]
-    out = jumprelu_sae(*ours, eps)
+    out = jumprelu_sae(*ours, eps, chunks=chunks)
     ref = _reference(*theirs, eps)
     pre = ref[4]
     u = (pre - inputs[5].unsqueeze(1)) / eps.view(-1, 1, 1).to(dtype)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import kernels
-from trainer.kernels import chunk_rows, relu_sae, sparse_decode, sparse_pre_acts
+from trainer.kernels.chunks import CHUNKS, Chunks
+from trainer.kernels.relu import relu_sae
+from trainer.kernels.sparse import sparse_decode, sparse_pre_acts
 
 
 def _codes(R: int, B: int, S: int, k: int, dtype: torch.dtype, g: torch.Generator):
@@ -80,11 +81,11 @@ def test_sparse_pre_acts_gradients_match_dense(dtype, R, x_per_run):
 @pytest.mark.parametrize("R", [1, 3])
 @pytest.mark.parametrize("small_chunks", [False, True])
 @pytest.mark.parametrize("x_per_run", [False, True])
-def test_relu_sae_matches_dense(dtype, R, small_chunks, x_per_run, monkeypatch):
+def test_relu_sae_matches_dense(dtype, R, small_chunks, x_per_run):
     g = torch.Generator().manual_seed(20 + R)
     B, S, d = 150, 40, 9
-    if small_chunks:  # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
-        monkeypatch.setattr(kernels, "_COUNT_CHUNK_BYTES", 7 * B * torch.finfo(dtype).bits // 8)
+    # 7 latents a chunk: the chunked passes' loops (the last chunk short); else one chunk
+    chunks = Chunks(cpu_bytes=7 * B * torch.finfo(dtype).bits // 8) if small_chunks else CHUNKS
     x = torch.randn(*((R,) if x_per_run else ()), B, d, generator=g, dtype=dtype)
     params = [torch.randn(R, d, S, generator=g, dtype=dtype), torch.randn(R, S, generator=g, dtype=dtype) - 0.5,
               torch.randn(R, d, generator=g, dtype=dtype), torch.randn(R, S, d, generator=g, dtype=dtype)]
@@ -102,7 +103,7 @@ def test_relu_sae_matches_dense(dtype, R, small_chunks, x_per_run, monkeypatch):
     for need_x in (False, True):
         ours = [x.clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in params]
         theirs = [x.clone().requires_grad_(need_x)] + [p.clone().requires_grad_() for p in params]
-        out, ref = relu_sae(*ours), dense(*theirs)
+        out, ref = relu_sae(*ours, chunks=chunks), dense(*theirs)
         for a, b in zip(out, ref):  # latents, recon, l1, then the exact counts l0 and fired
             torch.testing.assert_close(a, b)
         assert out[4].sum() == (ref[0] > 0).sum() and not out[3].requires_grad
@@ -148,7 +149,7 @@ def test_gradcheck_float64():
 
 def test_chunks_fit_the_cache_on_cpu_and_are_large_on_a_gpu():
     row = 4096 * 4  # a latent-major row of batch 4096, float32
-    assert chunk_rows(row, torch.device("cpu")) == (1 << 21) // row == 128
-    assert chunk_rows(row, torch.device("cpu"), cpu_bytes=1 << 25) == 2048
+    assert CHUNKS.rows(row, torch.device("cpu")) == (1 << 21) // row == 128
+    assert CHUNKS.rows(row, torch.device("cpu"), cpu_bytes=1 << 25) == 2048
     # On a GPU each chunk costs kernel launches, not cache misses: d_sae 32768 is 2 chunks, not 256.
-    assert chunk_rows(row, torch.device("cuda")) == (1 << 28) // row == 16384
+    assert CHUNKS.rows(row, torch.device("cuda")) == (1 << 28) // row == 16384

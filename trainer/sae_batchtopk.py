@@ -25,7 +25,7 @@ inference L0 over that data is exactly k. Runs in one stack share d_in and d_sae
 aux_k_coef, dead_tokens_threshold, threshold_lr and the seed may differ per run.
 
 The training step computes the same thing as autograd through the formulas above, without their
-dense work (trainer.kernels_batch): the pre-activations are computed without a graph, the top k*B
+dense work (trainer.kernels.sparse): the pre-activations are computed without a graph, the top k*B
 is found exactly from a threshold guessed below it (a compare pass and an order statistic over
 ~1.2 k*B candidates, not a `topk` over all B * d_sae values), and the kept entries, a variable
 number per token, go through sparse decoder and encoder kernels whose backward touches only them.
@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 import torch
 
 from pipeline.errors import PipelineError
-from trainer.kernels_batch import BatchCodes, BatchTopKSelector, codes_from_dense, codes_from_flat, codes_from_topk, \
+from trainer.kernels.sparse import BatchCodes, BatchTopKSelector, codes_from_dense, codes_from_flat, codes_from_topk, \
     segment_decode, segment_pre_acts
 from trainer.registry import register_architecture
 from trainer.sae_jumprelu import jumprelu, load_threshold
@@ -96,7 +96,7 @@ class BatchTopKSAE(TopKSAE):
         # and the number of batches it has seen (the moving average starts as a plain mean).
         self.register_buffer("threshold", torch.zeros(R, d_sae))
         self.register_buffer("threshold_batches", torch.zeros(R, dtype=torch.long))
-        # Finds the batch-wide top k*B exactly without sorting every value (trainer.kernels_batch);
+        # Finds the batch-wide top k*B exactly without sorting every value (trainer.kernels.sparse);
         # its state is a guess that only saves work, so it is not saved with the model.
         self._selector = BatchTopKSelector()
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from trainer.kernels_gated import gated_sae
+from trainer.kernels.gated import gated_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run, shared
 
@@ -78,7 +78,7 @@ class GatedSAE(StackedSAE):
     unit_norm_decoder = False
     # The auxiliary reconstruction adds a decoder product and its gradient to the five of an SAE step.
     dense_matmuls = 7
-    # trainer.kernels_gated: measured faster on CPU (BENCHMARKS.md); chunked for a CPU cache, float32.
+    # trainer.kernels.gated: measured faster on CPU (BENCHMARKS.md); chunked for a CPU cache, float32.
     fused_on = frozenset({"cpu"})
     fused_autocast = False
 
@@ -138,7 +138,7 @@ class GatedSAE(StackedSAE):
         through the frozen decoder; aux_loss = l1_scale * l1_coefficient * l1 + gate_recon_mse, so
         loss = mse + aux_loss. Backpropagate `loss.sum()`."""
         self._check_input(x)
-        if self.use_fused(x):  # trainer.kernels_gated: the same step, fused (latent-major, chunked)
+        if self.use_fused(x):  # trainer.kernels.gated: the same step, fused (latent-major, chunked)
             latents, recon, gate_recon, l1, l0, fired = gated_sae(
                 x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.b_dec, self.W_dec, frozen_l1_norms=True)
         else:

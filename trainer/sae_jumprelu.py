@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from trainer.kernels_jumprelu import jumprelu_sae
+from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run, shared
 
@@ -144,7 +144,7 @@ class JumpReLUSAE(StackedSAE):
     supports_transcoder = True
     # Unit-norm decoder rows (the loop projects gradients and renormalises, trainer.optim).
     unit_norm_decoder = True
-    # trainer.kernels_jumprelu: measured faster on CPU (BENCHMARKS.md); chunked for a CPU cache, float32.
+    # trainer.kernels.jumprelu: measured faster on CPU (BENCHMARKS.md); chunked for a CPU cache, float32.
     fused_on = frozenset({"cpu"})
     fused_autocast = False
 
@@ -230,7 +230,7 @@ class JumpReLUSAE(StackedSAE):
         `loss.sum()`: runs share no parameters."""
         self._check_input(x)
         bandwidth = self.bandwidth * self.data_scale  # (R,): in the data's units
-        if self.use_fused(x):  # trainer.kernels_jumprelu: the same step, fused (latent-major, chunked)
+        if self.use_fused(x):  # trainer.kernels.jumprelu: the same step, fused (latent-major, chunked)
             latents, recon, l0, fired = jumprelu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec,
                                                      self.threshold, bandwidth)
         else:

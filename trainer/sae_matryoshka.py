@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import PipelineError
-from trainer.kernels import counts
-from trainer.kernels_batch import BatchCodes, segment_decode
+from trainer.kernels.chunks import counts
+from trainer.kernels.sparse import BatchCodes, segment_decode
 from trainer.registry import register_architecture
 from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE
 from trainer.stack import shared

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from trainer.kernels import relu_sae
+from trainer.kernels.relu import relu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run, shared
 
@@ -54,7 +54,7 @@ class StandardSAE(StackedSAE):
     supports_transcoder = True
     # The L1 term already charges for decoder norm, so the decoder is left free.
     unit_norm_decoder = False
-    # trainer.kernels.relu_sae: measured faster on CPU (BENCHMARKS.md); its chunked passes are sized
+    # trainer.kernels.relu.relu_sae: measured faster on CPU (BENCHMARKS.md); its chunked passes are sized
     # for a CPU cache, and it computes in float32.
     fused_on = frozenset({"cpu"})
     fused_autocast = False
@@ -91,7 +91,7 @@ class StandardSAE(StackedSAE):
         MSE). `target`: what a transcoder reconstructs (None: x). Backpropagate `loss.sum()`: runs
         share no parameters."""
         self._check_input(x)
-        if self.use_fused(x):  # trainer.kernels.relu_sae: the same step, fused (latent-major, chunked)
+        if self.use_fused(x):  # trainer.kernels.relu.relu_sae: the same step, fused (latent-major, chunked)
             latents, recon, l1, l0, fired = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
         else:
             latents = self.pre_acts(x).relu()

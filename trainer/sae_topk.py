@@ -17,7 +17,9 @@ from typing import Sequence
 import torch
 
 from pipeline.errors import PipelineError
-from trainer.kernels import counts, host_to_device, sparse_decode, sparse_pre_acts
+from pipeline.transfer import values_to_device
+from trainer.kernels.chunks import counts
+from trainer.kernels.sparse import sparse_decode, sparse_pre_acts
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, per_run
 
@@ -122,7 +124,7 @@ class TopKSAE(StackedSAE):
         """k annealing: the k each run uses at this step (host values, so no device sync)."""
         ks = [c.k_at(step) for c in self.cfgs]
         if ks != self._k_host:
-            self.k.copy_(host_to_device(ks, self.k))
+            self.k.copy_(values_to_device(ks, self.k))
             self._k_host, self.k_max = ks, max(ks)
 
     def after_step(self, out: dict[str, torch.Tensor], n_tokens: int) -> None:
@@ -207,7 +209,7 @@ class TopKSAE(StackedSAE):
         fused = self.use_fused(x)
         if fused:
             # Every pre-activation is needed only to choose the top k (and the AuxK candidates); the
-            # gradient flows through the chosen ones (trainer.kernels.sparse_pre_acts), so there is no
+            # gradient flows through the chosen ones (trainer.kernels.sparse.sparse_pre_acts), so there is no
             # graph over (R, B, d_sae), and the decoder sums k rows per token (sparse_decode).
             with torch.no_grad():
                 pre = self.pre_acts(x)

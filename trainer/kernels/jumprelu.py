@@ -14,7 +14,7 @@ K(u) = 1 on (-1/2, 1/2), bandwidth eps in data units, band = K((pre - theta) / e
 
 Autograd through `JumpReLUFunction` and `StepFunction` keeps `pre` twice over and makes about a
 dozen full passes over (R, B, d_sae) tensors that do not fit in cache (the comparisons, the kernel,
-the products, the sums, each backward's temporaries). Here, as in `trainer.kernels.relu_sae`:
+the products, the sums, each backward's temporaries). Here, as in `trainer.kernels.relu.relu_sae`:
 
 - b_enc rides in the encoder matmul as an extra input column, and the latents are computed and kept
   latent-major, (R, d_sae, B): every per-latent reduction is then a contiguous row sum.
@@ -35,12 +35,7 @@ each take 8-10x the time of a float op on the same chunk. So H and K are 0/1 flo
 comparisons (counts are their row sums, exact up to 2**24 tokens), the band is stored with one
 float-to-bool copy, and the backward reads it back through a uint8 view (a fast conversion).
 
-Measured (benchmarks/bench_trainer.py, 2 threads, batch 4096, d_in 128): the step went from 0.4 to
-0.8-0.94 of the dense-matmul time at d_sae 2048-32768, and to 0.85-1.04 with the ReLU kernel's
-transposed W_enc gradient and padded rows (`trainer.kernels.encoder_grads`, `padded_empty`).
-Computing the band from three comparisons with per-latent bounds (no division) instead was no
-faster, and b_enc added in the chunked pass (an encoder matmul of width d_in, not d_in + 1) no
-faster either.
+The measurements behind these choices are in BENCHMARKS.md ("Kernel design choices").
 """
 
 from __future__ import annotations
@@ -50,10 +45,11 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones, chunk_rows, encoder_grads, padded_empty, threshold_backward_
+from trainer.kernels.chunks import CHUNKS, Chunks, padded_empty, threshold_backward_
+from trainer.kernels.relu import centred_with_ones, encoder_grads
 
 
-def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
+def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor, chunks: Chunks
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn `pre_t (R, S, B)` (latent-major) into the JumpReLU latents in place; return
     `(band (R, S, B) bool, band_count (R, S), fired (R, S))`.
@@ -65,7 +61,7 @@ def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
     band = torch.empty(R, S, B, dtype=torch.bool, device=pre_t.device)
     band_count = pre_t.new_empty(R, S)
     fired = pre_t.new_empty(R, S)
-    rows = chunk_rows(B * pre_t.element_size(), pre_t.device)
+    rows = chunks.rows(B * pre_t.element_size(), pre_t.device)
     buf = pre_t.new_empty(min(rows, S), B)
     step = pre_t.new_empty(min(rows, S), B)
     for r in range(R):
@@ -89,21 +85,21 @@ def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
 class _JumpReLUSAE(Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                W_dec: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                W_dec: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor, chunks: Chunks) -> tuple[torch.Tensor, ...]:
         R, d, S = W_enc.shape
         B = x.shape[-2]
         # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).
         x_aug = centred_with_ones(x, b_dec)
         W_enc_aug = torch.cat([W_enc, b_enc.unsqueeze(1)], dim=1)
-        # (R, S, B): pre, in rows padded by a cache line (trainer.kernels.padded_empty).
+        # (R, S, B): pre, in rows padded by a cache line (trainer.kernels.chunks.padded_empty).
         latents_t = torch.bmm(W_enc_aug.transpose(1, 2), x_aug.transpose(1, 2), out=padded_empty(x_aug, R, S, B))
         eps = eps.to(latents_t.dtype)
-        band, band_count, fired = _jump_and_count_(latents_t, theta.detach(), eps)
+        band, band_count, fired = _jump_and_count_(latents_t, theta.detach(), eps, chunks)
         latents = latents_t.transpose(1, 2)
         recon = torch.baddbmm(b_dec.unsqueeze(1), latents, W_dec)
         l0 = fired.sum(dim=-1) / B  # the mean over tokens of their active latents
         ctx.save_for_backward(x_aug, W_enc, W_dec, theta, eps, band_count, latents_t, band)
-        ctx.x_dim = x.dim()
+        ctx.x_dim, ctx.chunks = x.dim(), chunks
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(fired)
         return latents, recon, l0, fired
@@ -114,7 +110,7 @@ class _JumpReLUSAE(Function):
         x_aug, W_enc, W_dec, theta, eps, band_count, latents_t, band = ctx.saved_tensors
         R, d, S = W_enc.shape
         B = latents_t.shape[2]
-        need_x, need_W_enc, need_b_enc, need_b_dec, need_W_dec, need_theta, _ = ctx.needs_input_grad
+        need_x, need_W_enc, need_b_enc, need_b_dec, need_W_dec, need_theta, _, _ = ctx.needs_input_grad
         grad_x = grad_W_enc = grad_b_enc = grad_b_dec = grad_W_dec = grad_theta = None
         if need_W_dec:
             grad_W_dec = torch.bmm(latents_t, grad_recon) if grad_recon is not None else torch.zeros_like(W_dec)
@@ -130,7 +126,7 @@ class _JumpReLUSAE(Function):
                 grad_t = grad_latents.transpose(1, 2).contiguous()
             band_dot = grad_t.new_empty(R, S)
             grad_b_enc = grad_t.new_empty(R, S)
-            rows = chunk_rows(B * grad_t.element_size(), grad_t.device)
+            rows = ctx.chunks.rows(B * grad_t.element_size(), grad_t.device)
             buf = grad_t.new_empty(min(rows, S), B)
             band_u8 = band.view(torch.uint8)
             for r in range(R):
@@ -154,11 +150,11 @@ class _JumpReLUSAE(Function):
         if grad_recon is not None:
             grad_b_dec = grad_recon.sum(dim=1) if grad_b_dec is None else grad_b_dec + grad_recon.sum(dim=1)
         return (grad_x, grad_W_enc if need_W_enc else None, grad_b_enc if need_b_enc else None,
-                grad_b_dec if need_b_dec else None, grad_W_dec, grad_theta, None)
+                grad_b_dec if need_b_dec else None, grad_W_dec, grad_theta, None, None)
 
 
 def jumprelu_sae(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                 W_dec: torch.Tensor, threshold: torch.Tensor, bandwidth: torch.Tensor
+                 W_dec: torch.Tensor, threshold: torch.Tensor, bandwidth: torch.Tensor, chunks: Chunks = CHUNKS
                  ) -> tuple[torch.Tensor, ...]:
     """A JumpReLU SAE's forward for R runs: `(latents (R, B, d_sae), recon (R, B, d_in), l0 (R,),
     fired (R, d_sae))`.
@@ -171,4 +167,4 @@ def jumprelu_sae(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_de
     `bandwidth (R,)` (the kernel's width, in the pre-activations' units) gets none. Differentiable in
     x, W_enc, b_enc, b_dec, W_dec and the threshold; x's gradient (a full matmul) is computed only
     when x requires one. Shapes as `StackedSAE.pre_acts` and `decode`."""
-    return _JumpReLUSAE.apply(x, W_enc, b_enc, b_dec, W_dec, threshold, bandwidth)
+    return _JumpReLUSAE.apply(x, W_enc, b_enc, b_dec, W_dec, threshold, bandwidth, chunks)

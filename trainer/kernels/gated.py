@@ -7,7 +7,7 @@ projection, pi_gate, pi_mag, the Heaviside mask, the latents, the gate's ReLU, t
 their gradients), streams each through memory once or twice per pass, runs the two decoder
 products and their two gradients as four separate matmuls, and computes the gradient of the
 centred input (an extra batch x d_in x d_sae matmul) only to sum it for b_dec. `gated_sae` does
-what `trainer.kernels.relu_sae` does for the ReLU SAE, and a little more:
+what `trainer.kernels.relu.relu_sae` does for the ReLU SAE, and a little more:
 
 - Latent-major storage, (R, d_sae, B): per-latent reductions (firing counts, the gate's batch
   sums, the bias gradients) sum contiguous rows, and the matmuls are as fast as token-major
@@ -28,8 +28,8 @@ what `trainer.kernels.relu_sae` does for the ReLU SAE, and a little more:
   halves), reduced to the bias gradients (one row sum) and turned into the projection's gradient
   in place, then consumed by the chunk's grad W_enc and grad W_dec: the (R, d_sae, 2B) gradient is
   never materialized. Those three elementwise ops go through the chunk in pieces of the forward's
-  (cache-sized) chunk, so each piece is read from memory once for all three (profiled, d_sae
-  2048: the sum and the addcmul 4.0 -> 1.4 ms a step).
+  (cache-sized) chunk, so each piece is read from memory once for all three (BENCHMARKS.md,
+  "Kernel design choices").
 - r_mag's gradient sum_b grad_pi_mag * proj * exp(r_mag) = sum_b grad_pi_mag * (latents - b_mag)
   (pi_mag equals the latents wherever its gradient is non-zero), and sum_b grad_pi_mag * latents is
   the row-wise dot of W_dec with latents_t @ grad_recon, grad W_dec's own product: no pass at all.
@@ -44,31 +44,13 @@ from typing import Any
 import torch
 from torch.autograd import Function
 
-from trainer.kernels import chunk_rows, padded_empty, threshold_backward_
-
-# Bytes of the (R, d_sae, 2B) tensor per chunk of the forward's elementwise pass on a CPU: a chunk's
-# rows and their temporaries stay in cache (as trainer.kernels' ReLU-and-count pass; on a GPU,
-# `chunk_rows` makes chunks large).
-_FWD_CHUNK_BYTES = 1 << 21
-# Bytes of the backward's (latents, 2B) gradient chunk. Larger than the forward's: each chunk's
-# gradient comes from a matmul whose other operand (d_in + 1, 2B) is re-packed per call, and small
-# chunks make that matmul up to 2x slower (measured, d_sae 2048-32768, batch 4096: 16 MiB and 64 MiB
-# chunks were 3-7% slower steps than 32 MiB).
-_BWD_CHUNK_BYTES = 1 << 25
-
-
-def _row_chunks(rows: int, *tensors: torch.Tensor) -> zip:
-    """Chunks of `rows` latents of every (R, S) or (R, S, n) tensor, zipped: each as (R * S, n)
-    views split in one call (cheaper than slicing per chunk; the chunks' ops are short). A chunk may
-    hold the last latents of one run and the first of the next: every op here is row by row."""
-    return zip(*((t if t.dim() == 3 else t.unsqueeze(-1)).flatten(0, 1).split(rows) for t in tensors))
-
+from trainer.kernels.chunks import CHUNKS, Chunks, padded_empty, row_chunks, threshold_backward_
 
 class _GatedSAE(Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor,
                 b_mag: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
-                frozen_l1_norms: bool) -> tuple[torch.Tensor, ...]:
+                frozen_l1_norms: bool, chunks: Chunks) -> tuple[torch.Tensor, ...]:
         R, d, S = W_enc.shape
         B = x.shape[-2]
         x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d)
@@ -87,8 +69,8 @@ class _GatedSAE(Function):
         fired = x_c.new_empty(R, S)
         gate_sum = x_c.new_empty(R, S)
         # Rows of 2B values: the latents and the gate's ReLU side by side.
-        rows = chunk_rows(2 * B * both.element_size(), both.device, _FWD_CHUNK_BYTES)
-        for chunk, sc, bm, f, gs in _row_chunks(rows, both, scale, mag_bias, fired, gate_sum):
+        rows = chunks.rows(2 * B * both.element_size(), both.device)
+        for chunk, sc, bm, f, gs in row_chunks(rows, both, scale, mag_bias, fired, gate_sum):
             m, g = chunk[:, :B], chunk[:, B:]
             # (mul and add_: an addcmul with a broadcast first operand is 5x slower.)
             torch.mul(g, sc, out=m).add_(bm)
@@ -106,7 +88,7 @@ class _GatedSAE(Function):
         l1 = (gate_sum * norms).sum(dim=-1) / B
         l0 = fired.sum(dim=-1) / B
         ctx.save_for_backward(x_c, W_enc, scale, b_mag, W_dec, norms, gate_sum, both)
-        ctx.x_dim, ctx.frozen_l1_norms = x.dim(), frozen_l1_norms
+        ctx.x_dim, ctx.frozen_l1_norms, ctx.chunks = x.dim(), frozen_l1_norms, chunks
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(l0, fired)
         return lat_t.transpose(1, 2), recons[:, :B], recons[:, B:], l1, l0, fired
@@ -119,7 +101,7 @@ class _GatedSAE(Function):
         R, d, S = W_enc.shape
         B = both.shape[2] // 2
         lat_t = both[..., :B]
-        need_x, need_W_enc, need_b_gate, need_r_mag, need_b_mag, need_b_dec, need_W_dec, _ = ctx.needs_input_grad
+        need_x, need_W_enc, need_b_gate, need_r_mag, need_b_mag, need_b_dec, need_W_dec, _, _ = ctx.needs_input_grad
         # The L1's pull on the decoder norms, unless they count as a frozen copy's.
         l1_to_W_dec = grad_l1 if not ctx.frozen_l1_norms else None
         grads: dict[str, torch.Tensor | None] = dict.fromkeys(
@@ -163,9 +145,11 @@ class _GatedSAE(Function):
             # That gradient is formed one chunk of latents at a time (module docstring): every other
             # backward matmul splits by latent, so the whole (S, 2B) gradient is never materialized.
             row_bytes = 2 * B * both.element_size()
-            rows = min(S, chunk_rows(row_bytes, both.device, _BWD_CHUNK_BYTES))
+            # The gradient chunk is sized for its matmul (`Chunks.matmul_bytes`), its elementwise
+            # work for the cache (`Chunks.cpu_bytes`).
+            rows = min(S, ctx.chunks.rows(row_bytes, both.device, ctx.chunks.matmul_bytes))
             grad_chunk = padded_empty(both, rows, 2 * B)
-            sub = chunk_rows(row_bytes, both.device, _FWD_CHUNK_BYTES)
+            sub = ctx.chunks.rows(row_bytes, both.device)
             scratch = None if dot_from_W_dec else both.new_empty(rows, B)
             for r in range(R):
                 for start in range(0, S, rows):
@@ -217,12 +201,12 @@ class _GatedSAE(Function):
             # recon's b_dec (gate_recon's is a frozen copy).
             grads["b_dec"] = grad_recon.sum(dim=1) if grads["b_dec"] is None else grads["b_dec"] + grad_recon.sum(dim=1)
         needs = (need_x, need_W_enc, need_b_gate, need_r_mag, need_b_mag, need_b_dec, need_W_dec)
-        return (*(g if need else None for g, need in zip(grads.values(), needs)), None)
+        return (*(g if need else None for g, need in zip(grads.values(), needs)), None, None)
 
 
 def gated_sae(x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor,
               b_mag: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
-              frozen_l1_norms: bool = False) -> tuple[torch.Tensor, ...]:
+              frozen_l1_norms: bool = False, chunks: Chunks = CHUNKS) -> tuple[torch.Tensor, ...]:
     """A gated SAE's forward for R runs: `(latents (R, B, d_sae), recon (R, B, d_in),
     gate_recon (R, B, d_in), l1 (R,), l0 (R,), fired (R, d_sae))`.
 
@@ -237,4 +221,4 @@ def gated_sae(x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag:
     magnitudes only: H passes no gradient); x's gradient (a full matmul) is computed only when x
     requires one. Shapes: x (B, d_in) or (R, B, d_in), W_enc (R, d_in, d_sae), b_gate, r_mag, b_mag
     (R, d_sae), b_dec (R, d_in), W_dec (R, d_sae, d_in)."""
-    return _GatedSAE.apply(x, W_enc, b_gate, r_mag, b_mag, b_dec, W_dec, frozen_l1_norms)
+    return _GatedSAE.apply(x, W_enc, b_gate, r_mag, b_mag, b_dec, W_dec, frozen_l1_norms, chunks)

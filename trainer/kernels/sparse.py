@@ -1,7 +1,21 @@
-"""The batch-wide top-k of a BatchTopK (and Matryoshka) training step, and sparse kernels for
-codes with a variable number of latents per token.
+"""Sparse kernels of the TopK family's training step, batched over the run dimension R.
 
-Autograd through `topk` over the flattened (batch x d_sae) pre-activations, a dense scatter and a
+A TopK decoder reads only k of d_sae latents per token, but a dense `latents @ W_dec` (and its two
+backward matmuls) touch all of them. Here the decoder sums the selected decoder rows instead
+(`embedding_bag` with per-sample weights), and the encoder gets the gradient of the selected
+pre-activations only: every gradient of the step costs O(batch * k * d_in) instead of
+O(batch * d_sae * d_in).
+
+- Fixed k per token (TopK): codes are `idx (R, B, k)` (latent ids) with `vals (R, B, k)`:
+  `sparse_decode`, `sparse_pre_acts`.
+- A variable number per token (BatchTopK, Matryoshka): the kept entries as compressed sparse rows
+  (`BatchCodes`): `segment_decode`, `segment_pre_acts`, and the batch-wide selection itself.
+
+Per-latent sums (the gradients of W_dec and W_enc) gather with a stable sort and `embedding_bag`,
+deterministic on CPU and CUDA (no atomics), so a resumed run repeats an uninterrupted one bit for
+bit.
+
+The variable-length part in detail. Autograd through `topk` over the flattened (batch x d_sae) pre-activations, a dense scatter and a
 dense decoder costs a full sort-like pass and three dense matmuls the step does not need. Here:
 
 1. **Selection without a sort of every value.** The top n = k * batch of each run is found
@@ -20,10 +34,11 @@ dense decoder costs a full sort-like pass and three dense matmuls the step does 
 3. **Gradients touching only the kept entries.** `segment_decode` sums decoder rows per bag
    (`embedding_bag` with offsets, so bags may hold any number of entries: a token for BatchTopK,
    a (token, prefix group) pair for Matryoshka) and `segment_pre_acts` gives the encoder the
-   gradient of the kept pre-activations only, as `trainer.kernels.sparse_decode` /
-   `sparse_pre_acts` do for fixed-k codes: O(kept * d_in) instead of O(batch * d_sae * d_in).
-   Per-latent sums go through `embedding_bag` over the latent-grouped order, which is
-   deterministic (no atomics), so a resumed run repeats an uninterrupted one bit for bit.
+   gradient of the kept pre-activations only, as `sparse_decode` / `sparse_pre_acts` do for
+   fixed-k codes: O(kept * d_in) instead of O(batch * d_sae * d_in).
+4. **On a GPU, no host sync.** The threshold selector reads candidate counts back (cheap on a CPU);
+   `codes_from_topk` finds the same entries with one fixed-size `topk` per run instead
+   (`BatchTopKSAE.selection`).
 """
 
 from __future__ import annotations
@@ -36,7 +51,137 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from trainer.kernels import centred_with_ones, chunk_rows, counts
+from trainer.kernels.chunks import CHUNKS, Chunks, counts
+from trainer.kernels.relu import centred_with_ones
+
+
+# -- fixed k per token ---------------------------------------------------------------------------
+
+def _flat_codes(idx: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """(R, B, k) latent ids -> (R * B, k) row ids into a (R * n_latents, d) table of all runs."""
+    R, B, k = idx.shape
+    offsets = torch.arange(R, device=idx.device).mul_(n_latents).view(R, 1, 1)
+    return (idx + offsets).view(R * B, k)
+
+
+def _bag_sum(codes: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(N, d): row n is sum_s weights[n, s] * table[codes[n, s]]."""
+    return F.embedding_bag(codes, table, per_sample_weights=weights, mode="sum")
+
+
+def _transposed_bag_sum(codes: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
+                        n_out: int) -> torch.Tensor:
+    """(n_out, d): row j is sum over (n, s) with codes[n, s] == j of weights[n, s] * rows[n].
+
+    The transpose of `_bag_sum`: a stable sort groups the entries by code, and `embedding_bag`
+    over those groups sums each one in a fixed order (no scatter, no atomics)."""
+    k = codes.shape[1]
+    flat = codes.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    per_code = counts(flat, n_out)
+    starts = per_code.cumsum(0).sub_(per_code)
+    return F.embedding_bag(order.div(k, rounding_mode="floor"), rows, starts,
+                           per_sample_weights=weights.reshape(-1)[order], mode="sum")
+
+
+def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, chunks: Chunks) -> torch.Tensor:
+    """(N, k): entry (n, s) is table[codes[n, s]] . rows[n]."""
+    N, k = codes.shape
+    out = rows.new_empty(N, k)
+    row_bytes = k * table.shape[1] * table.element_size()  # a row of the gathered temporary
+    step = chunks.rows(row_bytes, rows.device, chunks.gather_rows * row_bytes)
+    for start in range(0, N, step):
+        stop = min(N, start + step)
+        picked = table.index_select(0, codes[start:stop].reshape(-1)).view(stop - start, k, -1)
+        # Multiply-and-sum rather than bmm: a batch of (k x d) @ (d x 1) products is 3x slower.
+        torch.sum(picked.mul_(rows[start:stop].unsqueeze(1)), dim=-1, out=out[start:stop])
+    return out
+
+
+class _SparseDecode(Function):
+    @staticmethod
+    def forward(ctx: Any, idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, chunks: Chunks) -> torch.Tensor:
+        R, B, k = idx.shape
+        _, S, d = W_dec.shape
+        codes = _flat_codes(idx, S)
+        ctx.save_for_backward(codes, vals, W_dec)
+        ctx.chunks = chunks
+        return _bag_sum(codes, vals.reshape(R * B, k), W_dec.reshape(R * S, d)).view(R, B, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
+        codes, vals, W_dec = ctx.saved_tensors
+        R, S, d = W_dec.shape
+        B, k = vals.shape[1], vals.shape[2]
+        grad_rows = grad_out.reshape(R * B, d)
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_vals = _rowwise_dot(codes, W_dec.reshape(R * S, d), grad_rows, ctx.chunks).view(R, B, k)
+        if ctx.needs_input_grad[2]:
+            grad_W = _transposed_bag_sum(codes, vals.reshape(R * B, k), grad_rows, R * S).view(R, S, d)
+        return None, grad_vals, grad_W, None
+
+
+def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, chunks: Chunks = CHUNKS) -> torch.Tensor:
+    """`(R, B, d_in)`: out[r, b] = sum_s vals[r, b, s] * W_dec[r, idx[r, b, s]], without b_dec.
+
+    Equals `dense(vals) @ W_dec` for the dense (R, B, d_sae) latents that hold `vals` at `idx`
+    (ids distinct within a row), in O(B * k * d_in) forward and backward. `idx (R, B, k)` long,
+    `vals (R, B, k)`, `W_dec (R, d_sae, d_in)`; differentiable in vals and W_dec. Computes in W_dec's
+    dtype (bf16 activations from autocast are cast up: a gather needs no matrix unit)."""
+    return _SparseDecode.apply(idx, vals.to(W_dec.dtype), W_dec, chunks)
+
+
+class _SparsePreActs(Function):
+    @staticmethod
+    def forward(ctx: Any, selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx, x, W_enc, b_dec)
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        idx, x, W_enc, b_dec = ctx.saved_tensors
+        R, d, S = W_enc.shape
+        B, k = idx.shape[1], idx.shape[2]
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[2:6]
+        codes = _flat_codes(idx, S)
+        grad_flat = grad.reshape(R * B, k)
+        grad_x = grad_W = grad_b_enc = grad_b_dec = None
+        if need_W or need_b_enc or need_b_dec:
+            # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
+            x_aug = centred_with_ones(x, b_dec).view(R * B, d + 1)
+            per_latent = _transposed_bag_sum(codes, grad_flat, x_aug, R * S).view(R, S, d + 1)
+            if need_W:
+                grad_W = per_latent[..., :d].transpose(1, 2)
+            grad_b_enc = per_latent[..., d]
+        if need_x or need_b_dec:
+            if need_x:
+                # d pre / d x_c: the selected encoder columns, summed with the gradient as weights.
+                W_t = W_enc.transpose(1, 2).reshape(R * S, d)
+                grad_xc = _bag_sum(codes, grad_flat, W_t).view(R, B, d)
+                grad_x = grad_xc if x.dim() == 3 else grad_xc.sum(dim=0)
+                grad_b_dec = -grad_xc.sum(dim=1)
+            else:
+                # The batch sum of d pre / d x_c, without forming it per token: W_enc @ grad_b_enc.
+                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+        return (None, None, grad_x, grad_W, grad_b_enc if need_b_enc else None,
+                grad_b_dec if need_b_dec else None)
+
+
+def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                    b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """The pre-activations `(x - b_dec) @ W_enc + b_enc` at `idx (R, B, k)`, differentiable in x,
+    W_enc, b_enc and b_dec with a backward that touches only those B * k entries.
+
+    `selected` holds their values, already computed (a TopK step computes every pre-activation
+    without autograd to choose idx; the values are then gathered, not computed again). Shapes as
+    `StackedSAE.pre_acts`: x (B, d_in) or (R, B, d_in), W_enc (R, d_in, d_sae), b_enc (R, d_sae),
+    b_dec (R, d_in). Computes in W_enc's dtype, as `sparse_decode`."""
+    return _SparsePreActs.apply(selected.to(W_enc.dtype), idx, x.to(W_enc.dtype), W_enc, b_enc, b_dec)
+
+
+# -- a variable number per token ------------------------------------------------------------------
 
 # Candidates aimed for per kept entry when the threshold is guessed: enough that the guess rarely
 # lets fewer than n through (which costs a second pass), few enough that the order statistic over
@@ -44,8 +189,6 @@ from trainer.kernels import centred_with_ones, chunk_rows, counts
 _CANDIDATE_MARGIN = 1.2
 # Rows of a run's pre-activations sampled for a first guess of its threshold.
 _SAMPLE_ROWS = 128
-# Entries per chunk of the gather in `_entry_dot`: two (chunk, d) temporaries that stay in cache.
-_DOT_CHUNK = 2048
 
 
 @dataclass
@@ -237,11 +380,12 @@ class BatchTopKSelector:
 
 # -- sparse kernels over variable-length bags ----------------------------------------------------
 
-def _entry_dot(table: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+def _entry_dot(table: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor,
+               chunks: Chunks) -> torch.Tensor:
     """(nnz,): entry e is table[codes[e]] . rows[bags[e]], gathered chunk by chunk in cache."""
     out = rows.new_empty(codes.numel())
     row_bytes = 2 * rows.shape[1] * rows.element_size()  # a row of each temporary
-    step = chunk_rows(row_bytes, rows.device, _DOT_CHUNK * row_bytes)
+    step = chunks.rows(row_bytes, rows.device, chunks.gather_entries * row_bytes)
     for a in range(0, codes.numel(), step):
         b = min(codes.numel(), a + step)
         picked = table.index_select(0, codes[a:b])
@@ -260,9 +404,9 @@ def _per_code_sum(codes: BatchCodes, bags_by_code: torch.Tensor, weights: torch.
 class _SegmentDecode(Function):
     @staticmethod
     def forward(ctx: Any, vals: torch.Tensor, W_dec: torch.Tensor, codes: BatchCodes, bags: torch.Tensor,
-                bag_starts: torch.Tensor, bags_by_code: torch.Tensor) -> torch.Tensor:
+                bag_starts: torch.Tensor, bags_by_code: torch.Tensor, chunks: Chunks) -> torch.Tensor:
         R, S, d = W_dec.shape
-        ctx.codes = codes
+        ctx.codes, ctx.chunks = codes, chunks
         ctx.save_for_backward(vals, W_dec, bags, bags_by_code)
         return F.embedding_bag(codes.code, W_dec.reshape(R * S, d), bag_starts, per_sample_weights=vals, mode="sum")
 
@@ -274,14 +418,14 @@ class _SegmentDecode(Function):
         grad = grad.contiguous()
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_vals = _entry_dot(W_dec.reshape(R * S, d), codes.code, grad, bags)
+            grad_vals = _entry_dot(W_dec.reshape(R * S, d), codes.code, grad, bags, ctx.chunks)
         if ctx.needs_input_grad[1]:
             grad_W = _per_code_sum(codes, bags_by_code, vals, grad).view(R, S, d)
-        return grad_vals, grad_W, None, None, None, None
+        return grad_vals, grad_W, None, None, None, None, None
 
 
 def segment_decode(vals: torch.Tensor, W_dec: torch.Tensor, codes: BatchCodes, bags: torch.Tensor | None = None,
-                   bag_starts: torch.Tensor | None = None) -> torch.Tensor:
+                   bag_starts: torch.Tensor | None = None, chunks: Chunks = CHUNKS) -> torch.Tensor:
     """`(n_bags, d)`: bag i is sum over entries e in it of vals[e] * W_dec[code[e]], without b_dec.
 
     `vals (nnz,)` is differentiable, as is `W_dec (R, S, d)`. Bags default to the tokens (n_bags =
@@ -293,7 +437,7 @@ def segment_decode(vals: torch.Tensor, W_dec: torch.Tensor, codes: BatchCodes, b
         bags, bag_starts, bags_by_code = codes.token, codes.token_starts, codes.token_by_code
     else:
         bags_by_code = bags.index_select(0, codes.order)
-    return _SegmentDecode.apply(vals, W_dec, codes, bags, bag_starts, bags_by_code)
+    return _SegmentDecode.apply(vals, W_dec, codes, bags, bag_starts, bags_by_code, chunks)
 
 
 class _SegmentPreActs(Function):
