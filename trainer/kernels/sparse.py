@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,36 @@ def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, c
     return out
 
 
+def sparse_encoder_grads(needs: tuple[bool, ...], x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, B: int,
+                         latent_sums: Callable[[torch.Tensor], torch.Tensor],
+                         token_sums: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
+    """The one sparse encoder backward: the gradients of x, W_enc, b_enc and b_dec (`needs`, in that
+    order) from the gradient of the selected pre-activations `(x - b_dec) @ W_enc + b_enc`, given its
+    two sums over the selected entries, which depend on how they are held (fixed k per token or
+    compressed rows): `latent_sums(rows (R * B, n))` -> (R * S, n), each latent's sum of its tokens'
+    rows weighted by the gradient; `token_sums(table (R * S, d))` -> (R * B, d), each token's sum
+    of its latents' rows weighted by it. Returns the autograd tuple of the Functions below (None
+    for the values and the codes)."""
+    need_x, need_W, need_b_enc, need_b_dec = needs
+    R, d, S = W_enc.shape
+    grad_x = grad_W = grad_b_enc = grad_b_dec = None
+    if need_W or need_b_enc or need_b_dec:
+        # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
+        per_latent = latent_sums(centred_with_ones(x, b_dec).view(R * B, d + 1)).view(R, S, d + 1)
+        if need_W:
+            grad_W = per_latent[..., :d].transpose(1, 2)
+        grad_b_enc = per_latent[..., d]
+    if need_x:
+        # d pre / d x_c: the selected encoder columns, summed per token with the gradient as weights.
+        grad_xc = token_sums(W_enc.transpose(1, 2).reshape(R * S, d)).view(R, B, d)
+        grad_x = grad_xc if x.dim() == 3 else grad_xc.sum(dim=0)
+        grad_b_dec = -grad_xc.sum(dim=1)
+    elif need_b_dec:
+        # The batch sum of d pre / d x_c, without forming it per token: W_enc @ grad_b_enc.
+        grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
+    return (None, None, grad_x, grad_W, grad_b_enc if need_b_enc else None, grad_b_dec if need_b_dec else None)
+
+
 class _SparseDecode(Function):
     @staticmethod
     def forward(ctx: Any, idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, chunks: Chunks) -> torch.Tensor:
@@ -144,29 +174,11 @@ class _SparsePreActs(Function):
         idx, x, W_enc, b_dec = ctx.saved_tensors
         R, d, S = W_enc.shape
         B, k = idx.shape[1], idx.shape[2]
-        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[2:6]
         codes = _flat_codes(idx, S)
         grad_flat = grad.reshape(R * B, k)
-        grad_x = grad_W = grad_b_enc = grad_b_dec = None
-        if need_W or need_b_enc or need_b_dec:
-            # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
-            x_aug = centred_with_ones(x, b_dec).view(R * B, d + 1)
-            per_latent = _transposed_bag_sum(codes, grad_flat, x_aug, R * S).view(R, S, d + 1)
-            if need_W:
-                grad_W = per_latent[..., :d].transpose(1, 2)
-            grad_b_enc = per_latent[..., d]
-        if need_x or need_b_dec:
-            if need_x:
-                # d pre / d x_c: the selected encoder columns, summed with the gradient as weights.
-                W_t = W_enc.transpose(1, 2).reshape(R * S, d)
-                grad_xc = _bag_sum(codes, grad_flat, W_t).view(R, B, d)
-                grad_x = grad_xc if x.dim() == 3 else grad_xc.sum(dim=0)
-                grad_b_dec = -grad_xc.sum(dim=1)
-            else:
-                # The batch sum of d pre / d x_c, without forming it per token: W_enc @ grad_b_enc.
-                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
-        return (None, None, grad_x, grad_W, grad_b_enc if need_b_enc else None,
-                grad_b_dec if need_b_dec else None)
+        return sparse_encoder_grads(ctx.needs_input_grad[2:6], x, W_enc, b_dec, B,
+                                    lambda rows: _transposed_bag_sum(codes, grad_flat, rows, R * S),
+                                    lambda table: _bag_sum(codes, grad_flat, table))
 
 
 def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
@@ -453,30 +465,11 @@ class _SegmentPreActs(Function):
         x, W_enc, b_dec = ctx.saved_tensors
         codes: BatchCodes = ctx.codes
         R, d, S = W_enc.shape
-        B = codes.shape[1]
-        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[2:6]
         grad = grad.contiguous()
-        grad_x = grad_W = grad_b_enc = grad_b_dec = None
-        if need_W or need_b_enc or need_b_dec:
-            # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
-            x_aug = centred_with_ones(x, b_dec).view(R * B, d + 1)
-            per_latent = _per_code_sum(codes, codes.token_by_code, grad, x_aug).view(R, S, d + 1)
-            if need_W:
-                grad_W = per_latent[..., :d].transpose(1, 2)
-            grad_b_enc = per_latent[..., d]
-        if need_x or need_b_dec:
-            if need_x:
-                # d pre / d x_c: the kept encoder columns, summed per token with the gradient as weights.
-                W_t = W_enc.transpose(1, 2).reshape(R * S, d)
-                grad_xc = F.embedding_bag(codes.code, W_t, codes.token_starts, per_sample_weights=grad,
-                                          mode="sum").view(R, B, d)
-                grad_x = grad_xc if x.dim() == 3 else grad_xc.sum(dim=0)
-                grad_b_dec = -grad_xc.sum(dim=1)
-            else:
-                # The batch sum of d pre / d x_c, without forming it per token: W_enc @ grad_b_enc.
-                grad_b_dec = -torch.bmm(W_enc, grad_b_enc.unsqueeze(-1)).squeeze(-1)
-        return (None, None, grad_x, grad_W, grad_b_enc if need_b_enc else None,
-                grad_b_dec if need_b_dec else None)
+        return sparse_encoder_grads(ctx.needs_input_grad[2:6], x, W_enc, b_dec, codes.shape[1],
+                                    lambda rows: _per_code_sum(codes, codes.token_by_code, grad, rows),
+                                    lambda table: F.embedding_bag(codes.code, table, codes.token_starts,
+                                                                  per_sample_weights=grad, mode="sum"))
 
 
 def segment_pre_acts(codes: BatchCodes, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
