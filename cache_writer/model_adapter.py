@@ -147,7 +147,7 @@ def _load_tiny(device: str) -> ModelAdapter:
 
 
 def _file_hash(path: Path) -> str:
-    from pipeline.writer import file_checksum
+    from pipeline.integrity import file_checksum
 
     return file_checksum(path)
 

@@ -27,7 +27,9 @@ from pipeline.backends import (
 )
 from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.manifest import MANIFEST_FILE, SPLITS, atomic_write_bytes, empty_stats, fsync_dir, read_manifest, write_manifest
-from pipeline.writer import PARTS_DIR, TOKEN_COLUMNS, _merge_stats, file_checksum, part_dir, table_templates
+from pipeline.integrity import file_checksum
+from pipeline.stats import merge_stats
+from pipeline.writer import PARTS_DIR, TOKEN_COLUMNS, part_dir, table_templates
 
 WORLD_FILE = "world.json"
 REINDEX_FILE = "reindex.json"
@@ -75,7 +77,7 @@ def assemble(path: str | Path, world_size: int, complete: bool, batch_size: int 
     for hook, info in m["hooks"].items():
         info["stats"] = empty_stats(info["shape"][0])
         for p in parts:
-            _merge_stats(info["stats"], p["hooks"][hook]["stats"], sign=1)
+            merge_stats(info["stats"], p["hooks"][hook]["stats"], sign=1)
     reindex = _load_reindex(path)
     groups_before = 0
     for split in SPLITS:

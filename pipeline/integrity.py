@@ -31,9 +31,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
+import xxhash
+
 from pipeline.backends import shard_entry_name
 from pipeline.errors import CacheFormatError
-from pipeline.writer import file_checksum
 
 VERIFIED_FILE = ".verified.json"
 """Per cache: files already checked, {relative path: {bytes, mtime_ns, xxh3_64, problem}}; safe to delete."""
@@ -44,6 +45,15 @@ SAVE_EVERY_S = 2.0  # the record of checked files is rewritten at most this ofte
 
 class BadShardWarning(UserWarning):
     """A shard failed its checksum and is left out (skip_bad_shards)."""
+
+
+def file_checksum(path: Path) -> str:
+    """A file's xxh3-64 (what the manifest records for every file of a shard)."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def file_problem(path: Path, expect: dict) -> str | None:

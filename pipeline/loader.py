@@ -42,20 +42,19 @@ from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.integrity import ShardVerifier
 from pipeline.integrity import ShardVerifier
 from pipeline.manifest import MANIFEST_FILE
+from pipeline.stored import TORCH_DTYPES, from_stored, stored_numpy
 from pipeline.transfer import to_device
 
 DEFAULT_BLOCK_ROWS = 64
 DEFAULT_BUFFER_BATCHES = 16
 RESIDENT = ("no", "yes", "auto")
-# Stored dtype name -> torch dtype (bfloat16 is stored as its 16-bit patterns, uint16 in numpy).
-STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def open_source(path: str | Path):
     """Our cache (a manifest.json), a SAELens `CacheActivationsRunner` cache, or a remote cache
     (`hf://datasets/ORG/NAME`: shards fetched on first use into a local mirror)."""
     if isinstance(path, str) and "://" in path and not path.startswith("file://"):
-        from pipeline.hub_stream import open_remote_cache
+        from pipeline.hub.stream import open_remote_cache
 
         return open_remote_cache(path)
     path = Path(path)
@@ -179,7 +178,7 @@ class ActivationLoader:
         # Open (and size-check) every shard now, so a truncated one is named before training starts.
         self._arrays = {h: [self.source.activations(h, split, i) for i in range(len(shards))] for h in self.hooks}
         self._stored = self.source.dtype
-        self._stored_torch = STORED_DTYPES[self._stored]
+        self._stored_torch = TORCH_DTYPES[self._stored]
         self._threads = max(1, min(16, os.cpu_count() or 1) if threads is None else int(threads))
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="loader-copy")
         self._regions = {h: [self._open_region(a) for a in arrs] for h, arrs in self._arrays.items()}
@@ -354,7 +353,7 @@ class ActivationLoader:
                     lo, hi = int(self._first_row[s]), int(self._first_row[s + 1])
                     if hi == lo:
                         continue
-                    t[lo:hi].copy_(_as_tensor(np.array(a[:]), self._stored))  # a copy: the map is read-only
+                    t[lo:hi].copy_(from_stored(np.array(a[:]), self._stored))  # a copy: the map is read-only
                 out[h] = t
             self._resident = out
         return self._resident
@@ -410,7 +409,7 @@ class ActivationLoader:
         pin = self.device.type == "cuda"
         self._slots = [{h: torch.empty(rows, self.source.hooks[h], dtype=self._stored_torch, pin_memory=pin)
                         for h in self.hooks} for _ in range(self.prefetch + 1)]
-        self._slot_arrays = [{h: _as_numpy(t, self._stored) for h, t in slot.items()} for slot in self._slots]
+        self._slot_arrays = [{h: stored_numpy(t, self._stored) for h, t in slot.items()} for slot in self._slots]
 
     def _with_carried(self, slot: int, n: int, carried: dict[str, torch.Tensor] | None
                       ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
@@ -563,12 +562,3 @@ def _rows(array, rows: np.ndarray) -> np.ndarray:
         return np.take(array, rows, axis=0)
     return array.get_orthogonal_selection((rows, slice(None)))
 
-
-def _as_numpy(t: torch.Tensor, stored: str) -> np.ndarray:
-    """A numpy view of a staging tensor in the stored layout (bfloat16 as its uint16 patterns)."""
-    return t.view(torch.int16).numpy().view(np.uint16) if stored == "bfloat16" else t.numpy()
-
-
-def _as_tensor(array: np.ndarray, stored: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    return t.view(torch.bfloat16) if stored == "bfloat16" else t

@@ -10,7 +10,8 @@ import torch
 from pipeline.backends import read_table
 from pipeline.errors import PipelineError
 from pipeline.manifest import SPLITS, read_manifest
-from pipeline.writer import TOKEN_COLUMNS, from_stored
+from pipeline.stored import from_stored
+from pipeline.writer import TOKEN_COLUMNS
 
 
 class Cache:

@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import xxhash
 
 from pipeline.backends import (
     TMP_SUFFIX, check_backend, files_of_entry, fsync_entry, read_table, remove_entry, shard_entry_name,
@@ -35,13 +34,14 @@ from pipeline.backends import (
 )
 from pipeline.config import check_sizes
 from pipeline.errors import CacheWriteError, PipelineError
+from pipeline.integrity import file_checksum
 from pipeline.manifest import (
     DTYPES, MANIFEST_FILE, SPLITS, config_differences, empty_stats, fsync_dir, new_manifest, read_manifest,
     write_manifest,
 )
+from pipeline.stats import accumulate_stats, merge_stats, new_block_stats
+from pipeline.stored import ITEMSIZE, TORCH_DTYPES, from_stored, nonfinite_error, stored_numpy, to_stored
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TOKEN_COLUMNS = ("token_id", "sequence", "position")
 PARTS_DIR = "ranks"  # per-rank manifests of a cache written by several processes
 
@@ -109,14 +109,6 @@ class _Pending:
     stats: dict[str, dict] = field(default_factory=dict)
 
 
-def file_checksum(path: Path) -> str:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def estimate_bytes(rows: int, hooks: dict[str, int], dtype: str, has_tokens: bool, context_size: int | None) -> int:
     per_row = sum(hooks.values()) * ITEMSIZE[dtype] + (12 if has_tokens else 0)
     sequences = (rows // context_size + 1) * context_size * 4 if (has_tokens and context_size) else 0
@@ -135,48 +127,6 @@ def check_disk_space(path: Path, needed: int, freed: int = 0) -> None:
             f"not enough disk space for the cache in {path}: it needs ~{needed / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB are free; free space, choose another --out, or cache fewer --tokens"
         )
-
-
-def _numpy_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """A CPU tensor already in the stored dtype as the numpy array that is written (bf16 as uint16)."""
-    if dtype == "bfloat16":
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
-def _nonfinite_error(hook: str, bad: int, source_absmax: float, dtype: str) -> CacheWriteError:
-    if not np.isfinite(source_absmax):
-        return CacheWriteError(f"hook {hook} produced {bad} NaN/inf values; the model or input is broken")
-    return CacheWriteError(
-        f"hook {hook}: {bad} values overflow {dtype} (largest |x| = {source_absmax:.4g}); "
-        "write with --dtype float32 or bfloat16"
-    )
-
-
-def to_stored(x: Any, dtype: str, hook: str, stats: dict | None = None) -> np.ndarray:
-    """Convert a CPU block of one hook to the stored dtype, check it, and add it to `stats`.
-
-    Only the dtype conversion runs in torch; the check and statistics run in numpy,
-    single-threaded, so this thread does not fight the model's forward pass for torch's intra-op
-    thread pool (that contention halved the forward's speed on a 2-core CPU).
-    """
-    t = torch.as_tensor(x).detach()
-    if t.ndim != 2:
-        raise PipelineError(f"hook {hook}: a block must be (rows, d), got shape {tuple(t.shape)}")
-    array = _numpy_stored(t.to(TORCH_DTYPES[dtype]).to("cpu").contiguous(), dtype)
-    if dtype == "bfloat16":
-        values = (array.astype(np.uint32) << 16).view(np.float32)
-    else:
-        values = array if dtype == "float32" else array.astype(np.float32)
-    # One pass gives the statistics and the check: a NaN/inf anywhere makes its row's square sum
-    # non-finite (a huge finite value can too; then the exact check below decides).
-    sq = np.einsum("ij,ij->i", values, values)
-    if not np.isfinite(sq).all() and not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise _nonfinite_error(hook, bad, float(t.to("cpu", torch.float32).abs().max()), dtype)
-    if stats is not None:
-        _accumulate_stats(stats, values, sq)
-    return array
 
 
 class CacheWriter:
@@ -374,9 +324,9 @@ class CacheWriter:
                     for hook in self.hooks:
                         stored = read_table(self.config.format, self.path, f"hooks/{hook}/{split}",
                                             shard["name"], hook, rows=shard["rows"])
-                        part = _new_block_stats(self.hooks[hook])
-                        _accumulate_stats(part, from_stored(stored, self.config.dtype).float().numpy())
-                        _merge_stats(manifest["hooks"][hook]["stats"], part, sign=-1)
+                        part = new_block_stats(self.hooks[hook])
+                        accumulate_stats(part, from_stored(stored, self.config.dtype).float().numpy())
+                        merge_stats(manifest["hooks"][hook]["stats"], part, sign=-1)
                 for table in self._tables(split):
                     remove_entry(self.path / table / shard_entry_name(self.config.format, shard["name"]))
             self._rewrite_indexes(manifest, split)
@@ -629,19 +579,19 @@ class CacheWriter:
         """Convert, check and collect one block; returns the source units it consumed."""
         p = pending[block.split]
         for hook, x in block.acts.items():
-            stats = p.stats.setdefault(hook, _new_block_stats(self.hooks[hook]))
+            stats = p.stats.setdefault(hook, new_block_stats(self.hooks[hook]))
             summary = (block.device_stats or {}).get(hook)
             if summary is None:
                 p.acts.setdefault(hook, []).append(to_stored(x, self.config.dtype, hook, stats))
                 continue
             v = summary.numpy()
             if v[3] > 0:
-                raise _nonfinite_error(hook, int(v[3]), float(v[4]), self.config.dtype)
+                raise nonfinite_error(hook, int(v[3]), float(v[4]), self.config.dtype)
             stats["count"] += int(v[0])
             stats["sum_norm"] += float(v[1])
             stats["sum_sq_norm"] += float(v[2])
             stats["sum"] += v[5:]
-            p.acts.setdefault(hook, []).append(_numpy_stored(x, self.config.dtype))
+            p.acts.setdefault(hook, []).append(stored_numpy(x, self.config.dtype))
         if self.has_tokens:
             seq = _as_int32(block.sequence) + p.n_sequences  # local -> index within this shard
             p.tokens.append(np.stack([_as_int32(block.token_ids), seq, _as_int32(block.position)], axis=1))
@@ -727,7 +677,7 @@ class CacheWriter:
             info["sequences"] += entry["sequences"]
             if split == "train":
                 for hook, s in stats[split].items():
-                    _merge_stats(m["hooks"][hook]["stats"], s, sign=1)
+                    merge_stats(m["hooks"][hook]["stats"], s, sign=1)
             self._rewrite_indexes(m, split)
         m["progress"]["units"] += units
         m["progress"]["groups"] = group + 1
@@ -805,40 +755,3 @@ def _as_int32(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.int32)
-
-
-def _new_block_stats(d: int) -> dict:
-    return {"count": 0, "sum": np.zeros(d, np.float64), "sum_norm": 0.0, "sum_sq_norm": 0.0}
-
-
-def _accumulate_stats(st: dict, x: np.ndarray, sq: np.ndarray | None = None) -> None:
-    """Add a (rows, d) float32 block (and its rows' squared norms) to running float64 totals."""
-    # Per-block sums in float32 are exact enough (pairwise summation); the totals are float64.
-    sq = np.einsum("ij,ij->i", x, x) if sq is None else sq
-    st["count"] += x.shape[0]
-    st["sum"] += x.sum(0)
-    st["sum_norm"] += float(np.sqrt(sq).sum(dtype=np.float64))
-    st["sum_sq_norm"] += float(sq.sum(dtype=np.float64))
-
-
-def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A stored array (bfloat16 as uint16 bit patterns) as a tensor of its real dtype, sharing memory."""
-    with warnings.catch_warnings():
-        # Memory-mapped shards are read-only on purpose; torch warns about any non-writable array.
-        warnings.simplefilter("ignore", UserWarning)
-        if dtype == "bfloat16":
-            return torch.from_numpy(np.asarray(array).view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(np.asarray(array))
-
-
-def _merge_stats(total: dict, part: dict, sign: int) -> None:
-    """Add (or subtract) a shard's statistics to the hook's running totals, and refresh the means."""
-    if total.get("sum") is None or len(total["sum"]) != len(part["sum"]):
-        total.update(empty_stats(len(part["sum"])))
-    total["count"] += sign * part["count"]
-    total["sum_norm"] += sign * part["sum_norm"]
-    total["sum_sq_norm"] += sign * part["sum_sq_norm"]
-    total["sum"] = (np.asarray(total["sum"], np.float64) + sign * np.asarray(part["sum"])).tolist()
-    n = total["count"]
-    total["mean_norm"] = total["sum_norm"] / n if n else None
-    total["mean"] = (np.asarray(total["sum"]) / n).tolist() if n else None

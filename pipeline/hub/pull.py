@@ -20,9 +20,9 @@ from pathlib import Path
 
 from pipeline.backends import shard_entry_name
 from pipeline.errors import CacheFormatError, PipelineError
-from pipeline.hub_common import CACHE_REPO_TYPE, optional_token, parse_shards
+from pipeline.hub.common import CACHE_REPO_TYPE, optional_token, parse_shards
 from pipeline.manifest import MANIFEST_FILE, SPLITS, atomic_write_bytes, read_manifest, write_manifest
-from pipeline.writer import file_checksum
+from pipeline.integrity import file_checksum
 
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 

@@ -10,7 +10,7 @@ import json
 
 import yaml
 
-from pipeline.hub_common import redact
+from pipeline.hub.common import redact
 from pipeline.manifest import SPLITS, manifest_hash
 
 CACHE_TAGS = ["sae-activation-cache", "activations", "sparse-autoencoders", "interpretability"]

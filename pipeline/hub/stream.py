@@ -25,7 +25,7 @@ from pipeline.backends import shard_entry_name
 from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.manifest import MANIFEST_FILE, SPLITS, atomic_write_bytes, validate_manifest
 from pipeline.reader import Cache
-from pipeline.writer import file_checksum
+from pipeline.integrity import file_checksum
 
 DEFAULT_MIRROR_ROOT = Path("~/.cache/sae-pipeline/remote")
 

@@ -1,23 +1,23 @@
 """Sharing on the Hugging Face Hub: push and pull caches, push SAEs, read caches remotely.
 
 One import for the whole feature; each part lives in its own module:
-- `hub_push`: upload plans (`plan_cache_push`, `plan_sae_push`), `push_cache`, `push_saes`, and
+- `hub.push`: upload plans (`plan_cache_push`, `plan_sae_push`), `push_cache`, `push_saes`, and
   `HubUploader` (uploads a cache while the writer commits it);
-- `hub_pull`: `pull_cache` (all, or some hooks / one split / a shard range, verified);
-- `hub_stream`: `open_remote_cache` (hf:// or any fsspec URL, shards fetched on first use);
-- `hub_card`: the generated README.md cards; `hub_common`: token, redaction, remote listing.
+- `hub.pull`: `pull_cache` (all, or some hooks / one split / a shard range, verified);
+- `hub.stream`: `open_remote_cache` (hf:// or any fsspec URL, shards fetched on first use);
+- `hub.card`: the generated README.md cards; `hub.common`: token, redaction, remote listing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.hub_common import parse_shards, resolve_token
-from pipeline.hub_pull import pull_cache
-from pipeline.hub_push import (
+from pipeline.hub.common import parse_shards, resolve_token
+from pipeline.hub.pull import pull_cache
+from pipeline.hub.push import (
     HubUploader, PushConfig, PushPlan, find_saes, plan_cache_push, plan_sae_push, push_cache, push_saes,
 )
-from pipeline.hub_stream import RemoteCache, is_remote, open_remote_cache
+from pipeline.hub.stream import RemoteCache, is_remote, open_remote_cache
 from pipeline.manifest import MANIFEST_FILE
 
 HF_PREFIX = "hf://datasets/"

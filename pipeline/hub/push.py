@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pipeline.backends import shard_entry_name
 from pipeline.errors import PipelineError
-from pipeline.hub_card import cache_card, redacted_json, sae_card
-from pipeline.hub_common import (
+from pipeline.hub.card import cache_card, redacted_json, sae_card
+from pipeline.hub.common import (
     CACHE_REPO_TYPE, CARD_FILE, HUB_FILES, SAE_REPO_TYPE, RemoteFile, list_remote, redact, resolve_token,
     same_content, sha256_of,
 )
