@@ -12,7 +12,7 @@ TRAIN_TOKENS ?=
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup cache train sweep tiny-model test test-fast bench bench-gpu gpu-wheels clean
+.PHONY: setup cache train sweep tiny-model test test-fast lint bench bench-gpu gpu-wheels clean
 
 setup: $(BIN)/.installed
 
@@ -47,6 +47,10 @@ tiny-model: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+# ruff (pyproject.toml [tool.ruff]): pyflakes and pycodestyle errors, lines of 120 columns.
+lint: setup
+	$(BIN)/ruff check pipeline cache_writer trainer analysis tests benchmarks
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"

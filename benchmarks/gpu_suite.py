@@ -45,14 +45,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +198,7 @@ class Suite:
     # -- step ---------------------------------------------------------------------------------------
 
     def step(self) -> None:
-        rows, dev, B = [], self.sizes.device, self.sizes.batch
+        rows, B = [], self.sizes.batch
         peak = self.results.get("peak", {}).get("matmul_bf16_tflops")
         dense_cache: dict = {}
         for prec in self.sizes.precisions:
@@ -267,7 +265,7 @@ class Suite:
                 row["adam_ms"] = self.seconds_per_call(trainer.opt.step, steps=5, warmup=1) * 1e3
                 row["syncs"] = self._syncs(one)
             out.append(row)
-            del trainer, model
+            trainer = model = None  # free the GPU memory before the next shape
             if dev.startswith("cuda"):
                 torch.cuda.empty_cache()
         return out
@@ -325,7 +323,7 @@ class Suite:
                     row["ours_tokens_per_s"] = mine["tokens_per_s"]
                     row["ours_over_saelens"] = mine["tokens_per_s"] / row["saelens_tokens_per_s"]
                 rows.append(row)
-                del sae, trainer
+                sae = trainer = None
                 self.results["saelens"] = {"rows": rows}
                 self.save()
 

@@ -26,7 +26,9 @@ from pipeline.backends import (
     TMP_SUFFIX, files_of_entry, fsync_entry, read_table, remove_entry, stage_table, write_table_index,
 )
 from pipeline.errors import CacheFormatError, PipelineError
-from pipeline.manifest import MANIFEST_FILE, SPLITS, atomic_write_bytes, empty_stats, fsync_dir, read_manifest, write_manifest
+from pipeline.manifest import (
+    MANIFEST_FILE, SPLITS, atomic_write_bytes, empty_stats, fsync_dir, read_manifest, write_manifest,
+)
 from pipeline.integrity import file_checksum
 from pipeline.stats import merge_stats
 from pipeline.writer import PARTS_DIR, TOKEN_COLUMNS, part_dir, table_templates

@@ -82,7 +82,8 @@ def _write_zarr(path: Path, columns: dict[str, np.ndarray], compression: str | N
         chunks, compressors = array.shape, None
     else:
         chunks = (min(COMPRESSED_CHUNK_ROWS, max(1, array.shape[0])),) + array.shape[1:]
-        compressors = ZstdCodec(level=3) if compression == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+        compressors = (ZstdCodec(level=3) if compression == "zstd"
+                       else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
     z = zarr.create_array(
         store=str(path), shape=array.shape, chunks=chunks, dtype=array.dtype,
         compressors=compressors, filters=None, fill_value=0,

@@ -40,7 +40,6 @@ import torch
 from pipeline.backends import file_region
 from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.integrity import ShardVerifier
-from pipeline.integrity import ShardVerifier
 from pipeline.manifest import MANIFEST_FILE
 from pipeline.stored import TORCH_DTYPES, from_stored, stored_numpy
 from pipeline.transfer import to_device
@@ -363,7 +362,7 @@ class ActivationLoader:
     def _epochs(self, state: LoaderState) -> Iterator[tuple[int, Buffer, int, bool]]:
         """(epoch, buffer, batches of it to skip, whether its carried rows must be read by id) from
         `state` on; an epoch ends with (epoch, None, 0, False)."""
-        epoch, skip, tokens = state.epoch, state.batch, state.tokens
+        epoch, skip = state.epoch, state.batch
         while True:
             first_buffer = True
             for buf in self._plan(epoch):
@@ -405,7 +404,8 @@ class ActivationLoader:
         would first be staged by the driver). A slot holds a buffer's new rows after `batch_size` rows
         of head room, where a CPU consumer puts the rows carried from the previous buffer (fewer
         than a batch): the buffer is then one contiguous view, with no copy of its new rows."""
-        rows = self.batch_size + max(1, math.ceil(self.buffer_rows / self.block_rows)) * self.block_rows + self.batch_size
+        buffer = max(1, math.ceil(self.buffer_rows / self.block_rows)) * self.block_rows
+        rows = self.batch_size + buffer + self.batch_size
         pin = self.device.type == "cuda"
         self._slots = [{h: torch.empty(rows, self.source.hooks[h], dtype=self._stored_torch, pin_memory=pin)
                         for h in self.hooks} for _ in range(self.prefetch + 1)]

@@ -245,7 +245,8 @@ class SAELensCache:
                 if len(offsets) > 1 and not (np.diff(offsets) == size).all():
                     raise CacheFormatError(f"shard {shard_name}: column {hook!r} has lists whose length is not {size}")
             else:
-                raise CacheFormatError(f"shard {shard_name}: column {hook!r} has type {array.type}, expected nested lists")
+                raise CacheFormatError(f"shard {shard_name}: column {hook!r} has type {array.type}, "
+                                       "expected nested lists")
             array = array.flatten()  # respects slicing offsets; zero-copy
         if array.null_count:
             raise CacheFormatError(f"shard {shard_name}: column {hook!r} has null values")

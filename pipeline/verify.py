@@ -49,7 +49,8 @@ def manifest_problems(path: Path, manifest: dict, bad: set[tuple[str, str]] = fr
         for key in ("rows", "sequences"):
             total = sum(s[key] for s in shards)
             if total != info[key]:
-                problems.append(f"split {split}: its shards hold {total:,} {key}, the manifest's total says {info[key]:,}")
+                problems.append(f"split {split}: its shards hold {total:,} {key}, "
+                                f"the manifest's total says {info[key]:,}")
         if not partial:
             problems += _name_gaps(split, [s["name"] for s in shards])
         if manifest["complete"] and not partial:  # a pull leaves out (and may keep) shards that failed
@@ -59,9 +60,11 @@ def manifest_problems(path: Path, manifest: dict, bad: set[tuple[str, str]] = fr
         for hook, h in manifest["hooks"].items():
             stats = h["stats"]
             if stats.get("count") != rows:
-                problems.append(f"hook {hook}: statistics count {stats.get('count')!r} rows, the train split has {rows:,}")
+                problems.append(f"hook {hook}: statistics count {stats.get('count')!r} rows, "
+                                f"the train split has {rows:,}")
             if stats.get("sum") is not None and len(stats["sum"]) != h["shape"][0]:
-                problems.append(f"hook {hook}: statistics sum has {len(stats['sum'])} values, rows have {h['shape'][0]}")
+                problems.append(f"hook {hook}: statistics sum has {len(stats['sum'])} values, "
+                                f"rows have {h['shape'][0]}")
     cache = Cache(path)
     for split in SPLITS:
         offset = 0
@@ -85,7 +88,8 @@ def _name_gaps(split: str, names: list[str]) -> list[str]:
         want = expected.get(prefix, 0)
         if index != want:
             problems.append(f"split {split}: shard {name} follows {prefix}shard-{want - 1:05d} in the manifest "
-                            f"(expected {prefix}shard-{want:05d}: shards are missing from the manifest or out of order)")
+                            f"(expected {prefix}shard-{want:05d}: shards are missing from the manifest "
+                            "or out of order)")
         expected[prefix] = index + 1
     return problems
 
@@ -177,7 +181,8 @@ def render_info(path: str | Path) -> None:
         hooks.add_column(col)
     for name, h in manifest["hooks"].items():
         mn = h["stats"]["mean_norm"]
-        hooks.add_row(name, str(h["shape"][0]), h["dtype"], "-" if mn is None else f"{mn:.4g}", str(h["stats"]["count"]))
+        mean_norm = "-" if mn is None else f"{mn:.4g}"
+        hooks.add_row(name, str(h["shape"][0]), h["dtype"], mean_norm, str(h["stats"]["count"]))
     console.print(hooks)
     splits = Table(title="splits")
     for col in ("split", "rows", "sequences", "shards", "bytes"):

@@ -20,7 +20,6 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -36,7 +35,7 @@ from pipeline.config import check_sizes
 from pipeline.errors import CacheWriteError, PipelineError
 from pipeline.integrity import file_checksum
 from pipeline.manifest import (
-    DTYPES, MANIFEST_FILE, SPLITS, config_differences, empty_stats, fsync_dir, new_manifest, read_manifest,
+    DTYPES, MANIFEST_FILE, SPLITS, config_differences, fsync_dir, new_manifest, read_manifest,
     write_manifest,
 )
 from pipeline.stats import accumulate_stats, merge_stats, new_block_stats
@@ -232,7 +231,8 @@ class CacheWriter:
                 manifest = read_manifest(path)
                 if manifest.get("partial"):
                     raise PipelineError(
-                        f"cannot resume {path}: it is a partial pull of {manifest['partial'].get('repo', 'a Hub cache')} "
+                        f"cannot resume {path}: it is a partial pull of "
+                        f"{manifest['partial'].get('repo', 'a Hub cache')} "
                         "(some hooks, splits or shards only); pull it whole (pipeline pull without --hook/--split/"
                         "--shards) or write a new cache"
                     )
@@ -631,7 +631,8 @@ class CacheWriter:
                 if self.has_tokens:
                     tok = self._gather("tokens", p.tokens, dest)
                     tok[:, 1] += nxt["sequences"][split]  # shard-local -> split-global sequence index
-                    tables[f"tokens/{split}/rows"] = {c: np.ascontiguousarray(tok[:, i]) for i, c in enumerate(TOKEN_COLUMNS)}
+                    tables[f"tokens/{split}/rows"] = {c: np.ascontiguousarray(tok[:, i])
+                                                      for i, c in enumerate(TOKEN_COLUMNS)}
                     tables[f"tokens/{split}/sequences"] = {"token_ids": np.concatenate(p.sequences)}
                 files = {}
                 for table, columns in tables.items():

@@ -202,10 +202,9 @@ def test_hugging_face_load_does_not_warn_about_torch_dtype(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             adapter = load_model(str(tmp_path / "opt"), dtype="float16")
-            print("IN", records, logger.handlers, logger.getEffectiveLevel())
     finally:
         logger.removeHandler(handler)
-    print("RECS", records, hf_logging.warning_once, logging.getLogger("transformers").handlers)
+        logger.setLevel(level)
     assert next(adapter.model.parameters()).dtype == torch.float16
     assert not [m for m in records + [str(w.message) for w in caught] if "torch_dtype" in m]
 

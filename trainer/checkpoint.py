@@ -73,7 +73,8 @@ def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: di
         if key not in ("tokens", "log_every") and config.get(key) != state.get("config", {}).get(key):
             raise PipelineError(
                 f"checkpoint in {run_dir} is from another config ({key}: checkpoint "
-                f"{state.get('config', {}).get(key)!r}, now {config.get(key)!r}); use another --out or the same settings"
+                f"{state.get('config', {}).get(key)!r}, now {config.get(key)!r}); "
+                "use another --out or the same settings"
             )
     models, opts = load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors"))
     for name, (model, opt) in stacks.items():

@@ -189,7 +189,9 @@ class BatchTopKSAE(TopKSAE):
             latents = self.select(pre, self.k, self.k_max)
             return codes_from_dense(latents), latents
         B = pre.shape[1]
-        selection = self.selection if self.selection != "auto" else ("threshold" if pre.device.type == "cpu" else "topk")
+        selection = self.selection
+        if selection == "auto":
+            selection = "threshold" if pre.device.type == "cpu" else "topk"
         if selection == "topk":
             return codes_from_topk(pre, self.k * B, self.k_max * B), None
         flat, vals = self._selector(pre, self.batch_sizes(B))

@@ -98,7 +98,8 @@ class MatryoshkaSAE(BatchTopKSAE):
 
         Returns `loss`, `mse` (the full reconstruction's), `prefix_mse` (the sum or mean of every
         prefix's MSE, the last prefix included), `aux_loss`, `l0`, `threshold` (each (R,)) and
-        `recon` (R, batch, d_in), plus BatchTopK's `fired` and `batch_threshold`. loss = prefix_mse + aux_loss. Backpropagate `loss.sum()`.
+        `recon` (R, batch, d_in), plus BatchTopK's `fired` and `batch_threshold`.
+        loss = prefix_mse + aux_loss. Backpropagate `loss.sum()`.
 
         The fused step sums each prefix group's part of every token's reconstruction as one sparse
         bag; the prefixes' reconstructions are their running sums over the groups."""

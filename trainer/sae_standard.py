@@ -85,7 +85,8 @@ class StandardSAE(StackedSAE):
 
         Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae),
         `recon` (R, batch, d_in) and `fired` (R, d_sae): per latent, the tokens it is active on.
-        `l1` is the decoder-norm-weighted L1 (summed over latents, averaged over the batch); aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
+        `l1` is the decoder-norm-weighted L1 (summed over latents, averaged over the batch);
+        aux_loss = l1_scale * l1_coefficient * l1 is what it adds, so
         loss = mse + aux_loss. `l1_scale` is the warm-up factor (default: the one `on_step` set).
         mse is the squared error summed over d_in and averaged over the batch (SAELens's training
         MSE). `target`: what a transcoder reconstructs (None: x). Backpropagate `loss.sum()`: runs

@@ -41,7 +41,8 @@ from trainer.run import (SplitRows, TrainConfig, calibrate, evaluate, export_met
 from trainer.train import LoopConfig, RunDiverged, StackTrainer
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
-SWEEP_WIDE = ("cache", "out", "batch_size", "device", "resident", "normalize", "log_every", "checkpoint_every", "resume",
+SWEEP_WIDE = ("cache", "out", "batch_size", "device", "resident", "normalize", "log_every", "checkpoint_every",
+              "resume",
               "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp",
               "skip_bad_shards")
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
@@ -233,7 +234,8 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
         loop = LoopConfig(lr=[r.lr for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
                           lr_warmup_steps=runs[0].lr_warmup_steps, lr_decay=runs[0].lr_decay,
                           b_dec_init=runs[0].b_dec_init, init_scale_search=runs[0].init_scale_search,
-                          precision=runs[0].precision, kernels=runs[0].kernels, total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
+                          precision=runs[0].precision, kernels=runs[0].kernels,
+                          total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
         trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
         stacks.append({"runs": runs, "trainer": trainer, "hook": runs[0].hook, "seconds": 0.0})
     if any(r.init_from for s in stacks for r in s["runs"]):

@@ -154,7 +154,8 @@ class StackTrainer:
                     self.model.init_b_dec(sample)
         # Not for transcoders: random untied directions reconstruct nothing at any scale, and the
         # search then picks a tiny one that slows the start (measured).
-        if self.cfg.init_scale_search and target is None and hasattr(self.model, "W_enc") and hasattr(self.model, "W_dec"):
+        has_weights = hasattr(self.model, "W_enc") and hasattr(self.model, "W_dec")
+        if self.cfg.init_scale_search and target is None and has_weights:
             search_init_scale_(self.model, sample)
         if self.ddp is not None:
             self.ddp.broadcast_module(self.model)  # every rank starts from rank 0's weights

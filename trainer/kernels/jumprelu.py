@@ -85,7 +85,8 @@ def _jump_and_count_(pre_t: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor
 class _JumpReLUSAE(Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                W_dec: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor, chunks: Chunks) -> tuple[torch.Tensor, ...]:
+                W_dec: torch.Tensor, theta: torch.Tensor, eps: torch.Tensor,
+                chunks: Chunks) -> tuple[torch.Tensor, ...]:
         R, d, S = W_enc.shape
         B = x.shape[-2]
         # b_enc rides in the encoder matmul as an extra input column (no separate pass over (R, B, S)).

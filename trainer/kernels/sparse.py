@@ -15,7 +15,8 @@ Per-latent sums (the gradients of W_dec and W_enc) gather with a stable sort and
 deterministic on CPU and CUDA (no atomics), so a resumed run repeats an uninterrupted one bit for
 bit.
 
-The variable-length part in detail. Autograd through `topk` over the flattened (batch x d_sae) pre-activations, a dense scatter and a
+The variable-length part in detail. Autograd through `topk` over the flattened (batch x d_sae)
+pre-activations, a dense scatter and a
 dense decoder costs a full sort-like pass and three dense matmuls the step does not need. Here:
 
 1. **Selection without a sort of every value.** The top n = k * batch of each run is found
