@@ -103,12 +103,6 @@ def parse_positions(spec: str | None, context_size: int) -> slice:
     return slice(*parts)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_tokenizer(cfg: CacheConfig, adapter: ModelAdapter):
     if cfg.tokenizer:
         from cache_writer.pretokenize import load_named_tokenizer

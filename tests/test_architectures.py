@@ -18,42 +18,13 @@ from trainer.sae_gated import GatedConfig, GatedSAE
 from trainer.sae_jumprelu import JumpReLUConfig, JumpReLUSAE
 from trainer.sae_matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from trainer.train import LoopConfig, explained_variance, train_stack
+from tests.builders import ARCHS, sparse_batches, stack_configs
 
-ARCHS = ["batchtopk", "jumprelu", "gated", "matryoshka"]
 ATOL = 1e-5  # stacked vs one-by-one, float32, after 50 steps (as tests/test_trainer_arch.py)
 L0_RTOL = 0.10  # exported inference L0 on held-out rows vs the last training L0
 
 
-def sparse_batches(n: int, batch: int, d: int = 32, n_feat: int = 64, k: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    """As tests/test_train_loop.py's `sparse_cache`, in memory: rows are sparse non-negative
-    combinations (k of n_feat, coefficients in [0.5, 1.5)) of fixed unit directions, plus an offset
-    of 3. `seed` draws the rows; the directions are the same for every seed."""
-    dirs = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=torch.Generator().manual_seed(0)), dim=1)
-    g = torch.Generator().manual_seed(1000 + seed)
-    out = []
-    for _ in range(n):
-        idx = torch.rand(batch, n_feat, generator=g).argsort(dim=1)[:, :k]
-        coef = torch.zeros(batch, n_feat).scatter_(1, idx, torch.rand(batch, k, generator=g) + 0.5)
-        out.append(coef @ dirs + 3.0)
-    return out
-
-
 # -- 1. a stack equals its runs trained one by one -------------------------------------------------
-
-def stack_configs(arch: str, d_in: int, d_sae: int) -> list:
-    """Three runs with different seeds and per-run hyper-parameters (shared fields shared)."""
-    if arch == "batchtopk":  # low dead thresholds so that AuxK takes part
-        return [BatchTopKConfig(d_in=d_in, d_sae=d_sae, k=k, seed=s, dead_tokens_threshold=t, threshold_lr=lr)
-                for s, k, t, lr in [(0, 2, 128, 0.01), (1, 4, 192, 0.05), (2, 8, 256, 0.2)]]
-    if arch == "matryoshka":
-        return [MatryoshkaConfig(d_in=d_in, d_sae=d_sae, k=k, seed=s, dead_tokens_threshold=t, aux_k=a)
-                for s, k, t, a in [(0, 2, 128, None), (1, 4, 192, 6), (2, 8, 256, 3)]]
-    if arch == "jumprelu":
-        return [JumpReLUConfig(d_in=d_in, d_sae=d_sae, l0_coefficient=c, init_threshold=t, bandwidth=b,
-                               l0_warmup_steps=10, seed=s)
-                for s, c, t, b in [(0, 0.1, 0.1, 0.03), (1, 0.3, 0.2, 0.05), (2, 1.0, 0.3, 0.1)]]
-    return [GatedConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=c, l1_warmup_steps=10, seed=s)
-            for s, c in [(0, 0.5), (1, 1.0), (2, 2.0)]]
 
 
 def train_logged(model, data: list[torch.Tensor], lr, clip) -> list[dict]:

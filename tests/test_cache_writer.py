@@ -21,22 +21,12 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import read_manifest
 from pipeline.reader import Cache
 from pipeline.verify import verify_cache
+from tests.builders import small_corpus, tiny_opt
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
 TOL = {"float32": dict(atol=1e-4, rtol=1e-4), "float16": dict(atol=2e-2, rtol=2e-3),
        "bfloat16": dict(atol=1e-1, rtol=1e-2)}
-
-
-def small_corpus(root: Path) -> str:
-    """40 documents of up to 2,000 bytes, each a slice of one of the stdlib's own sources."""
-    from cache_writer.stdlib_corpus import stdlib_files
-
-    files = stdlib_files()
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(40):
-        (root / f"doc{i:02d}.py").write_bytes(files[i * 7][1].read_bytes()[:2000])
-    return str(root)
 
 
 def cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -140,16 +130,6 @@ def test_hugging_face_module_path(tmp_path):
         # hidden_states[i + 1] is the output of block i
         torch.testing.assert_close(cache.activations_tensor("transformer.h.1", "train", shard)[row],
                                    hidden[2][0, pos], atol=1e-4, rtol=1e-4)
-
-
-def tiny_opt(path: Path) -> Path:
-    """A random-weight 2-layer OPT saved locally: its fc1/fc2 see the tokens flattened, (batch * seq, d)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=257, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
-                             ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)).save_pretrained(path)
-    return path
 
 
 def test_module_with_flattened_tokens(tmp_path):

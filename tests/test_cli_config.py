@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline.config import build_config
 from pipeline.errors import PipelineError
-from tests.test_train_loop import sparse_cache
+from tests.builders import sparse_cache
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from pipeline.backends import read_table
 from pipeline.manifest import read_manifest
 from pipeline.verify import verify_cache
+from tests.builders import sparse_cache
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -196,7 +197,6 @@ def _ddp_worker(out: str, cache: str) -> None:
 
 @pytest.mark.slow
 def test_data_parallel_equals_one_process_on_the_global_batch(tmp_path):
-    from tests.test_train_loop import sparse_cache
 
     sparse_cache(tmp_path / "c", rows=8000, d=D, eval_rows=1000)
     spawn(_ddp_worker, str(tmp_path / "ddp.pt"), str(tmp_path / "c"))
@@ -253,7 +253,6 @@ l1 = [0.5]
 def test_two_rank_sweep_produces_the_runs_of_one_rank(tmp_path):
     from safetensors.torch import load_file
 
-    from tests.test_train_loop import sparse_cache
     from trainer.sweep import load_sweep_spec, run_sweep
 
     sparse_cache(tmp_path / "c", rows=6000, eval_rows=1000)

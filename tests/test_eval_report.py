@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from cache_writer.run import CacheConfig, run_cache
-from tests.test_cache_writer import small_corpus, tiny_opt
 from pipeline.errors import PipelineError
 from analysis.evaluate_ce import EvalConfig, evaluate_ce
 from trainer.export import export_saelens
 from analysis.inference import load_sae
 from analysis.report import ReportConfig, best_per_sequence, build_report, new_stats, update_stats
 from trainer.sae_standard import StandardConfig, StandardSAE
+from tests.builders import small_corpus, tiny_opt
 
 HOOK = "blocks.0.hook_resid_post"
 

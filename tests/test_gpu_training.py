@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_architectures import ARCHS, sparse_batches, stack_configs
 from trainer.kernels.relu import relu_sae
 from trainer.kernels.gated import gated_sae
 from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.registry import get_architecture, registered_architectures
 from trainer.train import LoopConfig, explained_variance, train_stack
+from tests.builders import ARCHS, sparse_batches, stack_configs, trainer_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -87,7 +87,6 @@ def test_every_architecture_trains_on_cuda_as_on_the_cpu(arch):
 def test_a_cuda_training_step_never_waits_for_the_host(arch):
     """kernels=auto, bf16 on CUDA: after warm-up, a step runs under torch's sync debug mode set to
     raise at the first host synchronization (the CPU test counts them through dispatch modes)."""
-    from tests.test_sync_free import trainer_for
 
     tr, data = trainer_for(arch, "auto")
     tr.model.to("cuda")

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli import ROOT, cli_env
-from tests.test_train_loop import sparse_cache
 from trainer import interrupt
 from trainer.interrupt import Interrupted, StopOnSignal
+from tests.builders import sparse_cache
 
 
 def signal_after_first_line(args: list[str], metrics: Path, signum: int, env: dict) -> tuple[int, str]:

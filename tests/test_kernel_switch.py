@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from tests.test_architectures import sparse_batches, stack_configs
 from trainer.precision import compute_precision, resolve_precision
 from trainer.registry import get_architecture, registered_architectures
 from trainer.sae_jumprelu import JumpReLUConfig, JumpReLUSAE
 from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig, TopKSAE
 from trainer.train import LoopConfig, explained_variance, train_stack
+from tests.builders import sparse_batches, stack_configs
 
 TOL64 = dict(rtol=1e-9, atol=1e-11)
 

@@ -11,6 +11,7 @@ import torch
 from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.loader import ActivationLoader
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
+from tests.builders import small_corpus
 
 
 def id_cache(path, rows: int = 3000, fmt: str = "zarr", dtype: str = "float32", seq_len: int = 50,
@@ -252,7 +253,6 @@ def test_batch_larger_than_split(tmp_path):
 def test_eval_split_of_a_language_model_cache(tmp_path):
     from cache_writer.run import CacheConfig, run_cache
 
-    from tests.test_cache_writer import small_corpus
 
     run_cache(CacheConfig(out=str(tmp_path / "lm"), tokens=6000, eval_fraction=0.3,
                           dataset=small_corpus(tmp_path / "docs")), progress=False)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.cli import ROOT, cli_env
-from tests.test_train_loop import sparse_cache
+from tests.builders import sparse_cache
 
 
 def run_logged(args: list[str], tmp_path, name: str) -> list[str]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from tests.test_train_loop import sparse_cache
 from trainer.sweep import expand_runs, name_runs, run_sweep
+from tests.builders import sparse_cache
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.test_architectures import sparse_batches, stack_configs
-from trainer.registry import get_architecture
-from trainer.sae_standard import StandardConfig
-from trainer.sae_topk import TopKConfig
-from trainer.train import LoopConfig, StackTrainer
+from tests.builders import CUDA_PATH, trainer_for
 
 aten = torch.ops.aten
 # aten ops that read a device value back or size their output from the data.
@@ -68,33 +64,6 @@ def count_syncs(fn) -> list[str]:
     with HostReads(counter), counter:
         fn()
     return counter.calls
-
-
-def configs(arch: str) -> list:
-    """Two or three runs with low dead-token thresholds, so AuxK takes part after a few steps."""
-    if arch == "topk":
-        return [TopKConfig(d_in=32, d_sae=128, k=k, seed=s, dead_tokens_threshold=128, aux_k=8)
-                for s, k in enumerate((4, 8))]
-    if arch == "standard":
-        return [StandardConfig(d_in=32, d_sae=128, l1_coefficient=c, l1_warmup_steps=10, seed=s)
-                for s, c in enumerate((0.5, 2.0))]
-    return stack_configs(arch, 32, 128)
-
-
-# The path kernels="auto" takes on CUDA (StackedSAE.fused_on): what a GPU runs.
-CUDA_PATH = {"standard": "plain", "jumprelu": "plain", "gated": "plain", "topk": "fused", "batchtopk": "fused",
-             "matryoshka": "fused"}
-
-
-def trainer_for(arch: str, kernels: str) -> tuple[StackTrainer, list[torch.Tensor]]:
-    model = get_architecture(arch)(configs(arch))
-    if hasattr(model, "selection"):
-        model.selection = "topk"  # BatchTopK's selection on a GPU
-    tr = StackTrainer(model, LoopConfig(lr=1e-3, lr_warmup_steps=3, lr_decay="cosine", total_steps=20,
-                                        kernels=kernels))
-    data = sparse_batches(8, 128, d=32)
-    tr.init_from_data(data[0])
-    return tr, data
 
 
 @pytest.mark.parametrize("kernels", ["cuda-auto", "plain"])

@@ -13,20 +13,13 @@ from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig, TopKSAE
 from trainer.export import export_saelens
-from trainer.train import LoopConfig, lr_factor, lr_factors, train_stack
+from trainer.train import LoopConfig, lr_factors, run_lengths, train_stack
+from tests.builders import sparse_cache
 
 
-def sparse_cache(path, rows=20_000, d=32, n_feat=64, k=3, seed=0, eval_rows=0):
-    """Rows are sparse non-negative combinations of unit directions, plus an offset (a large mean);
-    `eval_rows` more of them form the eval split."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=1)
-    w = CacheWriter(path, {"x": d}, WriterConfig(shard_mb=0.5))
-    for start in range(0, rows + eval_rows, 2000):
-        idx = torch.rand(2000, n_feat, generator=g).argsort(dim=1)[:, :k]
-        coef = torch.zeros(2000, n_feat).scatter_(1, idx, torch.rand(2000, k, generator=g) + 0.5)
-        w.put(ActivationBlock({"x": coef @ dirs + 3.0}, split="train" if start < rows else "eval"))
-    w.close()
+def lr_factor(step: int, cfg: LoopConfig) -> float:
+    """`lr_factors` for one run of cfg.total_steps steps at host `step`."""
+    return float(lr_factors(torch.tensor(float(step), dtype=torch.float64), cfg, run_lengths([cfg.total_steps]))[0])
 
 
 def test_topk_trains_on_a_cache_and_logs(tmp_path):

@@ -12,6 +12,7 @@ from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 from trainer.export import export_saelens, init_from, load_saelens
 from trainer.registry import get_architecture
 from trainer.train import LoopConfig, train_stack
+from tests.builders import small_corpus
 
 
 def pairs(n_batches=150, batch=256, d_in=32, d_out=24, n_feat=24, k=3, seed=0):
@@ -116,7 +117,6 @@ RESID_POST0, RESID_PRE1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre" 
 def model_cache(tmp_path_factory):
     """The shipped tiny model's cache with a transcoder's two hooks, and two hooks that hold the same values."""
     from cache_writer.run import CacheConfig, run_cache
-    from tests.test_cache_writer import small_corpus
 
     root = tmp_path_factory.mktemp("tc_eval")
     torch.set_num_threads(1)

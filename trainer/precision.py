@@ -52,9 +52,3 @@ def compute_precision(precision: str, device: torch.device | str) -> Iterator[No
     else:
         yield
 
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes matmuls in on `device` right now, None when it is off."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -62,8 +62,6 @@ class LoopConfig:
     kernels: str = "auto"
     """plain (autograd through each architecture's formulas), fused (its hand-written kernel) or auto
     (per device, the one measured faster)."""
-    extra: dict = field(default_factory=dict)
-    """Free-form provenance stored with the run."""
 
 
 def lr_factors(step: torch.Tensor, cfg: LoopConfig, totals: torch.Tensor) -> torch.Tensor:
@@ -87,12 +85,6 @@ def lr_factors(step: torch.Tensor, cfg: LoopConfig, totals: torch.Tensor) -> tor
 def run_lengths(steps: Sequence[int | None], device: torch.device | str = "cpu") -> torch.Tensor:
     """Runs' step budgets as `lr_factors` takes them: float64 (R,), NaN for an unknown length."""
     return torch.tensor([math.nan if n is None else float(n) for n in steps], dtype=torch.float64, device=device)
-
-
-def lr_factor(step: int, cfg: LoopConfig, total_steps: int | None = None) -> float:
-    """`lr_factors` for one run at host `step`, of `total_steps` steps (default cfg.total_steps)."""
-    total = total_steps if total_steps is not None else cfg.total_steps
-    return float(lr_factors(torch.tensor(float(step), dtype=torch.float64), cfg, run_lengths([total]))[0])
 
 
 @torch.no_grad()
