@@ -5,12 +5,14 @@ Each command imports its stage lazily, so `pipeline info` never loads a model.
 
 from __future__ import annotations
 
+import inspect
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from pipeline.cli_help import HelpCommand, HelpGroup
+from pipeline.cli_options import config_options, with_options
 from pipeline.errors import PipelineError
 
 
@@ -26,47 +28,31 @@ app = typer.Typer(add_completion=False, cls=HelpGroup, no_args_is_help=True, pre
                   help="Cache language-model activations once; train many sparse autoencoders from them.")
 
 
+CACHE = ("cache_writer.run", "CacheConfig")
+TRAIN = ("trainer.run", "TrainConfig")
+CONFIG_FILE = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                default=typer.Option(None, "--config", help="TOML file with these fields."))
+IMPORT = inspect.Parameter("import_module", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[List[str]],
+                           default=typer.Option(None, "--import", help="Module that registers architectures."))
+
+
 @app.command(cls=HelpCommand)
-def cache(
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Cache directory to write."),
-    model: Optional[str] = typer.Option(None, help="'tiny', a TransformerLens name, a HF checkpoint dir, or hf:ID."),
-    hook: Optional[List[str]] = typer.Option(None, "--hook", help="Hook name or module path (repeatable)."),
-    dataset: Optional[str] = typer.Option(None, help="'stdlib' (default), a local path, or a HF dataset id."),
-    dataset_split: Optional[str] = typer.Option(None, help="Split of the source dataset."),
-    column: Optional[str] = typer.Option(None, help="Text or token-id column."),
-    tokenizer: Optional[str] = typer.Option(None, help="'bytes' or a HF tokenizer; default: the model's."),
-    context_size: Optional[int] = typer.Option(None, help="Tokens per packed sequence."),
-    tokens: Optional[int] = typer.Option(None, help="Token positions to run through the model, train and eval "
-                                                    "together."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per forward pass."),
-    eval_fraction: Optional[float] = typer.Option(None, help="Fraction of the tokens held out as 'eval' (documents "
-                                                             "in pieces of one context)."),
-    exclude_special_tokens: Optional[bool] = typer.Option(None, "--exclude-special-tokens/--keep-special-tokens",
-                                                          help="Skip BOS/separator positions."),
-    positions: Optional[str] = typer.Option(None, help="Keep positions START:END of each sequence."),
-    dtype: Optional[str] = typer.Option(None, help="Stored dtype: float32, float16, bfloat16."),
-    model_dtype: Optional[str] = typer.Option(None, help="dtype the model runs in."),
-    format: Optional[str] = typer.Option(None, "--format", help="zarr or arrow."),
-    compression: Optional[str] = typer.Option(None, help="Zarr only: zstd or blosc (default none)."),
-    shard_mb: Optional[float] = typer.Option(None, help="Target MiB per hook shard."),
-    shuffle: Optional[bool] = typer.Option(None, "--shuffle/--no-shuffle", help="Shuffle rows on disk."),
-    seed: Optional[int] = typer.Option(None, help="Shuffle seed."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    model_kwargs: Optional[str] = typer.Option(None, help="Model loading options: JSON or k=v,k=v."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code",
-                                                     help="Run a HF model's own code."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue or extend the cache in --out."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace the cache in --out."),
-    config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
-) -> None:
+@with_options(config_options(*CACHE, decls={"out": ("--out", "-o"), "hooks": ("--hook",),
+                                            "exclude_special_tokens": ("--exclude-special-tokens/--keep-special-tokens",)},
+                             params={"hooks": "hook"},
+                             helps={"hooks": "Hook name or module path (repeatable); default: the middle layer's "
+                                             "residual stream.",
+                                    "model_kwargs": "Model loading options: JSON or k=v,k=v."}),
+              [CONFIG_FILE])
+def cache(**options) -> None:
     """Stage 1: run a model once over a dataset and write hook activations to a cache."""
-    overrides = dict(locals())  # first, before any import adds names
     from cache_writer.run import CacheConfig, run_cache
     from pipeline.config import build_config, parse_kwargs
 
-    overrides.pop("config")
+    overrides = dict(options)
+    config = overrides.pop("config")
     overrides["hooks"] = overrides.pop("hook") or None
-    overrides["model_kwargs"] = parse_kwargs(model_kwargs)
+    overrides["model_kwargs"] = parse_kwargs(overrides["model_kwargs"])
     if overrides.get("compression") in ("none", "None"):
         overrides["compression"] = None
     cfg = build_config(CacheConfig, config, overrides, section="cache")
@@ -77,97 +63,51 @@ def cache(
 
 
 @app.command(cls=HelpCommand)
-def train(
-    cache: Optional[str] = typer.Option(None, help="Cache directory to train on."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the run's folder goes in."),
-    name: Optional[str] = typer.Option(None, help="Run name (folder, W&B); default from arch, d_sae, k/l1."),
-    hook: Optional[str] = typer.Option(None, "--hook", "--hook-in", help="Hook to read (default: the cache's only hook)."),
-    arch: Optional[str] = typer.Option(None, help="topk, batchtopk, matryoshka, jumprelu, gated, standard, or yours."),
-    d_sae: Optional[int] = typer.Option(None, help="Number of latents."),
-    expansion_factor: Optional[int] = typer.Option(None, help="d_sae = N * d_in (instead of --d-sae)."),
-    k: Optional[int] = typer.Option(None, help="TopK: latents per token."),
-    initial_k: Optional[int] = typer.Option(None, help="TopK: anneal k down from this value."),
-    k_anneal_steps: Optional[int] = typer.Option(None, help="TopK: steps of k annealing."),
-    l1: Optional[float] = typer.Option(None, help="standard, gated: L1 coefficient."),
-    l1_warmup_steps: Optional[int] = typer.Option(None, help="standard, gated: L1 warm-up steps."),
-    l0: Optional[float] = typer.Option(None, help="jumprelu: L0 coefficient."),
-    l0_warmup_steps: Optional[int] = typer.Option(None, help="jumprelu: L0 warm-up steps."),
-    arch_options: Optional[str] = typer.Option(None, help="Other architecture fields: key=value,... or JSON."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
-    lr_warmup_steps: Optional[int] = typer.Option(None, help="Linear lr warm-up steps."),
-    lr_decay: Optional[str] = typer.Option(None, help="constant, cosine or linear."),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping per run."),
-    b_dec_init: Optional[str] = typer.Option(None, help="geometric_median, mean or zeros."),
-    init_scale_search: Optional[bool] = typer.Option(None, "--init-scale-search/--no-init-scale-search",
-                                                     help="Grid-search the initial weight scale."),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
-                                             help="Scale rows to mean norm sqrt(d_in) (folded into the export)."),
-    batch_size: Optional[int] = typer.Option(None, help="Rows per step."),
-    tokens: Optional[int] = typer.Option(None, help="Rows to train on."),
-    seed: Optional[int] = typer.Option(None, help="Seed of weights and shuffle."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    resident: Optional[str] = typer.Option(None, help="Hold the cache's split on the device and read the disk once: auto (when it fits), yes, no."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
-    kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
-    log_every: Optional[int] = typer.Option(None, help="Steps between metric lines."),
-    eval_every: Optional[int] = typer.Option(None, help="Steps between eval-split metrics (0: at the end)."),
-    eval_tokens: Optional[int] = typer.Option(None, help="Eval rows used during training."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between resume checkpoints."),
-    n_snapshots: Optional[int] = typer.Option(None, help="SAEs kept along the run (SAELens format)."),
-    snapshot_spacing: Optional[str] = typer.Option(None, help="log or linear."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in OUT/NAME."),
-    init_from: Optional[str] = typer.Option(None, help="Start from a saved SAE (ours or SAELens's)."),
-    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="Log to W&B (offline without a key)."),
-    wandb_project: Optional[str] = typer.Option(None, help="W&B project."),
-    ddp: Optional[bool] = typer.Option(None, "--ddp/--no-ddp",
-                                       help="Data-parallel under torchrun: each rank trains on its part of a batch."),
-    hook_out: Optional[str] = typer.Option(None, "--hook-out", help="Transcoder: reconstruct this hook from --hook."),
-    skip_bad_shards: Optional[bool] = typer.Option(None, "--skip-bad-shards",
-                                                   help="Leave out shards that fail their checksum instead of stopping."),
-    import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
-    config: Optional[str] = typer.Option(None, "--config", help="TOML file with these fields."),
-) -> None:
+@with_options(config_options(*TRAIN, decls={"out": ("--out", "-o"), "hook": ("--hook", "--hook-in")},
+                             helps={"arch_options": "Other architecture fields: key=value,... or JSON."}),
+              [IMPORT, CONFIG_FILE])
+def train(**options) -> None:
     """Stage 2: train an SAE from a cache; export it in SAELens's format."""
-    overrides = dict(locals())  # first, before any import adds names
     import importlib
 
     from pipeline.config import build_config, parse_kwargs
     from trainer.run import TrainConfig, run_train
 
-    overrides["arch_options"] = parse_kwargs(arch_options, "--arch-options")
-
+    overrides = dict(options)
+    overrides["arch_options"] = parse_kwargs(overrides["arch_options"], "--arch-options")
     for name in overrides.pop("import_module") or []:
         importlib.import_module(name)
-    overrides.pop("config")
+    config = overrides.pop("config")
     metrics = run_train(build_config(TrainConfig, config, overrides, section="train"))
     ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
     l0 = metrics.get("eval_l0", metrics.get("l0"))
     _finished(f"exported to {metrics['run_dir']}" + (f": explained variance {ev[0]:.3f}, L0 {l0[0]:.1f}" if ev else ""))
 
 
+SWEEP_OPTIONS = ("cache", "out", "tokens", "batch_size", "expansion_factor", "device", "resident", "precision", "kernels",
+                 "resume", "wandb", "skip_bad_shards")
+
+
+def _param(name: str, kind: type, option: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+
+
 @app.command(cls=HelpCommand)
-def sweep(
-    config: str = typer.Option(..., "--config", help="Sweep TOML: [base] fields and [sweep] lists or [[runs]]."),
-    cache: Optional[str] = typer.Option(None, help="Cache directory (overrides [base])."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory the runs' folders go in."),
-    tokens: Optional[int] = typer.Option(None, help="Rows per run (overrides every run)."),
-    batch_size: Optional[int] = typer.Option(None, help="Rows per step (all runs)."),
-    expansion_factor: Optional[int] = typer.Option(None, help="d_sae = N * d_in for every run (replaces d_sae)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    resident: Optional[str] = typer.Option(None, help="Hold the cache's split on the device and read the disk once: auto (when it fits), yes, no."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, tf32 or bf16."),
-    kernels: Optional[str] = typer.Option(None, help="auto (the faster per device), fused or plain."),
-    name: Optional[str] = typer.Option(None, help="Sweep name (W&B group); default: the TOML's name or file name."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the sweep in --out."),
-    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="W&B, one run per SAE (offline without a key)."),
-    memory_gb: Optional[float] = typer.Option(None, help="Memory the sweep may plan for (default: 90% of free)."),
-    with_eval: bool = typer.Option(False, "--eval/--no-eval",
-                                   help="Also CE loss recovered and KL per SAE (`pipeline eval`)."),
-    eval_contexts: int = typer.Option(64, help="Eval-split contexts for --eval."),
-    skip_bad_shards: Optional[bool] = typer.Option(None, "--skip-bad-shards",
-                                                   help="Leave out shards that fail their checksum instead of stopping."),
-    import_module: Optional[List[str]] = typer.Option(None, "--import", help="Module that registers architectures."),
-) -> None:
+@with_options([_param("config", str, typer.Option(..., "--config", help="Sweep TOML: [base] fields and [sweep] lists "
+                                                                         "or [[runs]]."))],
+              config_options(*TRAIN, only=SWEEP_OPTIONS, decls={"out": ("--out", "-o")},
+                             helps={"cache": "Cache directory (overrides [base]).",
+                                    "out": "Directory the runs' folders go in.",
+                                    "tokens": "Rows per run (overrides every run).",
+                                    "resume": "Continue the sweep in --out."}),
+              [_param("name", Optional[str], typer.Option(None, help="Sweep name (W&B group); default: the TOML's name "
+                                                                     "or file name.")),
+               _param("memory_gb", Optional[float], typer.Option(None, help="Memory the sweep may plan for (default: "
+                                                                            "90% of free).")),
+               _param("with_eval", bool, typer.Option(False, "--eval/--no-eval", help="Also CE loss recovered and KL "
+                                                                                     "per SAE (`pipeline eval`).")),
+               _param("eval_contexts", int, typer.Option(64, help="Eval-split contexts for --eval.")), IMPORT])
+def sweep(**options) -> None:
     """Stage 2: many SAEs from one pass over a cache; summary.csv and pareto.png at the end.
 
     An option given here overrides the TOML's [base] and every run; the defaults shown apply where neither sets it.
@@ -177,15 +117,14 @@ def sweep(
 
     from trainer.sweep import load_sweep_spec, run_sweep
 
-    for module in import_module or []:
+    for module in options["import_module"] or []:
         importlib.import_module(module)
+    config, cache, out = options["config"], options["cache"], options["out"]
     spec = load_sweep_spec(config)
-    overrides = {k: v for k, v in dict(cache=cache, out=out, tokens=tokens, batch_size=batch_size, device=device,
-                                        resident=resident, precision=precision, kernels=kernels, resume=resume,
-                                        wandb=wandb, expansion_factor=expansion_factor,
-                                        skip_bad_shards=skip_bad_shards).items() if v is not None}
+    overrides = {k: options[k] for k in SWEEP_OPTIONS if options[k] is not None}
+    name, memory_gb, eval_contexts = options["name"], options["memory_gb"], options["eval_contexts"]
     evaluate_runs = None
-    if with_eval:
+    if options["with_eval"]:
         from analysis.evaluate_ce import ce_columns
         from trainer.run import TrainConfig
 
@@ -193,7 +132,8 @@ def sweep(
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None, evaluate_runs=evaluate_runs)
     ok = sum(r["status"] == "ok" for r in rows)
-    _finished(f"sweep done: {ok} of {len(rows)} runs ok; summary in {Path(out or spec.get('base', {}).get('out', 'runs/default')) / 'summary.csv'}")
+    summary = Path(out or spec.get("base", {}).get("out", "runs/default")) / "summary.csv"
+    _finished(f"sweep done: {ok} of {len(rows)} runs ok; summary in {summary}")
 
 
 @app.command("eval", cls=HelpCommand)

@@ -1,11 +1,14 @@
 """`--help` of the command line: each option's real default, flags shown as flags, texts shown as written.
 
-Part of the face (pipeline/cli.py): it imports a stage's config dataclass only to print its help.
+Part of the face (pipeline/cli.py): it reads a stage's config dataclass from its source to show its
+defaults.
 """
 
 from __future__ import annotations
 
 from typer.core import TyperCommand, TyperGroup
+
+from pipeline.cli_options import config_defaults
 
 # Most options default to None so that a --config file's values stand unless a flag is given; their
 # real defaults are the fields of the stage's config dataclass, which `--help` imports to show them.
@@ -15,16 +18,10 @@ CONFIGS = {"cache": ("cache_writer.run", "CacheConfig"), "train": ("trainer.run"
 FIELD_OF = {"hook": "hooks"}  # `pipeline cache --hook` fills CacheConfig.hooks
 
 
-def config_defaults(command: str | None) -> dict:
-    """Field name -> default of the config dataclass behind `command` (empty for the others)."""
-    import dataclasses
-    import importlib
-
-    if command not in CONFIGS:
-        return {}
-    module, name = CONFIGS[command]
-    cls = getattr(importlib.import_module(module), name)
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+def command_defaults(command: str | None) -> dict:
+    """Field name -> default of the config dataclass behind `command` (empty for the others), read
+    from its source (pipeline.cli_options): `--help` imports no stage."""
+    return config_defaults(*CONFIGS[command]) if command in CONFIGS else {}
 
 
 class ShownHelp:
@@ -50,7 +47,7 @@ class ShownHelp:
 
         from rich.markup import escape  # help texts are plain text: `[base]` is not a markup tag
 
-        defaults = config_defaults(self.name)
+        defaults = command_defaults(self.name)
         shown = []
         for p in params:
             p = copy.copy(p)  # the help's copy: parsing keeps the real parameter

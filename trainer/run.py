@@ -49,7 +49,7 @@ class TrainConfig:
     d_sae: int = 1024
     """Number of latents."""
     expansion_factor: int | None = None
-    """d_sae = expansion_factor * d_in (SAELens's option): replaces d_sae (one settings layer gives one)."""
+    """d_sae = N * d_in for an expansion factor N (SAELens's option); replaces d_sae (one settings layer gives one)."""
     k: int = 32
     """TopK: latents kept per token."""
     initial_k: int | None = None
