@@ -75,7 +75,12 @@ class EvalConfig:
     device: str = "auto"
     """auto, cpu, cuda, ..."""
     out: str | None = None
-    """Also write the results as JSON here."""
+    """`pipeline eval` also writes its results here, as SAEBench's core output JSON (analysis.core_metrics)."""
+    max_rows: int | None = None
+    """Cached rows of the split the activation metrics read (analysis.core_metrics; None: all)."""
+    saebench: bool = False
+    """Also SAEBench's core numbers of the spliced model (`saebench` in the results): one more forward
+    pass per batch, the hook zero-ablated at every position as SAEBench ablates."""
 
     def __post_init__(self) -> None:
         check_sizes(self, positive=("contexts", "batch_size"))
@@ -94,12 +99,9 @@ def load_cache_model(cache: Cache, device: str, override: Any = None) -> ModelAd
         return override
     if override is not None and not isinstance(override, str):  # a HookedTransformer held in memory
         return adapter_from_hooked_transformer(override, info.get("name") or "in-memory")
-    if not info and override is None:
-        raise PipelineError(f"cache {cache.path} records no model (its source was not a language model); "
-                            "pass --model")
-    if info.get("source") == "in-memory" and override is None:
-        raise PipelineError(f"cache {cache.path} was written from a model held in memory ({info.get('name')}); "
-                            "pass --model, or from Python the model itself: EvalConfig(model=model)")
+    why = model_unavailable(cache, override)
+    if why:
+        raise PipelineError(f"cache {cache.path} {why}")
     # cache_config holds the exact --model argument (hf:ID stays hf:ID); older manifests only the info.
     name = override or cc.get("model") or info["name"]
     adapter = load_model(name, device=device, dtype=cc.get("model_dtype") or info.get("dtype") or "float32",
@@ -114,18 +116,38 @@ def load_cache_model(cache: Cache, device: str, override: Any = None) -> ModelAd
     return adapter
 
 
+def model_unavailable(cache: Cache, override: Any = None) -> str | None:
+    """Why the cache's model cannot be loaded (completing "cache PATH ..."), or None when it can."""
+    info = (cache.manifest.get("provenance") or {}).get("model") or {}
+    if override is not None:
+        return None
+    if not info:
+        return "records no model (its source was not a language model); pass --model"
+    if info.get("source") == "in-memory":
+        return (f"was written from a model held in memory ({info.get('name')}); pass --model, or from Python the "
+                "model itself: EvalConfig(model=model)")
+    return None
+
+
+def special_token_ids(cache: Cache, tokenizer) -> set[int]:
+    """Token ids whose positions `pipeline cache` stores no row for by default: the tokenizer's
+    special tokens and the packing's BOS and separator (as cache_writer.run._blocks)."""
+    from cache_writer.run import special_ids
+
+    packing = ((cache.manifest.get("config") or {}).get("source") or {}).get("packing") or {}
+    special = set(special_ids(tokenizer)[2])
+    return special | {i for i in (packing.get("bos_token_id"), packing.get("separator_token_id")) if i is not None}
+
+
 def stored_position_mask(cache: Cache, tokens: np.ndarray, tokenizer) -> np.ndarray:
     """(n, T) bool: the positions of `tokens` the cache stores rows for (as cache_writer.run._blocks)."""
-    from cache_writer.run import parse_positions, special_ids
+    from cache_writer.run import parse_positions
 
     source = (cache.manifest.get("config") or {}).get("source") or {}
     keep = np.zeros(tokens.shape, dtype=bool)
     keep[:, parse_positions(source.get("positions"), tokens.shape[1])] = True
     if source.get("exclude_special_tokens", True):
-        _, _, special = special_ids(tokenizer)
-        packing = source.get("packing") or {}
-        special |= {i for i in (packing.get("bos_token_id"), packing.get("separator_token_id")) if i is not None}
-        keep &= ~np.isin(tokens, np.array(sorted(special), dtype=np.int64))
+        keep &= ~np.isin(tokens, np.array(sorted(special_token_ids(cache, tokenizer)), dtype=np.int64))
     return keep
 
 
@@ -270,9 +292,9 @@ def logits_with(adapter: ModelAdapter, tokens: torch.Tensor, hook: str, mask: to
             handle.remove()
 
 
-def _next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """log p (B, T-1, V) of the predictions that have a next token, in float32."""
-    return logits[:, :-1].float().log_softmax(dim=-1)
+def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log p (B, T, V) at every position, in float32."""
+    return logits.float().log_softmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------ the evaluation
@@ -319,20 +341,24 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
     tokenizer = load_tokenizer(SimpleNamespace(tokenizer=cc.get("tokenizer")), adapter)
     contexts = split_sequences(cache, cfg.split, cfg.contexts)
     mask_all = stored_position_mask(cache, contexts, tokenizer)
+    # SAEBench averages over the positions whose token is not special (BOS, EOS, padding).
+    plain_all = ~np.isin(contexts, np.array(sorted(special_token_ids(cache, tokenizer)), dtype=np.int64))
     mean = split_mean(cache, hook_out, cfg.split).to(device)
 
     sums = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero_ablation=0.0, ce_mean_ablation=0.0, kl_spliced=0.0,
                 kl_zero_ablation=0.0, kl_mean_ablation=0.0)
+    bench = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero_everywhere=0.0, kl_spliced=0.0, kl_zero_everywhere=0.0)
     sq_err = l0 = 0.0
     act_sum = torch.zeros(sae.d_out, dtype=torch.float64)
     act_sq = 0.0
-    n_pred = n_spliced = 0
+    n_pred = n_spliced = bench_pred = bench_pos = 0
     for start in range(0, len(contexts), cfg.batch_size):
         tokens = torch.from_numpy(contexts[start:start + cfg.batch_size]).to(adapter.device)
         mask = torch.from_numpy(mask_all[start:start + cfg.batch_size]).to(adapter.device)
+        plain = torch.from_numpy(plain_all[start:start + cfg.batch_size]).to(adapter.device)
         targets = tokens[:, 1:].unsqueeze(-1)
-        clean = _next_token_logprobs(logits_with(adapter, tokens, hook, mask, None))
-        sums["ce_clean"] += float(-clean.gather(-1, targets).sum())
+        clean = _logprobs(logits_with(adapter, tokens, hook, mask, None))
+        p_clean = clean.exp()
 
         def reconstruct(own: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
             nonlocal sq_err, act_sq, l0
@@ -345,15 +371,40 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
             l0 += float((latents > 0).sum())
             return recon
 
-        variants: dict[str, Replace] = {"spliced": reconstruct,
-                                        "zero_ablation": lambda own, read: torch.zeros_like(own),
-                                        "mean_ablation": lambda own, read: mean.to(own.dtype).expand_as(own)}
-        for name, replace in variants.items():
-            logp = _next_token_logprobs(logits_with(adapter, tokens, hook_out, mask, replace, read_hook))
-            sums[f"ce_{name}"] += float(-logp.gather(-1, targets).sum())
-            sums[f"kl_{name}"] += float((clean.exp() * (clean - logp)).sum())
+        def zero(own: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(own)
+
+        # (name, replace, positions replaced): ours replace the stored positions; SAEBench zero-ablates
+        # every position (BOS too), which is the spliced-at-stored pass where the cache stores all.
+        variants: list[tuple[str, Replace | None, torch.Tensor]] = [
+            ("clean", None, mask), ("spliced", reconstruct, mask), ("zero_ablation", zero, mask),
+            ("mean_ablation", lambda own, read: mean.to(own.dtype).expand_as(own), mask)]
+        if cfg.saebench:
+            variants.append(("zero_everywhere", zero, torch.ones_like(mask)))
+        zero_logp = None
+        for name, replace, where in variants:
+            if replace is None:
+                logp = clean
+            elif name == "zero_everywhere" and bool(mask.all()):
+                logp = zero_logp  # every position is stored: the zero-ablation pass replaced them all
+            else:
+                logp = _logprobs(logits_with(adapter, tokens, hook_out, where, replace, read_hook))
+            if name == "zero_ablation":
+                zero_logp = logp
+            ce = -logp[:, :-1].gather(-1, targets).squeeze(-1)  # (B, T-1): the prediction made at each position
+            kl = (p_clean * (clean - logp)).sum(-1)  # (B, T)
+            if name != "zero_everywhere":
+                sums[f"ce_{name}"] += float(ce.sum())
+                if replace is not None:
+                    sums[f"kl_{name}"] += float(kl[:, :-1].sum())
+            if cfg.saebench and f"ce_{name}" in bench:
+                bench[f"ce_{name}"] += float(ce[plain[:, :-1]].sum())
+                if replace is not None:
+                    bench[f"kl_{name}"] += float(kl[plain].sum())
         n_pred += targets.numel()
         n_spliced += int(mask.sum())
+        bench_pred += int(plain[:, :-1].sum())
+        bench_pos += int(plain.sum())
     if n_spliced == 0:
         raise PipelineError(f"no position of the {len(contexts)} contexts has a cached row to replace")
     out = {k: v / n_pred for k, v in sums.items()}
@@ -373,11 +424,15 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
     })
     if read_hook is not None:
         out["hook_out"] = hook_out
-    if cfg.out:
-        import json
-
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(out, indent=1))
+    if cfg.saebench:
+        # Means over the predictions made at (CE), and the positions of (KL), tokens that are not special.
+        out["saebench"] = {"ce_loss_without_sae": bench["ce_clean"] / max(bench_pred, 1),
+                           "ce_loss_with_sae": bench["ce_spliced"] / max(bench_pred, 1),
+                           "ce_loss_with_ablation": bench["ce_zero_everywhere"] / max(bench_pred, 1),
+                           "kl_div_with_sae": bench["kl_spliced"] / max(bench_pos, 1),
+                           "kl_div_with_ablation": bench["kl_zero_everywhere"] / max(bench_pos, 1),
+                           "predictions": bench_pred, "positions": bench_pos,
+                           "tokens": int(contexts.size), "context_size": int(contexts.shape[1])}
     return out
 
 
@@ -408,13 +463,6 @@ def print_results(res: dict) -> None:
         if res.get(f"ce_recovered_{ablation}_note"):
             console.print(f"note: CE loss recovered ({ablation}) is not meaningful: "
                           f"{res[f'ce_recovered_{ablation}_note']}", highlight=False, soft_wrap=True)
-
-
-def run_eval(cfg: EvalConfig) -> dict:
-    """`pipeline eval`: evaluate, print the table, return the results."""
-    res = evaluate_ce(cfg)
-    print_results(res)
-    return res
 
 
 def ce_columns(cache: str, contexts: int) -> Callable[[list[dict], Path, str], None]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.reader import Cache
 from trainer.export import load_saelens
 from trainer.registry import get_architecture
 
@@ -103,3 +106,23 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
     model = cls([cls.config_class(**fields)])
     model.load_run(0, weights, cfg)
     return LoadedSAE(model=model.to(device).eval(), cfg=cfg, path=Path(path))
+
+
+def split_chunks(cache: Cache, hooks: list[str], split: str, chunk_rows: int, max_rows: int | None = None
+                 ) -> Iterator[tuple[int, list[torch.Tensor], torch.Tensor | None]]:
+    """(shard, one (n, d) tensor per hook in the stored dtype, token rows (n, 3) int64 or None when the
+    cache stores no tokens) for consecutive chunks of a split, in disk order; `max_rows` rows at most.
+    Rows i of every hook and of the token table are the same token."""
+    seen = 0
+    has_tokens = bool(cache.manifest.get("has_tokens"))
+    for shard in range(len(cache.shards(split))):
+        acts = [cache.activations_tensor(h, split, shard) for h in hooks]
+        tok = torch.from_numpy(np.ascontiguousarray(cache.tokens(split, shard))).long() if has_tokens else None
+        for start in range(0, len(acts[0]), chunk_rows):
+            stop = min(start + chunk_rows, len(acts[0]))
+            if max_rows is not None:
+                stop = min(stop, start + max_rows - seen)
+            if stop <= start:
+                return
+            seen += stop - start
+            yield shard, [a[start:stop] for a in acts], tok[start:stop] if tok is not None else None

@@ -10,8 +10,10 @@ on every token of the window (a second, small read of the rows of just those seq
 
 The page is one self-contained file (`OUT/index.html`): inline CSS, SVG charts and a few lines of
 JS, no server and no network. Stable ids and classes (`#summary`, `#density-histogram`,
-`#l0-histogram`, `.latent`, `.activation-histogram`, `.context-table`, `.tok.max`) let tests and
-scripts find its parts.
+`#l0-histogram`, `.latent`, `.activation-histogram`, `.logit-table`, `.logit-histogram`,
+`.context-table`, `.tok.max`) let tests and scripts find its parts. Logit effects (the top and
+bottom tokens of each latent's decoder direction through the unembedding) come from
+`analysis.logit_effects`, with the model the cache names.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
-from analysis.inference import LoadedSAE, load_sae
+from analysis.inference import LoadedSAE, load_sae, split_chunks
+from analysis.svg import svg_bars
 
 # Per-latent activation histograms: log10 bins fixed in advance, so one pass serves every latent
 # whatever its scale (values outside land in the end bins).
@@ -69,6 +72,11 @@ class ReportConfig:
     """Seed of the random choice of latents."""
     ce_contexts: int = 0
     """Also run `pipeline eval` on this many contexts and show CE loss recovered in the summary (0: no)."""
+    logits: bool = True
+    """Show each latent's logit effects (loads the model the cache names; skipped, saying why, without one)."""
+    model: Any = None
+    """Load this model instead of the one the manifest names (as `pipeline eval --model`); from Python,
+    also the model itself."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
 
@@ -138,18 +146,9 @@ def stream_stats(cache: Cache, sae: LoadedSAE, hook: str, split: str, k: int, ch
                  max_rows: int | None, device: str) -> LatentStats:
     """One pass over the split's shards, in disk order."""
     st = new_stats(sae.d_sae, k, device)
-    for shard in range(len(cache.shards(split))):
-        acts = cache.activations_tensor(hook, split, shard)
-        tok = torch.from_numpy(np.ascontiguousarray(cache.tokens(split, shard)[:, 1:])).long()
-        for start in range(0, len(acts), chunk_rows):
-            stop = min(start + chunk_rows, len(acts))
-            if max_rows is not None:
-                stop = min(stop, start + max_rows - st.rows)
-            if stop <= start:
-                return st
-            x = acts[start:stop].to(device=device, dtype=torch.float32)
-            seq_pos = tok[start:stop].to(device)
-            update_stats(st, sae.encode(x), seq_pos[:, 0], seq_pos[:, 1])
+    for _, (acts,), tok in split_chunks(cache, [hook], split, chunk_rows, max_rows):
+        seq_pos = tok[:, 1:].to(device)
+        update_stats(st, sae.encode(acts.to(device=device, dtype=torch.float32)), seq_pos[:, 0], seq_pos[:, 1])
     return st
 
 
@@ -240,53 +239,14 @@ def token_text(tokenizer: Any, token_id: int, special: set[int]) -> str:
         return "<bos>" if getattr(tokenizer, "bos_token_id", None) == token_id else f"<{token_id}>"
     if tokenizer is None:
         return f"[{token_id}]"
-    text = tokenizer.decode_token(token_id) if hasattr(tokenizer, "decode_token") else tokenizer.decode([token_id])
+    try:
+        text = tokenizer.decode_token(token_id) if hasattr(tokenizer, "decode_token") else tokenizer.decode([token_id])
+    except (IndexError, KeyError, ValueError, OverflowError, TypeError):  # an id past the tokenizer's vocabulary
+        return f"[{token_id}]"
     return text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
 
 
 # ------------------------------------------------------------------------------ SVG and HTML
-
-
-def svg_bars(counts: list[float], edges: list[float], xlabel: str, ylabel: str = "count", elem_id: str = "",
-             cls: str = "chart", width: int = 520, height: int = 180, note: str = "") -> str:
-    """An inline SVG histogram: bar i spans edges[i]..edges[i+1] with height counts[i]."""
-    ml, mr, mt, mb = 48, 10, 10, 34
-    pw, ph = width - ml - mr, height - mt - mb
-    lo, hi = edges[0], edges[-1]
-    top = max(max(counts, default=0), 1)
-    sx = lambda v: ml + (v - lo) / ((hi - lo) or 1) * pw  # noqa: E731
-    sy = lambda c: mt + ph - c / top * ph  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="{cls}"' + (f' id="{elem_id}"' if elem_id else "")
-             + f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
-    for c, a, b in zip(counts, edges[:-1], edges[1:]):
-        if c > 0:
-            x0, x1 = sx(a), sx(b)
-            parts.append(f'<rect class="bar" x="{x0:.1f}" y="{sy(c):.1f}" width="{max(x1 - x0 - 0.5, 0.8):.1f}" '
-                         f'height="{mt + ph - sy(c):.1f}"><title>{a:.3g} to {b:.3g}: {c:g}</title></rect>')
-    parts.append(f'<line class="axis" x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}"/>'
-                 f'<line class="axis" x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + ph}"/>')
-    for v in _ticks(lo, hi):
-        parts.append(f'<text class="tick" x="{sx(v):.1f}" y="{mt + ph + 13}" text-anchor="middle">{v:g}</text>')
-    parts.append(f'<text class="tick" x="{ml - 4}" y="{mt + 8}" text-anchor="end">{top:g}</text>'
-                 f'<text class="tick" x="{ml - 4}" y="{mt + ph}" text-anchor="end">0</text>'
-                 f'<text class="label" x="{ml + pw / 2:.0f}" y="{height - 4}" text-anchor="middle">'
-                 f'{html.escape(xlabel)}</text>'
-                 f'<text class="label" x="12" y="{mt + ph / 2:.0f}" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {mt + ph / 2:.0f})">{html.escape(ylabel)}</text>')
-    if note:
-        parts.append(f'<text class="note" x="{ml + pw}" y="{mt + 10}" text-anchor="end">{html.escape(note)}</text>')
-    return "".join(parts) + "</svg>"
-
-
-def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
-    """About n round tick values in [lo, hi]."""
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / n
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 5, 10) if step * m >= raw)
-    first = math.ceil(lo / step) * step
-    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
 def density_chart(st: LatentStats) -> str:
@@ -336,6 +296,12 @@ table.context-table td.val{text-align:right;color:#555;white-space:nowrap}
 table.context-table td.ctx{white-space:pre-wrap;word-break:break-all}
 .tok{border-radius:2px}.tok.max{outline:1.5px solid #c00;font-weight:bold}.tok.special{color:#999}
 #filter{margin:8px 0}.hidden{display:none}
+svg .bar.neg{fill:#d62728}
+table.logit-table{border-collapse:collapse;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;margin:6px 0}
+table.logit-table th{font:bold 11px system-ui,sans-serif;color:#555;text-align:left;padding:0 6px}
+table.logit-table td{padding:0 6px;white-space:pre}table.logit-table td.val{text-align:right}
+table.logit-table td.pos{color:#1f4e9c}table.logit-table td.neg{color:#b02020}
+.approximation{color:#a33;font-weight:bold;margin:4px 0}
 """
 
 JS = """
@@ -378,9 +344,10 @@ def best_per_sequence(vals: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
 
 
 def render_latent(st: LatentStats, latent: int, vals: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
-                  context: Any, tokenizer: Any, special: set[int], cfg: ReportConfig) -> str:
-    """One latent's block: density, activation histogram, and its top contexts (`context(seq)` gives
-    the sequence's tokens and this latent's activation at each of its positions)."""
+                  context: Any, tokenizer: Any, special: set[int], cfg: ReportConfig, logits: str = "") -> str:
+    """One latent's block: density, activation histogram, logit effects (`logits`, rendered), and its
+    top contexts (`context(seq)` gives the sequence's tokens and this latent's activation at each of
+    its positions)."""
     scale = float(vals[0]) if len(vals) else 0.0
     rows = []
     for v, s, p in zip(vals, seqs, positions):
@@ -394,7 +361,7 @@ def render_latent(st: LatentStats, latent: int, vals: np.ndarray, seqs: np.ndarr
     d = float(st.density[latent])
     return (f'<div class="latent" id="latent-{latent}" data-latent="{latent}"><div class="meta">'
             f'<h3>latent {latent}</h3><p>density {d:.3g} ({math.log10(d) if d > 0 else float("-inf"):.2f} log10), '
-            f'max {scale:.3g}</p>{activation_chart(st, latent)}</div>{body}</div>')
+            f'max {scale:.3g}</p>{activation_chart(st, latent)}{logits}</div>{body}</div>')
 
 
 def render_page(cfg: ReportConfig, sae: LoadedSAE, cache: Cache, hook: str, st: LatentStats, chosen: list[int],
@@ -426,12 +393,12 @@ def render_page(cfg: ReportConfig, sae: LoadedSAE, cache: Cache, hook: str, st: 
 # ------------------------------------------------------------------------------ the command
 
 
-def ce_summary(cfg: ReportConfig, sae: LoadedSAE, device: str) -> dict[str, str]:
-    """`pipeline eval`'s headline numbers as summary rows (loads the cache's model)."""
+def ce_summary(cfg: ReportConfig, sae: LoadedSAE, device: str, adapter: Any = None) -> dict[str, str]:
+    """`pipeline eval`'s headline numbers as summary rows (loads the cache's model unless given)."""
     from analysis.evaluate_ce import EvalConfig, evaluate_ce
 
     res = evaluate_ce(EvalConfig(sae=cfg.sae, cache=cfg.cache, split=cfg.split, contexts=cfg.ce_contexts,
-                                 hook=cfg.hook, device=device), sae=sae)
+                                 hook=cfg.hook, device=device, model=cfg.model), adapter=adapter, sae=sae)
     return {"CE clean / with SAE": f"{res['ce_clean']:.4f} / {res['ce_spliced']:.4f} ({res['contexts']} contexts)",
             "CE loss recovered (zero / mean ablation)": " / ".join(
                 f"{res[f'ce_recovered_{a}']:.4f}" + ("" if res[f"ce_recovered_{a}_meaningful"] else " (not meaningful)")
@@ -439,6 +406,32 @@ def ce_summary(cfg: ReportConfig, sae: LoadedSAE, device: str) -> dict[str, str]
             **{f"note on CE loss recovered ({a})": res[f"ce_recovered_{a}_note"] for a in ("zero", "mean")
                if res[f"ce_recovered_{a}_note"]},
             "KL(clean || SAE)": f"{res['kl_spliced']:.5f}"}
+
+
+def latent_logits(cfg: ReportConfig, cache: Cache, sae: LoadedSAE, hook: str, chosen: list[int], token: Any,
+                  device: str) -> tuple[list[str], dict[str, str], Any]:
+    """(each chosen latent's logit-effect block, summary rows, the model loaded or None). Without a
+    model (none recorded, or it cannot be loaded) the blocks are empty and a summary row says why."""
+    from analysis.evaluate_ce import load_cache_model, model_unavailable
+    from analysis.logit_effects import logit_effects, render_logits
+
+    none = [""] * len(chosen)
+    if not cfg.logits:
+        return none, {}, None
+    why = model_unavailable(cache, cfg.model)
+    if why:
+        return none, {"logit effects": f"not shown: the cache {why}"}, None
+    try:
+        adapter = load_cache_model(cache, device, cfg.model)
+    except (PipelineError, OSError) as e:  # e.g. offline without the model's files: the rest of the page stands
+        warnings.warn(f"logit effects not shown: {str(e).splitlines()[0] if str(e) else e}")
+        return none, {"logit effects": f"not shown: the model did not load ({str(e).splitlines()[0]})"}, None
+    # A transcoder's decoder writes its output hook.
+    eff = logit_effects(adapter, sae.hook_out if sae.is_transcoder else hook, sae.model.W_dec[0][chosen].detach())
+    row = {"logit effects": ("" if eff.exact else "APPROXIMATION: ") + eff.note}
+    if eff.values is None:
+        return none, row, adapter
+    return [render_logits(eff.values[j], eff.exact, token) for j in range(len(chosen))], row, adapter
 
 
 def parse_latents(spec: str | None) -> list[int] | None:
@@ -476,12 +469,14 @@ def build_report(cfg: ReportConfig, sae: LoadedSAE | None = None, extra: dict[st
     tokenizer = cache_tokenizer(cache)
     packing = ((cache.manifest.get("config") or {}).get("source") or {}).get("packing") or {}
     special = {i for i in (packing.get("bos_token_id"), packing.get("separator_token_id")) if i is not None}
+    logits, logit_rows, adapter = latent_logits(cfg, cache, sae, hook, chosen,
+                                                lambda t: token_text(tokenizer, t, special), device)
     latent_html = [render_latent(st, latent, *top[j], lambda s, j=j: (table[s], acts[s][:, j]), tokenizer,
-                                 special, cfg)
+                                 special, cfg, logits[j])
                    for j, latent in enumerate(chosen)]
-    extra = dict(extra or {})
+    extra = {**(extra or {}), **logit_rows}
     if cfg.ce_contexts:
-        extra.update(ce_summary(cfg, sae, device))
+        extra.update(ce_summary(cfg, sae, device, adapter))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     page = out / "index.html"

@@ -147,20 +147,25 @@ def eval_(
                                                   "a transcoder replaces its hook_name_out)."),
     model: Optional[str] = typer.Option(None, help="Load this model instead of the one the manifest names."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the results as JSON to this file."),
+    max_rows: Optional[int] = typer.Option(None, help="Cached rows the activation metrics read (default: all)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Also write the results as SAEBench core JSON here."),
 ) -> None:
-    """Stage 2: CE loss recovered (zero and mean ablation) and KL of an SAE spliced into the cache's model."""
+    """Stage 2: SAEBench's core metrics, and CE loss recovered and KL of the SAE spliced into the cache's model."""
     overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
-    from analysis.evaluate_ce import EvalConfig, run_eval
+    from analysis.core_metrics import run_eval
+    from analysis.evaluate_ce import EvalConfig
 
     run_eval(EvalConfig(**overrides))
 
 
 @app.command(cls=HelpCommand)
 def report(
-    sae: str = typer.Argument(..., help="SAE directory (cfg.json + sae_weights.safetensors; ours or SAELens's)."),
-    cache: str = typer.Option(..., help="Cache to read activations and contexts from."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for index.html."),
+    path: str = typer.Argument(..., metavar="SAE_OR_SWEEP",
+                               help="SAE directory (cfg.json + sae_weights.safetensors), or a sweep folder (summary.csv)."),
+    cache: Optional[str] = typer.Option(None, help="Cache to read activations and contexts from (an SAE: needed; "
+                                                   "a sweep: default each run's)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory for index.html (a sweep: default its folder)."),
+    features: bool = typer.Option(False, "--features", help="Sweep: also write each run's feature report and link it."),
     split: Optional[str] = typer.Option(None, help="Split to stream over."),
     hook: Optional[str] = typer.Option(None, help="Hook to read (default: the SAE's hook_name)."),
     latents: Optional[str] = typer.Option(None, help="Latents to show: 1,2,3 (default: chosen by --select)."),
@@ -170,16 +175,35 @@ def report(
     left: Optional[int] = typer.Option(None, help="Tokens shown before the activating token."),
     right: Optional[int] = typer.Option(None, help="Tokens shown after it."),
     max_rows: Optional[int] = typer.Option(None, help="Stop the pass after this many rows (default: all)."),
-    ce_contexts: Optional[int] = typer.Option(None, help="Also run `pipeline eval` on N contexts for the summary."),
+    ce_contexts: Optional[int] = typer.Option(None, help="Also run `pipeline eval` on N contexts for the summary "
+                                                         "(a sweep: for runs summary.csv has no CE for)."),
+    logits: Optional[bool] = typer.Option(None, "--logits/--no-logits",
+                                          help="Logit effects per latent (loads the cache's model)."),
+    model: Optional[str] = typer.Option(None, help="Load this model instead of the one the manifest names."),
     seed: Optional[int] = typer.Option(None, help="Seed of the random choice of latents."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
 ) -> None:
-    """Stage 2: a static HTML page (densities, L0, top contexts per latent) to look at an SAE."""
+    """Stage 2: a static HTML page to look at an SAE (densities, L0, logit effects, top contexts per latent),
+    or at a sweep (runs table, Pareto plots, training curves, links to each run's page)."""
     overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
     from analysis.report import ReportConfig, build_report, parse_latents
+    from analysis.sweep_report import SweepReportConfig, build_sweep_report, is_sweep_dir
 
-    overrides["latents"] = parse_latents(latents)
-    page = build_report(ReportConfig(**{k: v for k, v in overrides.items() if v is not None}))
+    path, features = overrides.pop("path"), overrides.pop("features")
+    if "latents" in overrides:
+        overrides["latents"] = parse_latents(latents)
+    if is_sweep_dir(path):
+        own = {k: overrides.pop(k) for k in ("out", "cache", "ce_contexts") if k in overrides}
+        page = build_sweep_report(SweepReportConfig(sweep=path, features=features, device=overrides.get("device", "auto"),
+                                                    **own), feature_options=overrides)
+    else:
+        if cache is None:
+            raise PipelineError(f"{path} is not a sweep folder (no summary.csv): an SAE's report needs --cache, the "
+                                "cache to read its activations from")
+        if features:
+            raise PipelineError("--features is for a sweep folder (one with summary.csv); an SAE's page is its "
+                                "feature report")
+        page = build_report(ReportConfig(sae=path, **overrides))
     typer.echo(f"wrote {page} (open it in a browser; it needs no server)")
 
 

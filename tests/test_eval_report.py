@@ -94,6 +94,7 @@ def test_ce_recovered_is_flagged_when_the_ablation_barely_changes_the_loss(tmp_p
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from analysis.core_metrics import run_eval
     from analysis.evaluate_ce import ce_recovered, print_results
 
     assert ce_recovered(2.0, 2.1, 3.0) == (pytest.approx(0.9), None)
@@ -107,10 +108,11 @@ def test_ce_recovered_is_flagged_when_the_ablation_barely_changes_the_loss(tmp_p
         tmp_path / "gpt2")
     run_cache(CacheConfig(out=str(tmp_path / "c"), model=str(tmp_path / "gpt2"), tokenizer="bytes",
                           hooks=["transformer.h.0"], context_size=32, tokens=2000, eval_fraction=0.5), progress=False)
-    res = evaluate_ce(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 32, "transformer.h.0")), cache=str(tmp_path / "c"),
-                                 contexts=4, device="cpu", out=str(tmp_path / "eval.json")))
+    run_eval(EvalConfig(sae=str(zero_sae(tmp_path / "zero", 32, "transformer.h.0")), cache=str(tmp_path / "c"),
+                        contexts=4, device="cpu", out=str(tmp_path / "eval.json")))
+    saved = json.loads((tmp_path / "eval.json").read_text())["eval_result_unstructured"]["pipeline_eval"]
+    res = saved
     assert abs(res["ce_zero_ablation"] - res["ce_clean"]) < 0.01 * res["ce_clean"]
-    saved = json.loads((tmp_path / "eval.json").read_text())
     for ablation in ("zero", "mean"):
         assert saved[f"ce_recovered_{ablation}_meaningful"] is False
         assert "divides by almost nothing" in saved[f"ce_recovered_{ablation}_note"]

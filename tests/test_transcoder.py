@@ -198,6 +198,17 @@ def test_trained_transcoder_evaluates_and_reports(model_cache, tmp_path):
     text = page.read_text()
     assert f"reconstructs {TC_OUT}" in text and text.count('class="latent"') == 4
     assert "CE loss recovered" in text
+    # Logit effects from the output side: its decoder writes the MLP output into the residual stream.
+    assert text.count('class="logit-table"') == 4 and f"{TC_OUT} writes into the residual stream" in text
+    # SAEBench's core metrics reconstruct the output hook: the same explained variance as training's
+    # eval on the whole split.
+    from analysis.core_metrics import core_eval
+
+    core = core_eval(EvalConfig(sae=str(run), cache=str(model_cache), contexts=2))
+    trained = json.loads((run / "summary.json").read_text())
+    assert core["eval_result_metrics"]["reconstruction_quality"]["explained_variance"] == pytest.approx(
+        trained["eval_explained_variance"], rel=1e-4)
+    assert core["eval_result_unstructured"]["hook_out"] == TC_OUT
 
 
 def test_eval_splices_a_transcoder_into_a_hugging_face_model(tmp_path):

@@ -26,6 +26,7 @@ from trainer.stack import StackedSAE
 from trainer.export import export_saelens, init_from
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.memory import resident_budget, stack_bytes
+from trainer.plots import write_training_curves
 from trainer.distributed import RankBatches, data_parallel, loader_share
 from trainer.train import LoopConfig, train_stack
 
@@ -354,12 +355,14 @@ def wandb_config(cfg: TrainConfig, source, hook: str) -> dict:
 
 def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metrics: dict,
                   density: torch.Tensor | None, scale: float, out_scale: float | None = None) -> None:
-    """Run `run`'s export (with its eval density as sparsity) and summary.json into `out`."""
+    """Run `run`'s export (with its eval density as sparsity), summary.json and training_curves.png
+    (from its metrics.jsonl) into `out`."""
     metadata = {**metadata, "l0": metrics.get("eval_l0", metrics.get("l0")),
                 "num_dead_features": int((density[run] == 0).sum()) if density is not None else None}
     sparsity = torch.log10(density[run] + 1e-10) if density is not None else None
     export_saelens(model, run, out, metadata, sparsity, input_scale=scale, output_scale=out_scale)
     (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+    write_training_curves(out)
 
 
 def run_train(cfg: TrainConfig) -> dict:
