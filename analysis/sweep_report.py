@@ -7,7 +7,8 @@ link to each run's feature report (`pipeline report RUN`), written here with `fe
 
 CE loss recovered comes from summary.csv where the sweep ran with `--eval`, else from `ce_contexts`
 eval contexts per run (`analysis.evaluate_ce`, the model loaded once; added to summary.csv as `--eval`
-adds them, so the next page has them), else the page says how to get it. Same rules as the feature report: one self-contained file (inline CSS, SVG and a few lines of
+adds them, so the next page has them), else the page says how to get it. Same rules as the feature report:
+one self-contained file (inline CSS, SVG and a few lines of
 JS), no server, no network; ids `#runs-table`, `#pareto-ev`, `#pareto-ce`, `#curves-loss`,
 `#curves-l0`, `#curves-ev`, `#curve-legend`.
 """

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from analysis.logit_effects import APPROXIMATE, EXACT, NONE, direct_path, logit_effects, top_bottom, unembedding

@@ -3,7 +3,6 @@ pages opened in headless Chromium."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
