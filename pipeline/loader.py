@@ -411,30 +411,40 @@ class ActivationLoader:
                         for h in self.hooks} for _ in range(self.prefetch + 1)]
         self._slot_arrays = [{h: stored_numpy(t, self._stored) for h, t in slot.items()} for slot in self._slots]
 
-    def _with_carried(self, slot: int, n: int, carried: dict[str, torch.Tensor] | None
-                      ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-        """A filled slot's n new rows on the device after the carried ones, and the event after which
-        the slot may be refilled (None on a CPU: the slot is the data, free once the buffer is served)."""
+    def _send(self, slot: int, n: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """A filled slot's n new rows where the batches are gathered, and the event after which the
+        slot may be refilled. On a GPU: copied on the side stream (the compute stream will wait for the
+        copy on the device; the host does not). On a CPU: the slot itself (None: it is free once its
+        buffer has been served)."""
         head = self.batch_size  # the slot's head room (`_staging`)
         if self.device.type != "cuda":
+            return {h: t[head:head + n] for h, t in self._slots[slot].items()}, None
+        with torch.cuda.stream(self._side):
+            data = {h: t[head:head + n].to(self.device, non_blocking=True) for h, t in self._slots[slot].items()}
+            event = torch.cuda.Event()
+            event.record(self._side)
+        return data, event
+
+    def _with_carried(self, slot: int, new: dict[str, torch.Tensor], event: torch.cuda.Event | None,
+                      carried: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """A buffer's rows: the rows carried from the previous buffer, then its new ones."""
+        if self.device.type != "cuda":
+            # In the slot's head room, just before its new rows: one view, no copy of the buffer.
+            head = self.batch_size
             c = 0 if carried is None else len(next(iter(carried.values())))
             out = {}
             for h, t in self._slots[slot].items():
                 if c:
                     t[head - c:head].copy_(carried[h])
-                out[h] = t[head - c:head + n]
-            return out, None
+                out[h] = t[head - c:head + len(new[h])]
+            return out
         compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._side):
-            data = {h: t[head:head + n].to(self.device, non_blocking=True) for h, t in self._slots[slot].items()}
-            event = torch.cuda.Event()
-            event.record(self._side)
-        compute.wait_event(event)  # the compute stream waits on the device, the host does not
-        for t in data.values():
+        compute.wait_event(event)  # on the device: the host does not wait
+        for t in new.values():
             t.record_stream(compute)
-        if carried is not None:  # a device-side copy of the buffer: ~50 us per 100 MB on an H100
-            data = {h: torch.cat([carried[h], data[h]]) for h in self.hooks}
-        return data, event
+        if carried is None:
+            return new
+        return {h: torch.cat([carried[h], new[h]]) for h in self.hooks}  # on the device: ~50 us per 100 MB
 
     def _serve(self, rows: dict[str, torch.Tensor], order: torch.Tensor, sizes: list[int], skip: int
                ) -> Iterator[dict[str, torch.Tensor]]:
@@ -481,19 +491,36 @@ class ActivationLoader:
                                   daemon=True)
         thread.start()
         carried: dict[str, torch.Tensor] | None = None
+        ahead: list[tuple] = []  # the next buffer, its copy to the device already under way
+
+        def sent(entry: tuple) -> tuple:
+            """A ready-queue entry as (kind, buffer, item), a buffer's rows sent to the device."""
+            kind, _, buf, item = entry
+            if kind == "buffer":
+                slot, skip, n, by_id = item
+                new, event = self._send(slot, n)
+                if event is not None:  # on a GPU the slot is free once its copy is done (the producer waits)
+                    free.put((slot, event))
+                item = (slot, skip, by_id, new, event)
+            return kind, buf, item
+
         try:
             while True:
-                kind, _, buf, item = ready.get()
+                kind, buf, item = ahead.pop() if ahead else sent(ready.get())
                 if kind == "error":
                     raise item
                 if kind == "epoch_end":
                     carried = None
                     yield "epoch_end", None, 0, None
                     continue
-                slot, skip, n, by_id = item
-                data, event = self._with_carried(slot, n, None if by_id else carried)
-                if event is not None:  # on a GPU the slot is free once its copy is done (the producer waits for it)
-                    free.put((slot, event))
+                slot, skip, by_id, new, event = item
+                # Send the next buffer now, so that its copy to a GPU overlaps this buffer's steps (on
+                # a CPU it is only taken early, the same code path).
+                try:
+                    ahead.append(sent(ready.get_nowait()))
+                except queue.Empty:
+                    pass
+                data = self._with_carried(slot, new, event, None if by_id else carried)
                 perm = to_device(torch.from_numpy(buf.perm), self.device)
                 # The rows left over for the next buffer, copied now: the slot will be refilled.
                 carried = {h: t.index_select(0, perm[buf.full_rows:]) for h, t in data.items()}
