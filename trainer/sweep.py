@@ -19,7 +19,6 @@ import csv
 import itertools
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -32,13 +31,12 @@ from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
-from trainer.interrupt import StopOnSignal
 from trainer.logs import ConsoleLog, WandbLog, log_console
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
 from trainer.run import (SplitRows, TrainConfig, calibrate, evaluate, export_metadata, finish_export,
                          relevant_field, resolve_width, run_config, sparsity_knob, wandb_config, weight_identity)
-from trainer.train import LoopConfig, RunDiverged, StackTrainer
+from trainer.train import LoopConfig, Stack, StackTrainer, fit
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
 SWEEP_WIDE = ("cache", "out", "batch_size", "device", "resident", "normalize", "log_every", "checkpoint_every",
@@ -237,95 +235,78 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                           precision=runs[0].precision, kernels=runs[0].kernels,
                           total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
         trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
-        stacks.append({"runs": runs, "trainer": trainer, "hook": runs[0].hook, "seconds": 0.0})
-    if any(r.init_from for s in stacks for r in s["runs"]):
+        stacks.append(SweepStack(trainer, read=_reader(runs[0].hook), runs=runs, hook=runs[0].hook))
+    if any(r.init_from for s in stacks for r in s.runs):
         from trainer.export import init_from
 
         for s in stacks:
-            for j, r in enumerate(s["runs"]):
+            for j, r in enumerate(s.runs):
                 if r.init_from:
-                    init_from(s["trainer"].model, r.init_from, run=j, input_scale=loader.scale[s["hook"]])
+                    init_from(s.trainer.model, r.init_from, run=j, input_scale=loader.scale[s.hook])
 
     sweep_dir = out / "_sweep" if world == 1 else out / "_sweep" / f"rank-{rank:05d}-of-{world:05d}"
     if (sweep_dir / CHECKPOINT).exists() and not base.resume:
         raise PipelineError(f"{out} holds a sweep checkpoint; pass --resume to continue it or choose another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    parts = {f"s{i}": (s["trainer"].model, s["trainer"].opt) for i, s in enumerate(stacks)}
+    parts = {f"s{i}": (s.trainer.model, s.trainer.opt) for i, s in enumerate(stacks)}
     # One flat dict, so a mismatch is named as `<run>.<field>`; runs in stack order (the checkpoint's).
-    identity = {f"{r.name}.{k}": v for s in stacks for r in s["runs"] for k, v in weight_identity(r).items()}
+    identity = {f"{r.name}.{k}": v for s in stacks for r in s.runs for k, v in weight_identity(r).items()}
     resumed = load_checkpoint(sweep_dir, parts, identity)
     tokens = 0
     if resumed:
         loader.load_state_dict(resumed["loader"])
         for i, s in enumerate(stacks):
-            s["trainer"].load_state(resumed["stacks"][i])
+            s.trainer.load_state(resumed["stacks"][i])
         tokens = resumed["tokens"]
-    run_dirs = [out / r.name for s in stacks for r in s["runs"]]
+    run_dirs = [out / r.name for s in stacks for r in s.runs]
     for d in run_dirs:
         d.mkdir(parents=True, exist_ok=True)
         truncate_metrics(d / "metrics.jsonl", tokens)  # lines past the checkpoint come again
-    all_runs = [r for s in stacks for r in s["runs"]]
+    all_runs = [r for s in stacks for r in s.runs]
     console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
     wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs],
                           [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name,
                           resume=bool(resumed)) if base.wandb else None)
 
-    def checkpoint() -> None:
-        save_checkpoint(sweep_dir, parts, {"step": stacks[0]["trainer"].step, "tokens": tokens,
-                                           "loader": loader.state_dict(), "config": identity,
-                                           "stacks": [s["trainer"].state() for s in stacks]})
+    def checkpoint(step: int, seen: int) -> None:
+        save_checkpoint(sweep_dir, parts, {"step": step, "tokens": seen, "loader": loader.state_dict(),
+                                           "config": identity, "stacks": [s.trainer.state() for s in stacks]})
 
     held = ({h: SplitRows(base, h, device, loader.scale[h], base.eval_tokens, resident="auto",
                           budget=budget // len(hooks)) for h in hooks}
             if base.eval_every and loader.source.shards("eval") else None)
-    t0, start_tokens, step = time.perf_counter(), tokens, 0
-    stop = StopOnSignal()
+    start_tokens = tokens
+
+    def on_log(step: int, seen: int, tokens_per_s: float) -> None:
+        _log_runs({"step": step, "tokens": seen, "tokens_per_s": tokens_per_s}, stacks, out, console, wandb_log)
+
     try:
-        first = not resumed
-        for batch in stop.until(loader):
-            batch = batch if isinstance(batch, dict) else {hooks[0]: batch}
-            tokens += next(iter(batch.values())).shape[0]
-            line: dict = {}
-            for s in stacks:
-                tr, x = s["trainer"], batch[s["hook"]]
-                if all(tr.done()):
-                    continue
-                if first:
-                    tr.init_from_data(x)
-                t = time.perf_counter()
-                out_ = tr.train_step(x)
-                s["seconds"] += time.perf_counter() - t
-                step = tr.step
-                if step % base.log_every == 0 or step in tr.run_steps:  # a run's last step is always logged
-                    s["last"] = {**tr.metrics(out_, x), "step": step}
-                    if held is not None and step % base.eval_every == 0:
-                        s["last"].update(evaluate(tr.model, held[s["hook"]])[0])
-                    line = _merge(line, s["last"])
-            first = False
-            step = max(s["trainer"].step for s in stacks)
-            if line:
-                line.update(step=step, tokens=tokens, tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
-                _log_runs(line, stacks, out, console, wandb_log)
-                # Read back at log steps only: a read every batch would make the host wait for the GPU.
-                if all(all(s["trainer"].failed.tolist()) for s in stacks):
-                    raise RunDiverged(f"every run of the sweep diverged (NaN/Inf) by step {step}; "
-                                      f"the last good checkpoint is in {sweep_dir}")
-            if base.checkpoint_every and step % base.checkpoint_every == 0:
-                checkpoint()
-            if max_steps is not None and step >= max_steps:
-                break
-        checkpoint()
-        stop.end(step, sweep_dir / CHECKPOINT)
+        tokens = fit(stacks, loader, log_every=base.log_every, on_log=on_log, init=not resumed, tokens=tokens,
+                     evaluator=(lambda st: evaluate(st.trainer.model, held[st.hook])[0]) if held else None,
+                     eval_every=base.eval_every, checkpoint=checkpoint, checkpoint_every=base.checkpoint_every,
+                     checkpoint_path=sweep_dir / CHECKPOINT, max_steps=max_steps)
         console.close()
         rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, evaluate_runs)
         if wandb_log:
             wandb_log.summary([r for r in rows if r["status"] != "refused"])
     finally:
-        stop.restore()
         console.close()
         if wandb_log:
             wandb_log.close()
     return rows
+
+
+@dataclass
+class SweepStack(Stack):
+    """A stack of the sweep: its runs' configs and the hook it reads."""
+
+    runs: list = field(default_factory=list)
+    hook: str = ""
+
+
+def _reader(hook: str) -> Callable:
+    """How a stack reads its hook from the loader's batches (a dict of hooks, or one hook's tensor)."""
+    return lambda batch: (batch[hook] if isinstance(batch, dict) else batch, None)
 
 
 def _merge(line: dict, m: dict) -> dict:
@@ -346,9 +327,9 @@ def _log_runs(line: dict, stacks: list[dict], out: Path, console: ConsoleLog, wa
     """A line of the stacks that logged at this step; stacks that did not are padded with their last values."""
     full: dict = {}
     for s in stacks:
-        m = s.get("last") or {}
+        m = s.last
         if not m:
-            n = len(s["runs"])
+            n = len(s.runs)
             m = {"mse": [float("nan")] * n, "explained_variance": [float("nan")] * n, "l0": [float("nan")] * n,
                  "dead_fraction": [float("nan")] * n, "dense_fraction": [float("nan")] * n, "failed": []}
         full = _merge(full, m)
@@ -356,7 +337,7 @@ def _log_runs(line: dict, stacks: list[dict], out: Path, console: ConsoleLog, wa
     console(full)
     if wandb_log:
         wandb_log(full)
-    names = [r.name for s in stacks for r in s["runs"]]
+    names = [r.name for s in stacks for r in s.runs]
     for r, name in enumerate(names):
         with open(out / name / "metrics.jsonl", "a") as f:
             f.write(json.dumps({k: (v[r] if isinstance(v, list) and k != "failed" and len(v) == len(names) else v)
@@ -371,13 +352,13 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
     held = {h: SplitRows(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
     rows = []
     for s in stacks:
-        tr = s["trainer"]
-        calibrate(tr.model, base, s["hook"], device, loader.scale[s["hook"]])
-        metrics, density = evaluate(tr.model, held[s["hook"]]) if held else ({}, None)
+        tr = s.trainer
+        calibrate(tr.model, base, s.hook, device, loader.scale[s.hook])
+        metrics, density = evaluate(tr.model, held[s.hook]) if held else ({}, None)
         failed = set(tr.failed.nonzero().flatten().tolist())
-        for j, r in enumerate(s["runs"]):
+        for j, r in enumerate(s.runs):
             per_run = {k: (v[j] if isinstance(v, list) else v) for k, v in metrics.items()}
-            per_run["tokens_per_s"] = min(r.tokens, tokens) / s["seconds"] if s["seconds"] else None
+            per_run["tokens_per_s"] = min(r.tokens, tokens) / s.seconds if s.seconds else None
             per_run["status"] = "failed (NaN/Inf)" if j in failed else "ok"
             metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
             finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])

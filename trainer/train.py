@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -221,13 +221,96 @@ class StackTrainer:
             self.failed[torch.tensor(state["failed"], dtype=torch.long)] = True
 
 
+@dataclass
+class Stack:
+    """A stack in a fit: its trainer, how it reads its input (and target) from a batch, and what it
+    last logged. `read(batch) -> (x, target or None)`: a transcoder's (x, target) pair, or one hook of
+    a sweep's dict of hooks."""
+
+    trainer: StackTrainer
+    read: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]] = None  # type: ignore[assignment]
+    last: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    """Host seconds in its steps (its tokens/s in a sweep's summary)."""
+
+    def __post_init__(self) -> None:
+        if self.read is None:
+            self.read = _pair
+
+
+def fit(stacks: Sequence[Stack], batches: Iterable, *, log_every: int, on_log: Callable[[int, int, float], None],
+        evaluator: Callable[[Stack], dict] | None = None, eval_every: int = 0, init: bool = True, tokens: int = 0,
+        checkpoint: Callable[[int, int], None] | None = None, checkpoint_every: int = 0,
+        checkpoint_path: Path | None = None, after: Callable[[int, int], None] | None = None,
+        max_steps: int | None = None, world: int = 1, signals: bool = True) -> int:
+    """The one training driver: step every stack that has steps left on each batch; returns the
+    tokens seen (`tokens` when it started, the checkpoint's on a resume).
+
+    The first batch initialises each stack from the data (`init`, a fresh run). After a step of a
+    stack at a logging step (every `log_every`, and the last step of each of its runs) its metrics go
+    to `stack.last` (with `evaluator(stack)` every `eval_every` steps), and once per batch with any,
+    `on_log(step, tokens, tokens_per_s)` fans them out (console, JSONL, W&B). When every run of every
+    stack has diverged (checked at those steps only: a read-back makes the host wait for the GPU),
+    `RunDiverged`. `checkpoint(step, tokens)` every `checkpoint_every` steps and at the end (at
+    `checkpoint_path`, which Ctrl-C's message names), `after(step, tokens)` after each batch
+    (snapshots), `max_steps` stops early. SIGINT/SIGTERM finish the step, checkpoint and stop
+    (`signals=False`: data-parallel ranks, which must stop together, leave signals alone)."""
+    t0, start, step = time.perf_counter(), tokens, 0
+    stop = StopOnSignal(enabled=signals)
+    try:
+        for batch in stop.until(batches):
+            logged, rows = False, 0
+            for st in stacks:
+                tr = st.trainer
+                if all(tr.done()):
+                    continue
+                x, target = st.read(batch)
+                if init:
+                    tr.init_from_data(x, target)
+                t = time.perf_counter()
+                out = tr.train_step(x, target)
+                st.seconds += time.perf_counter() - t
+                if tr.step % log_every == 0 or tr.step in tr.run_steps:  # a run's last step is always logged
+                    st.last = {**tr.metrics(out, x, target), "step": tr.step}
+                    if evaluator is not None and eval_every and tr.step % eval_every == 0:
+                        st.last.update(evaluator(st))
+                    logged = True
+                rows = x.shape[-2]
+            if not rows:  # every run has taken its steps
+                break
+            init = False
+            tokens += rows * world
+            step = max(st.trainer.step for st in stacks)
+            if logged:
+                on_log(step, tokens, (tokens - start) / (time.perf_counter() - t0))
+                if all(bool(st.trainer.failed.all()) for st in stacks):
+                    raise RunDiverged(f"every run's loss became NaN/Inf by step {step} (lower --lr or check the "
+                                      "data); " + (f"the last good checkpoint is in {checkpoint_path.parent}"
+                                                   if checkpoint_path else "no checkpoint was kept"))
+            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                checkpoint(step, tokens)
+            if after is not None:
+                after(step, tokens)
+            if max_steps is not None and step >= max_steps:
+                break
+        if all(bool(st.trainer.failed.all()) for st in stacks):
+            raise RunDiverged("every run's loss became NaN/Inf (lower --lr or check the data)")
+        if checkpoint is not None and step:
+            checkpoint(step, tokens)
+        stop.end(step, checkpoint_path, max((n or 0) for st in stacks for n in st.trainer.run_steps) or None)
+    finally:
+        stop.restore()
+    return tokens
+
+
 def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopConfig,
                 evaluator: Callable[[StackedSAE], dict] | None = None, eval_every: int = 0,
                 log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
                 checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None,
                 snapshot_steps: Sequence[int] = (), snapshot: Callable[[StackedSAE, int, int], None] | None = None,
                 ddp: "DataParallel | None" = None) -> dict:
-    """Train every run of `model` on each batch; returns the last metrics (lists per run).
+    """Train every run of `model` on each batch (`fit` with one stack); returns the last metrics
+    (lists per run).
 
     `batches` is any iterable of `(batch, d_in)` tensors, or of `(x, target)` pairs for a
     transcoder. With `run_dir`, a checkpoint is written
@@ -244,6 +327,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     another checkpoint, so the last one holds the last good weights.
     """
     trainer = StackTrainer(model, cfg, ddp=ddp)
+    stack = Stack(trainer)
     config = config or {}
     resumed = load_checkpoint(run_dir, {"": (model, trainer.opt)}, config) if run_dir else None
     tokens = 0
@@ -252,20 +336,20 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             batches.load_state_dict(resumed["loader"])
         trainer.load_state(resumed)
         tokens = resumed["tokens"]
-    it: Iterator[torch.Tensor] = iter(batches)
-    first = next(it, None)
-    if first is None:
-        return {}
-    if not resumed:
-        trainer.init_from_data(*_pair(first))
-    snapshot_steps = set(snapshot_steps)
     if cfg.metrics_path:  # lines logged after the checkpoint (a kill) are logged again from it
         truncate_metrics(cfg.metrics_path, tokens)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
-    t0, last, start_tokens = time.perf_counter(), {}, tokens
 
-    def checkpoint() -> None:
-        state = {**trainer.state(), "tokens": tokens, "config": config}
+    def on_log(step: int, seen: int, tokens_per_s: float) -> None:
+        stack.last.update(step=step, tokens=seen, tokens_per_s=tokens_per_s)
+        if log:
+            log(stack.last)
+        if metrics_file:
+            metrics_file.write(json.dumps(stack.last) + "\n")
+            metrics_file.flush()
+
+    def checkpoint(step: int, seen: int) -> None:
+        state = {**trainer.state(), "tokens": seen, "config": config}
         if hasattr(batches, "state_dict"):
             state["loader"] = batches.state_dict()  # with ddp, a collective: every rank comes here
         if ddp is None or ddp.rank == 0:
@@ -274,45 +358,24 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             # Nobody reads the run folder (a resume, the next command) before rank 0 has written it.
             distributed.barrier()
 
-    stop = StopOnSignal(enabled=ddp is None)  # ranks must stop at one step: torchrun's signals as they are
+    snapshot_steps = set(snapshot_steps)
+
+    def after(step: int, seen: int) -> None:
+        if snapshot is not None and step in snapshot_steps:
+            snapshot(model, step, seen)
+
     try:
-        for item in stop.until(_chain(first, it)):
-            batch, target = _pair(item)
-            out = trainer.train_step(batch, target)
-            step = trainer.step
-            tokens += batch.shape[0] * (ddp.world if ddp else 1)
-            if step % cfg.log_every == 0 or (cfg.total_steps and step == cfg.total_steps):
-                last = trainer.metrics(out, batch, target)
-                last.update(step=step, tokens=tokens, tokens_per_s=(tokens - start_tokens) / (time.perf_counter() - t0))
-                if evaluator is not None and eval_every and step % eval_every == 0:
-                    last.update(evaluator(model))
-                if log:
-                    log(last)
-                if metrics_file:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                if bool(trainer.failed.all()):
-                    raise RunDiverged(
-                        f"every run's loss became NaN/Inf by step {step} (lower --lr or check the data); "
-                        + (f"the last good checkpoint is in {run_dir}" if run_dir else "no checkpoint was kept"))
-            if run_dir and checkpoint_every and step % checkpoint_every == 0:
-                checkpoint()
-            if snapshot is not None and step in snapshot_steps:
-                snapshot(model, step, tokens)
-            if max_steps is not None and step >= max_steps:
-                break
-        if bool(trainer.failed.all()):
-            raise RunDiverged("every run's loss became NaN/Inf (lower --lr or check the data)")
-        if run_dir:
-            checkpoint()
-        stop.end(trainer.step, Path(run_dir) / CHECKPOINT if run_dir else None, cfg.total_steps)
+        tokens = fit([stack], batches, log_every=cfg.log_every, on_log=on_log, init=not resumed, tokens=tokens,
+                     evaluator=(lambda st: evaluator(st.trainer.model)) if evaluator else None, eval_every=eval_every,
+                     checkpoint=checkpoint if run_dir else None, checkpoint_every=checkpoint_every,
+                     checkpoint_path=Path(run_dir) / CHECKPOINT if run_dir else None, after=after,
+                     max_steps=max_steps, world=ddp.world if ddp else 1, signals=ddp is None)
     finally:
-        stop.restore()
         if metrics_file:
             metrics_file.close()
-    if not last:  # fewer steps than log_every: report the final step anyway
-        last = {"step": trainer.step, "tokens": tokens, "failed": trainer.state()["failed"]}
-    return last
+    if not stack.last:  # fewer steps than log_every: report the final step anyway
+        return {"step": trainer.step, "tokens": tokens, "failed": trainer.state()["failed"]}
+    return stack.last
 
 
 @torch.no_grad()
@@ -325,11 +388,6 @@ def _zero_frozen_grads(params: Iterable[torch.Tensor], frozen: torch.Tensor) -> 
 def _pair(item) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input, target) of a batch: a transcoder's batches are pairs, an SAE's are its input alone."""
     return (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
-
-
-def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    yield first
-    yield from rest
 
 
 def mixing_buffer(batches: Iterable[torch.Tensor], buffer_size: int, batch_size: int,
