@@ -239,7 +239,8 @@ class TiedReLU(nn.Module):
         recon = torch.einsum("rbs,rsi->rbi", latents, self.W_dec) + self.b_dec.unsqueeze(1)
         mse = (recon - x).pow(2).sum(-1).mean(-1)
         return {"loss": mse, "mse": mse, "aux_loss": torch.zeros_like(mse),
-                "l0": (latents > 0).sum(-1).float().mean(-1), "latents": latents, "recon": recon}
+                "l0": (latents > 0).sum(-1).float().mean(-1), "latents": latents, "recon": recon,
+                "fired": (latents > 0).sum(1).float()}
 
 
 def test_custom_architecture_registered_from_user_module():

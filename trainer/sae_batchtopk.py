@@ -47,7 +47,7 @@ from trainer.kernels.sparse import BatchCodes, BatchTopKSelector, codes_from_den
 from trainer.registry import register_architecture
 from trainer.sae_jumprelu import jumprelu, load_threshold
 from trainer.sae_topk import TopKConfig, TopKSAE, topk_per_run
-from trainer.stack import per_run
+from trainer.stack import StepOutput, per_run
 
 
 @dataclass
@@ -221,7 +221,7 @@ class BatchTopKSAE(TopKSAE):
         return {"l0": fired.sum(dim=-1) / B, "threshold": self.threshold.mean(dim=-1), "fired": fired,
                 "batch_threshold": batch_threshold.unsqueeze(1)}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> StepOutput:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l0`, `threshold` (each (R,); `threshold` is the

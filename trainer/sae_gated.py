@@ -41,7 +41,7 @@ from torch import nn
 
 from trainer.kernels.gated import gated_sae
 from trainer.registry import register_architecture
-from trainer.stack import StackedSAE, per_run, shared
+from trainer.stack import StackedSAE, StepOutput, per_run, shared
 
 # The weights of a run, by SAELens's GatedSAE names.
 GATED_WEIGHTS = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
@@ -128,7 +128,7 @@ class GatedSAE(StackedSAE):
 
     # -- the training step's forward -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, l1_scale: float | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, l1_scale: float | None = None) -> StepOutput:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l1`, `gate_recon_mse`, `l0` (each (R,)), `latents`

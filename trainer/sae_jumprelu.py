@@ -48,7 +48,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.registry import register_architecture
-from trainer.stack import StackedSAE, per_run, shared
+from trainer.stack import StackedSAE, StepOutput, per_run, shared
 
 
 @dataclass
@@ -220,7 +220,7 @@ class JumpReLUSAE(StackedSAE):
     # -- the training step's forward -----------------------------------------------------------
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
-                l0_scale: float | None = None) -> dict[str, torch.Tensor]:
+                l0_scale: float | None = None) -> StepOutput:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l0` (each (R,)), `latents` (R, batch, d_sae), `recon`

@@ -31,7 +31,7 @@ from trainer.kernels.chunks import counts
 from trainer.kernels.sparse import BatchCodes, segment_decode
 from trainer.registry import register_architecture
 from trainer.sae_batchtopk import BatchTopKConfig, BatchTopKSAE
-from trainer.stack import shared
+from trainer.stack import StepOutput, shared
 
 
 @dataclass
@@ -93,7 +93,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         per_bag = counts(bags, codes.token_starts.numel() * G)
         return bags, per_bag.cumsum(0).sub_(per_bag)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> StepOutput:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse` (the full reconstruction's), `prefix_mse` (the sum or mean of every

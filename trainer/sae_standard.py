@@ -19,7 +19,7 @@ import torch
 
 from trainer.kernels.relu import relu_sae
 from trainer.registry import register_architecture
-from trainer.stack import StackedSAE, per_run, shared
+from trainer.stack import StackedSAE, StepOutput, per_run, shared
 
 
 @dataclass
@@ -80,7 +80,7 @@ class StandardSAE(StackedSAE):
     # -- the training step's forward -----------------------------------------------------------
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
-                l1_scale: float | None = None) -> dict[str, torch.Tensor]:
+                l1_scale: float | None = None) -> StepOutput:
         """Everything a training step needs, per run.
 
         Returns `loss`, `mse`, `aux_loss`, `l1`, `l0` (each (R,)), `latents` (R, batch, d_sae),

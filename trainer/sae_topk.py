@@ -21,7 +21,7 @@ from pipeline.transfer import values_to_device
 from trainer.kernels.chunks import counts
 from trainer.kernels.sparse import sparse_decode, sparse_pre_acts
 from trainer.registry import register_architecture
-from trainer.stack import StackedSAE, per_run
+from trainer.stack import StackedSAE, StepOutput, per_run
 
 
 @dataclass
@@ -193,7 +193,7 @@ class TopKSAE(StackedSAE):
 
     # -- the training step's forward -----------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> StepOutput:
         """Everything a training step needs, per run. `target`: what a transcoder reconstructs
         (None: x itself).
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import torch
 from torch import nn
@@ -36,6 +36,28 @@ def shared(cfgs: Sequence, name: str) -> Any:
 def per_run(cfgs: Sequence, name: str, dtype: torch.dtype) -> torch.Tensor:
     """A per-run field as an `(R,)` tensor."""
     return torch.tensor([getattr(c, name) for c in cfgs], dtype=dtype)
+
+
+class StepOutput(TypedDict, total=False):
+    """What an architecture's training forward returns, per run of its stack. The loop backpropagates
+    `loss.sum()`, reads `fired` for the dead and dense fractions (every architecture counts them in its
+    own pass over the latents), and logs every other (R,) entry (`aux_loss`, `l1`, `threshold`, ...)."""
+
+    loss: torch.Tensor
+    """(R,) each run's loss; a run's loss depends on its own parameters only."""
+    mse: torch.Tensor
+    """(R,) squared error summed over the width, averaged over the batch."""
+    aux_loss: torch.Tensor
+    """(R,) what the loss adds to the reconstruction's (penalties, AuxK)."""
+    l0: torch.Tensor
+    """(R,) latents active per token, averaged over the batch."""
+    recon: torch.Tensor
+    """(R, batch, d_out) the reconstruction."""
+    fired: torch.Tensor
+    """(R, d_sae) per latent, the tokens of the batch it is active on."""
+    latents: torch.Tensor
+    """(R, batch, d_sae), where an architecture has them dense anyway (the TopK family gives its sparse
+    codes instead: `latent_idx`, `latent_vals`)."""
 
 
 KERNELS = ("auto", "fused", "plain")

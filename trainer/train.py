@@ -9,6 +9,7 @@ weights while the others go on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -139,11 +140,10 @@ class StackTrainer:
         if hasattr(self.model, "init_b_dec"):
             if target is not None:
                 self.model.init_b_dec(sample, self.cfg.b_dec_init, target=target)
-            else:
-                try:
-                    self.model.init_b_dec(sample, self.cfg.b_dec_init)
-                except TypeError:  # a user architecture whose init_b_dec takes the sample only
-                    self.model.init_b_dec(sample)
+            elif len(inspect.signature(self.model.init_b_dec).parameters) >= 2:
+                self.model.init_b_dec(sample, self.cfg.b_dec_init)
+            else:  # a user architecture whose init_b_dec takes the sample only
+                self.model.init_b_dec(sample)
         # Not for transcoders: random untied directions reconstruct nothing at any scale, and the
         # search then picks a tiny one that slows the start (measured).
         has_weights = hasattr(self.model, "W_enc") and hasattr(self.model, "W_dec")
@@ -185,8 +185,10 @@ class StackTrainer:
         seen, rows = (out, batch.shape[0]) if self.ddp is None else self.ddp.global_out(out, batch.shape[0])
         if self.after_step is not None:
             self.after_step(seen, rows)
-        # Every built-in forward counts each latent's firing in its own pass over the latents.
-        self.fired += seen["fired"] if "fired" in seen else (seen["latents"] > 0).sum(dim=1)
+        if "fired" not in seen:
+            raise PipelineError(f"the forward of {type(model).__name__} returned no `fired` (R, d_sae): every "
+                                "architecture's forward returns its firing counts (trainer.stack.StepOutput)")
+        self.fired += seen["fired"]
         self.step += 1
         self.step_t += 1
         self.window_tokens += rows
