@@ -92,6 +92,8 @@ def train(
     l1_warmup_steps: Optional[int] = typer.Option(None, help="standard, gated: L1 warm-up steps."),
     l0: Optional[float] = typer.Option(None, help="jumprelu: L0 coefficient."),
     l0_warmup_steps: Optional[int] = typer.Option(None, help="jumprelu: L0 warm-up steps."),
+    target_l0: Optional[float] = typer.Option(None, help="End at this L0: k for topk/batchtopk/matryoshka, a "
+                                              "controlled L1/L0 coefficient for standard/gated/jumprelu."),
     arch_options: Optional[str] = typer.Option(None, help="Other architecture fields: key=value,... or JSON."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
     lr_warmup_steps: Optional[int] = typer.Option(None, help="Linear lr warm-up steps."),

@@ -86,12 +86,12 @@ CUDA_PATH = {"standard": "plain", "jumprelu": "plain", "gated": "plain", "topk":
              "matryoshka": "fused"}
 
 
-def trainer_for(arch: str, kernels: str) -> tuple[StackTrainer, list[torch.Tensor]]:
+def trainer_for(arch: str, kernels: str, target_l0: list | None = None) -> tuple[StackTrainer, list[torch.Tensor]]:
     model = get_architecture(arch)(configs(arch))
     if hasattr(model, "selection"):
         model.selection = "topk"  # BatchTopK's selection on a GPU
     tr = StackTrainer(model, LoopConfig(lr=1e-3, lr_warmup_steps=3, lr_decay="cosine", total_steps=20,
-                                        kernels=kernels))
+                                        kernels=kernels, target_l0=target_l0))
     data = sparse_batches(8, 128, d=32)
     tr.init_from_data(data[0])
     return tr, data
@@ -109,6 +109,25 @@ def test_train_step_has_no_host_sync(arch, kernels):
     for x in data[4:]:
         calls = count_syncs(lambda: tr.train_step(x))
         assert calls == [], f"{arch} ({kernels}) step {tr.step}: {calls}"
+
+
+@pytest.mark.parametrize("kernels", ["cuda-auto", "plain"])
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])
+def test_target_l0_controller_has_no_host_sync(arch, kernels):
+    """The coefficient controller (trainer.target_l0) updates on the device: runs with a target and
+    without, past the lr and penalty warm-ups that hold it (10 steps)."""
+    kernels = CUDA_PATH[arch] if kernels == "cuda-auto" else kernels
+    n_runs = len(configs(arch))
+    tr, data = trainer_for(arch, kernels, target_l0=[4.0] + [None] * (n_runs - 2) + [16.0])
+    name = tr.controller.name
+    for x in (data * 2)[:12]:
+        tr.train_step(x)
+    before = getattr(tr.model, name).clone()
+    for x in data[4:]:
+        calls = count_syncs(lambda: tr.train_step(x))
+        assert calls == [], f"{arch} ({kernels}) with a target, step {tr.step}: {calls}"
+    moved = getattr(tr.model, name) != before
+    assert moved[0] and moved[-1] and not moved[1:-1].any()  # only the runs with a target
 
 
 def test_the_counter_sees_syncs():
