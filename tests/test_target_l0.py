@@ -92,13 +92,13 @@ def test_target_sets_k_for_the_topk_family_and_names_runs():
 def test_sweep_over_target_l0_records_the_coefficients(tmp_path):
     sparse_cache(tmp_path / "c", rows=8000, eval_rows=2000)
     spec = {"base": {"cache": str(tmp_path / "c"), "out": str(tmp_path / "out"), "d_sae": 64, "batch_size": 256,
-                     "tokens": 256 * 300, "log_every": 50, "checkpoint_every": 0, "wandb": False, "lr": 3e-3,
+                     "tokens": 256 * 600, "log_every": 100, "checkpoint_every": 0, "wandb": False, "lr": 3e-3,
                      "lr_warmup_steps": 20},
             "sweep": {"arch": ["standard", "topk"], "target_l0": [3, 6]}}
     rows = {r["run"]: r for r in run_sweep(spec, {}, name="t")}
     assert set(rows) == {"topk-l0target3", "topk-l0target6", "standard-l0target3", "standard-l0target6"}
     for name, r in rows.items():
-        assert r["status"] == "ok" and r["l0"] == pytest.approx(r["target_l0"], rel=0.15), r
+        assert r["status"] == "ok" and r["l0"] == pytest.approx(r["target_l0"], rel=0.1), r
     with open(tmp_path / "out" / "summary.csv") as f:
         table = {t["run"]: t for t in csv.DictReader(f)}
     for name in ("standard-l0target3", "standard-l0target6"):
