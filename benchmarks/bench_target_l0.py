@@ -10,7 +10,9 @@ coefficient from its measured L0), then, with `--transcoder-cache` (a cache hold
 model's `blocks.0.ln2.hook_normalized` and `blocks.0.hook_mlp_out`), `pipeline train` trains a
 standard transcoder at each target. Every export is evaluated on the cache's whole eval split.
 Prints a markdown table: eval L0, its distance to the target (the goal: within 5%), explained
-variance, and the coefficient each run converged to.
+variance, and the coefficient each run converged to. `--compare-fixed` then trains the sweep's runs
+again in a second sweep with each coefficient fixed at the value its controlled run reached (the
+reference a target L0 should not lose to at equal tokens) and prints them too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=1024)
     ap.add_argument("--targets", type=float, nargs="+", default=[16, 32, 64])
     ap.add_argument("--arch", action="append", help="default: standard, gated, jumprelu")
+    ap.add_argument("--compare-fixed", action="store_true", help="also train each sweep run with its coefficient "
+                    "fixed at the value the controller reached")
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     tune_malloc()
@@ -48,6 +52,12 @@ def main() -> None:
         for r in run_sweep({"base": base, "sweep": {"arch": archs, "target_l0": args.targets}}, {}, name="target-l0"):
             rows.append({**r, "arch": r.get("arch", r["run"])})
         print(f"sweep: {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.compare_fixed:
+            fixed = [{"arch": r["arch"], "name": f"{r['run']}-fixed",
+                      ("l0" if r["arch"] == "jumprelu" else "l1"): r["k_or_coefficient"]}
+                     for r in rows if r.get("status") == "ok"]
+            for r in run_sweep({"base": {**base, "out": str(out / "fixed")}, "runs": fixed}, {}, name="fixed"):
+                rows.append({**r, "arch": f"{r['arch']} (fixed)"})
         if args.transcoder_cache:
             for target in args.targets:
                 t0 = time.perf_counter()
@@ -64,6 +74,9 @@ def main() -> None:
     for r in rows:
         if r.get("status") != "ok":
             print(f"| {r['arch']} | {r.get('target_l0')} | {r.get('status')} | | | |")
+            continue
+        if r.get("target_l0") is None:  # a fixed-coefficient reference
+            print(f"| {r['arch']} | - | {r['l0']:.2f} | - | {r['explained_variance']:.3f} | {r['k_or_coefficient']:.4g} |")
             continue
         rel = r["l0"] / r["target_l0"] - 1
         worst = max(worst, abs(rel))
