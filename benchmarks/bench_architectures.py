@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/bench_architectures.py --cache caches/default [--tokens 2000000] \\
         [--d-sae 1024] [--l0 32] [--contexts 64] [--arch topk --arch gated ...] [--penalty gated=2]
 
-One `pipeline sweep` pass trains one run per architecture (k = the target L0 for the k-based
-ones; for the penalty-based ones the coefficient in PENALTIES, chosen by calibration sweeps on
-this cache to land near L0 32 — pass `--penalty gated=2` to change one). Each run is its own stack,
+One `pipeline sweep` pass trains one run per architecture at `target_l0 = --l0` (k for the k-based
+ones; for the penalty-based ones a controller steers the coefficient to it, trainer/target_l0.py;
+`--penalty gated=2` fixes a coefficient instead). Each run is its own stack,
 so its tokens/s is its own step time. Every export is then evaluated on the cache's whole eval
 split (explained variance, L0, dead fraction) and spliced into the cache's model on `--contexts`
 eval contexts (CE loss recovered against zero and mean ablation, KL). Prints a markdown table.
@@ -25,29 +25,24 @@ from trainer.registry import registered_architectures
 from trainer.run import arch_fields
 from trainer.sweep import run_sweep
 
-# Coefficients for L0 near 32 on the default cache (d_sae 1024, 2M tokens, batch 4096, lr 1e-3),
-# from calibration sweeps of 2026-11-23 (eval L0): standard l1 2 / 2.5 / 3 -> 31.3 / 26.6 / 23.2;
-# gated l1 2 / 2.5 / 3 -> 36.4 / 27.0 / 21.3; jumprelu l0 0.13 / 0.15 / 0.2 -> 34.2 / 30.6 / 24.6.
-PENALTIES = {"standard": {"l1": 2.0}, "gated": {"l1": 2.2}, "jumprelu": {"l0": 0.14}}
-
-
 def run_for(arch: str, l0: int, penalties: dict) -> dict:
-    """The sweep run of `arch`: k = l0 for the k-based ones, else its calibrated penalty."""
+    """The sweep run of `arch`: at target L0 `l0` (k for the k-based ones, a controlled coefficient
+    for the others), or with the fixed penalty given for it."""
     names = arch_fields(arch)
-    if "k" in names:
-        return {"arch": arch, "k": l0}
-    if arch in penalties:
+    if arch in penalties and "k" not in names:
         return {"arch": arch, **penalties[arch]}
-    if "l1_coefficient" in names or "l0_coefficient" in names:
-        raise SystemExit(f"no calibrated penalty for {arch!r}; pass --penalty {arch}=VALUE")
+    if "k" in names or "l1_coefficient" in names or "l0_coefficient" in names:
+        return {"arch": arch, "target_l0": l0}
     raise SystemExit(f"don't know how to set the sparsity of {arch!r}")
 
 
 def setting(row: dict) -> str:
-    """The sparsity knob as the table shows it: k=32, l1=2, l0=0.14."""
+    """The sparsity knob as the table shows it: k=32, l1=2, l0=0.14 (-> for the coefficient a
+    target L0's controller ended at)."""
     names = arch_fields(row["arch"])
     label = "k" if "k" in names else "l1" if "l1_coefficient" in names else "l0"
-    return f"{label}={row['k_or_coefficient']:g}"
+    steered = row.get("target_l0") is not None and "k" not in names
+    return f"{label}{' -> ' if steered else '='}{row['k_or_coefficient']:.3g}"
 
 
 def main() -> None:
@@ -64,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     tune_malloc()
-    penalties = {k: dict(v) for k, v in PENALTIES.items()}
+    penalties = {}
     for item in args.penalty:
         arch, value = item.split("=")
         knob = "l0" if "l0_coefficient" in arch_fields(arch) else "l1"

@@ -101,12 +101,12 @@ CUDA_PATH = {"standard": "plain", "jumprelu": "plain", "gated": "plain", "topk":
              "matryoshka": "fused"}
 
 
-def trainer_for(arch: str, kernels: str) -> tuple[StackTrainer, list[torch.Tensor]]:
+def trainer_for(arch: str, kernels: str, target_l0: list | None = None) -> tuple[StackTrainer, list[torch.Tensor]]:
     model = get_architecture(arch)(aux_configs(arch))
     if hasattr(model, "selection"):
         model.selection = "topk"  # BatchTopK's selection on a GPU
     tr = StackTrainer(model, LoopConfig(lr=1e-3, lr_warmup_steps=3, lr_decay="cosine", total_steps=20,
-                                        kernels=kernels))
+                                        kernels=kernels, target_l0=target_l0))
     data = sparse_batches(8, 128, d=32)
     tr.init_from_data(data[0])
     return tr, data

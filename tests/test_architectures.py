@@ -150,7 +150,9 @@ def test_exported_l0_equals_training_l0(tmp_path, trained, arch):
         sae = sae_lens.SAE.load_from_disk(str(tmp_path / str(run)), device="cpu")
         with torch.no_grad():
             l0 = float((sae.encode(held) > 0).sum(-1).float().mean())
-        assert l0 == pytest.approx(last["l0"][run], rel=L0_RTOL), (run, l0, last["l0"])
+        # The k-based ones' export is held to the issue's 5% (measured: within 1.6%).
+        rel = 0.05 if arch in ("batchtopk", "matryoshka") else L0_RTOL
+        assert l0 == pytest.approx(last["l0"][run], rel=rel), (run, l0, last["l0"])
         if arch in ("batchtopk", "matryoshka"):
             assert last["l0"][run] == model.cfgs[run].k
 

@@ -20,7 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.builders import CUDA_PATH, trainer_for
+from tests.builders import CUDA_PATH, aux_configs, trainer_for
 
 aten = torch.ops.aten
 # aten ops that read a device value back or size their output from the data.
@@ -78,6 +78,25 @@ def test_train_step_has_no_host_sync(arch, kernels):
     for x in data[4:]:
         calls = count_syncs(lambda: tr.train_step(x))
         assert calls == [], f"{arch} ({kernels}) step {tr.step}: {calls}"
+
+
+@pytest.mark.parametrize("kernels", ["cuda-auto", "plain"])
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated"])
+def test_target_l0_controller_has_no_host_sync(arch, kernels):
+    """The coefficient controller (trainer.target_l0) updates on the device: runs with a target and
+    without, past the lr and penalty warm-ups that hold it (10 steps)."""
+    kernels = CUDA_PATH[arch] if kernels == "cuda-auto" else kernels
+    n_runs = len(aux_configs(arch))
+    tr, data = trainer_for(arch, kernels, target_l0=[4.0] + [None] * (n_runs - 2) + [16.0])
+    name = tr.controller.name
+    for x in (data * 2)[:12]:
+        tr.train_step(x)
+    before = getattr(tr.model, name).clone()
+    for x in data[4:]:
+        calls = count_syncs(lambda: tr.train_step(x))
+        assert calls == [], f"{arch} ({kernels}) with a target, step {tr.step}: {calls}"
+    moved = getattr(tr.model, name) != before
+    assert moved[0] and moved[-1] and not moved[1:-1].any()  # only the runs with a target
 
 
 def test_the_counter_sees_syncs():

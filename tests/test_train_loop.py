@@ -124,10 +124,11 @@ def test_pipeline_train_cli_exports(tmp_path):
     assert bad.returncode == 2 and "k = 500 must be between 1 and d_sae = 128" in bad.stderr
 
 
-@pytest.mark.parametrize("arch", ["topk", "standard"])
+@pytest.mark.parametrize("arch", ["topk", "standard", "standard-target"])
 def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
     """A run stopped after 70 of 150 steps and resumed from its checkpoint ends with bit-identical
-    weights, optimizer state and dead-latent counters."""
+    weights, optimizer state and dead-latent counters; with a target L0, the same coefficient and
+    controller state (trainer.target_l0)."""
     sparse_cache(tmp_path / "c", rows=8000)
 
     def make():
@@ -136,7 +137,8 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
                                        k_anneal_steps=90)])
         return StandardSAE([StandardConfig(d_in=32, d_sae=64, l1_coefficient=0.5, l1_warmup_steps=40)])
 
-    loop = LoopConfig(lr=3e-3, lr_warmup_steps=10, lr_decay="cosine", total_steps=150, log_every=1000)
+    loop = LoopConfig(lr=3e-3, lr_warmup_steps=10, lr_decay="cosine", total_steps=150, log_every=1000,
+                      target_l0=4.0 if arch == "standard-target" else None)
     conf = {"arch": arch, "lr": 3e-3}
 
     def loader():  # 150 steps of 256 cross an epoch boundary (8000 rows)
@@ -155,6 +157,8 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
     oa = load_file(str(tmp_path / "a" / "checkpoint" / "optimizer.safetensors"))
     ob = load_file(str(tmp_path / "b" / "checkpoint" / "optimizer.safetensors"))
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    sa, sb = (json.loads((tmp_path / d / "checkpoint" / "state.json").read_text()) for d in "ab")
+    assert sa.get("target_l0") == sb.get("target_l0") and ("target_l0" in sa) == (arch == "standard-target")
     with pytest.raises(Exception, match=r"checkpoint in .* is from another config \(lr: checkpoint 0.003, now 0.01\)"):
         train_stack(make(), loader(), loop, log=None, run_dir=tmp_path / "b", config={"arch": arch, "lr": 1e-2})
 

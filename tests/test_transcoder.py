@@ -53,13 +53,17 @@ def test_transcoder_learns_the_map_and_exports(tmp_path, arch):
     x, _ = pairs(n_batches=1, seed=3)[0]
     with torch.no_grad():
         torch.testing.assert_close(again.decode(again.encode(x)), model.decode(model.encode(x)))
-    if arch != "topk":  # SAELens has ReLU and JumpReLU transcoders (not TopK ones)
-        sae_lens = pytest.importorskip("sae_lens")
-        theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "tc"), device="cpu")
-        with torch.no_grad():
-            torch.testing.assert_close(theirs.encode(x), model.encode(x)[0], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(theirs.decode(theirs.encode(x)), model.decode(model.encode(x))[0],
-                                       rtol=1e-4, atol=1e-5)
+    sae_lens = pytest.importorskip("sae_lens")
+    if arch == "topk":  # SAELens has ReLU and JumpReLU transcoders; ours adds the TopK one to its registry
+        from trainer.saelens_compat import register_topk_transcoder
+
+        register_topk_transcoder()
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "tc"), device="cpu")
+    assert theirs.cfg.architecture() == cfg["architecture"]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), model.encode(x)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), model.decode(model.encode(x))[0],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_transcoder_stack_equals_single_runs():

@@ -23,6 +23,7 @@ from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
+from trainer.target_l0 import COEFFICIENTS as COEFFICIENT_FIELDS, final_coefficients
 from trainer.export import export_saelens, init_from
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.memory import resident_budget, stack_bytes
@@ -65,6 +66,10 @@ class TrainConfig:
     """jumprelu: L0 coefficient (None: the architecture's default)."""
     l0_warmup_steps: int = 0
     """jumprelu: L0 warm-up steps."""
+    target_l0: float | None = None
+    """The L0 to end at: sets k for topk, batchtopk and matryoshka; for standard, gated and jumprelu a
+    controller steers the L1/L0 coefficient to it during training (starting from --l1/--l0 or the
+    default; trainer.target_l0). None: the sparsity knobs as given."""
     arch_options: dict | None = None
     """Any other field of the architecture's config, e.g. {bandwidth = 0.1} (CLI: key=value,...)."""
     lr: float = 1e-3
@@ -130,7 +135,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_sizes(self, positive=("d_sae", "k", "initial_k", "batch_size", "tokens", "log_every",
-                                     "eval_tokens"),
+                                     "eval_tokens", "target_l0"),
                     non_negative=("k_anneal_steps", "l1_warmup_steps", "l0_warmup_steps", "lr_warmup_steps",
                                   "eval_every", "checkpoint_every", "n_snapshots"))
 
@@ -138,7 +143,8 @@ class TrainConfig:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
         if self.name:
             return self.name
-        knob = sparsity_knob(self)
+        controlled = controlled_target(self) is not None
+        knob = ("l0target", self.target_l0) if controlled else sparsity_knob(resolve_target(self))
         return "-".join(p for p in (self.arch, f"d{self.d_sae}", f"{knob[0]}{knob[1]:g}" if knob else "") if p)
 
 
@@ -150,6 +156,23 @@ ARCH_FIELDS = {"k": "k", "initial_k": "initial_k", "k_anneal_steps": "k_anneal_s
 def arch_fields(arch: str) -> dict:
     """The dataclass fields of an architecture's config."""
     return getattr(get_architecture(arch).config_class, "__dataclass_fields__", {})
+
+
+def controlled_target(cfg: TrainConfig) -> float | None:
+    """The L0 a controller steers run `cfg`'s sparsity coefficient to (trainer.target_l0), or None
+    (no target, or an architecture whose k the target sets)."""
+    if cfg.target_l0 is None or "k" in arch_fields(cfg.arch):
+        return None
+    return float(cfg.target_l0)
+
+
+def resolve_target(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with k = target_l0 where the architecture's sparsity is its k."""
+    if cfg.target_l0 is None or "k" not in arch_fields(cfg.arch):
+        return cfg
+    if float(cfg.target_l0) != int(cfg.target_l0):
+        raise PipelineError(f"target_l0 sets k for {cfg.arch}: give a whole number, got {cfg.target_l0:g}")
+    return replace(cfg, k=int(cfg.target_l0))
 
 
 def sparsity_knob(cfg: TrainConfig) -> tuple[str, float] | None:
@@ -168,6 +191,10 @@ def run_config(cfg: TrainConfig, d_in: int, d_out: int | None = None):
     `d_out`: a transcoder's output width."""
     cls = get_architecture(cfg.arch)
     names = arch_fields(cfg.arch)
+    cfg = resolve_target(cfg)
+    if cfg.target_l0 is not None and "k" not in names and not set(COEFFICIENT_FIELDS) & set(names):
+        raise PipelineError(f"architecture {cfg.arch!r} has neither k nor an L1/L0 coefficient: target_l0 cannot "
+                            "set its sparsity")
     fields = {"d_in": d_in, "d_sae": cfg.d_sae, "seed": cfg.seed}
     if d_out is not None:
         if "d_out" not in names:
@@ -336,7 +363,8 @@ def relevant_field(cfg: TrainConfig, key: str) -> bool:
         return cfg.hook_out is not None
     if key in ARCH_FIELDS:
         try:
-            return ARCH_FIELDS[key] in arch_fields(cfg.arch)
+            # A target L0 sets a TopK-family run's k.
+            return ARCH_FIELDS[key] in arch_fields(cfg.arch) and not (key == "k" and cfg.target_l0 is not None)
         except PipelineError:
             return True
     return True
@@ -356,8 +384,10 @@ def wandb_config(cfg: TrainConfig, source, hook: str) -> dict:
 def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metrics: dict,
                   density: torch.Tensor | None, scale: float, out_scale: float | None = None) -> None:
     """Run `run`'s export (with its eval density as sparsity), summary.json and training_curves.png
-    (from its metrics.jsonl) into `out`."""
-    metadata = {**metadata, "l0": metrics.get("eval_l0", metrics.get("l0")),
+    (from its metrics.jsonl) into `out`; the export and summary record the sparsity coefficient the run
+    ended with (a target L0's controller moves it)."""
+    metrics = {**metrics, **final_coefficients(model, run)}
+    metadata = {**metadata, **final_coefficients(model, run), "l0": metrics.get("eval_l0", metrics.get("l0")),
                 "num_dead_features": int((density[run] == 0).sum()) if density is not None else None}
     sparsity = torch.log10(density[run] + 1e-10) if density is not None else None
     export_saelens(model, run, out, metadata, sparsity, input_scale=scale, output_scale=out_scale)
@@ -389,7 +419,7 @@ def run_train(cfg: TrainConfig) -> dict:
         raise PipelineError(f"cache {cfg.cache} has hooks {', '.join(train.hooks)}; choose one with --hook")
     hook = train.hooks[0]
     d_in = train.source.hooks[hook]
-    cfg = resolve_width(cfg, d_in)
+    cfg = resolve_target(resolve_width(cfg, d_in))
     scale = train.scale[hook]
     # A transcoder reads `hook` and reconstructs `hook_out`, each scaled by its own factor.
     io_hooks = hook if cfg.hook_out is None else (hook, cfg.hook_out)
@@ -410,7 +440,8 @@ def run_train(cfg: TrainConfig) -> dict:
                       max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
                       b_dec_init="keep" if init_cfg else cfg.b_dec_init,
                       init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
-                      kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None)
+                      kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None,
+                      target_l0=controlled_target(cfg))
     identity = weight_identity(cfg)
     has_eval = bool(train.source.shards("eval"))
     evaluator = None

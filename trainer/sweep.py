@@ -34,8 +34,10 @@ from trainer.distributed import spread_stacks
 from trainer.logs import ConsoleLog, WandbLog, log_console
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
-from trainer.run import (SplitRows, TrainConfig, calibrate, evaluate, export_metadata, finish_export,
-                         relevant_field, resolve_width, run_config, sparsity_knob, wandb_config, weight_identity)
+from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
+                         export_metadata, finish_export, relevant_field, resolve_target, resolve_width, run_config,
+                         sparsity_knob, wandb_config, weight_identity)
+from trainer.target_l0 import COEFFICIENTS, final_coefficients
 from trainer.train import LoopConfig, Stack, StackTrainer, fit
 
 # Fields that must be one value for the whole sweep: one loader pass feeds every run.
@@ -54,7 +56,7 @@ STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "
 STACK_BY_COST = ("k", "initial_k")
 # Fields that name a run when they vary across the sweep, with their short labels.
 LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "l0": "l0_", "lr": "lr", "seed": "s",
-          "tokens": "t", "initial_k": "k0_"}
+          "tokens": "t", "initial_k": "k0_", "target_l0": "l0target"}
 
 
 @dataclass
@@ -148,11 +150,12 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
         except PipelineError as e:
             plan.refused[r.name] = str(e)
             continue
-        plan.runs.append(r)
+        plan.runs.append(resolve_target(r))
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(plan.runs):
-        key = [getattr(r, k) for k in STACK_SHARED] + [getattr(r, k) if relevant_field(r, k) else None
-                                                       for k in STACK_BY_COST]
+        # The resolved k (a target L0 sets it), where the architecture has one.
+        key = [getattr(r, k) for k in STACK_SHARED] + [getattr(r, k) if ARCH_FIELDS[k] in arch_fields(r.arch)
+                                                       else None for k in STACK_BY_COST]
         groups.setdefault(json.dumps(key), []).append(i)
     plan.stacks = list(groups.values())
     return plan
@@ -233,7 +236,8 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                           lr_warmup_steps=runs[0].lr_warmup_steps, lr_decay=runs[0].lr_decay,
                           b_dec_init=runs[0].b_dec_init, init_scale_search=runs[0].init_scale_search,
                           precision=runs[0].precision, kernels=runs[0].kernels,
-                          total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs))
+                          total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs),
+                          target_l0=[controlled_target(r) for r in runs])  # per run: None where k is set
         trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
         stacks.append(SweepStack(trainer, read=_reader(runs[0].hook), runs=runs, hook=runs[0].hook))
     if any(r.init_from for s in stacks for r in s.runs):
@@ -333,6 +337,10 @@ def _log_runs(line: dict, stacks: list[dict], out: Path, console: ConsoleLog, wa
             m = {"mse": [float("nan")] * n, "explained_variance": [float("nan")] * n, "l0": [float("nan")] * n,
                  "dead_fraction": [float("nan")] * n, "dense_fraction": [float("nan")] * n, "failed": []}
         full = _merge(full, m)
+    n_runs = sum(len(s.runs) for s in stacks)
+    for k, v in full.items():  # a term only earlier stacks log (a coefficient, a threshold): None after
+        if k != "failed" and isinstance(v, list) and len(v) < n_runs:
+            v.extend([None] * (n_runs - len(v)))
     full.update({k: line[k] for k in ("step", "tokens", "tokens_per_s")})
     console(full)
     if wandb_log:
@@ -360,6 +368,7 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             per_run = {k: (v[j] if isinstance(v, list) else v) for k, v in metrics.items()}
             per_run["tokens_per_s"] = min(r.tokens, tokens) / s.seconds if s.seconds else None
             per_run["status"] = "failed (NaN/Inf)" if j in failed else "ok"
+            per_run.update(final_coefficients(tr.model, j))
             metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
             finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])
             rows.append(_row(r, per_run))
@@ -382,15 +391,18 @@ def _summarize(rows: list[dict], plan: SweepPlan, out: Path) -> list[dict]:
 
 def _row(r: TrainConfig, m: dict) -> dict:
     knob = sparsity_knob(r)
-    sparsity = knob[1] if knob else None
-    return {"run": r.name, "arch": r.arch, "hook": r.hook, "d_sae": r.d_sae, "k_or_coefficient": sparsity,
-            "lr": r.lr, "l0": m.get("eval_l0"), "explained_variance": m.get("eval_explained_variance"),
+    # A run steered to a target L0 shows the coefficient its controller ended at.
+    ended = next((m[c] for c in COEFFICIENTS if c in m), None)
+    sparsity = ended if controlled_target(r) is not None and ended is not None else knob[1] if knob else None
+    return {"run": r.name, "arch": r.arch, "hook": r.hook, "d_sae": r.d_sae, "target_l0": r.target_l0,
+            "k_or_coefficient": sparsity, "lr": r.lr, "l0": m.get("eval_l0"),
+            "explained_variance": m.get("eval_explained_variance"),
             "dead_fraction": m.get("eval_dead_fraction"), "tokens_per_s": m.get("tokens_per_s"),
             "status": m["status"]}
 
 
-COLUMNS = ["run", "arch", "hook", "d_sae", "k_or_coefficient", "lr", "l0", "explained_variance", "dead_fraction",
-           "tokens_per_s", "status"]
+COLUMNS = ["run", "arch", "hook", "d_sae", "target_l0", "k_or_coefficient", "lr", "l0", "explained_variance",
+           "dead_fraction", "tokens_per_s", "status"]
 # Added by `pipeline sweep --eval` (the SAE spliced into the cache's model).
 EVAL_COLUMNS = ["ce_recovered_zero", "ce_recovered_mean", "kl"]
 
@@ -421,8 +433,9 @@ def write_summary(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ok = [r for r in rows if r.get("l0") is not None and r.get("explained_variance") is not None]
     for arch in sorted({r["arch"] for r in ok}):
-        pts = [r for r in ok if r["arch"] == arch]
-        ax.scatter([r["l0"] for r in pts], [r["explained_variance"] for r in pts], label=arch)
+        pts = sorted((r for r in ok if r["arch"] == arch), key=lambda r: r["l0"])
+        # Joined: an architecture's frontier reads as one curve (a target_l0 sweep: all at the same L0s).
+        ax.plot([r["l0"] for r in pts], [r["explained_variance"] for r in pts], marker="o", label=arch)
     ax.set_xlabel("L0 (eval split)")
     ax.set_ylabel("explained variance (eval split)")
     ax.set_xscale("log")

@@ -27,6 +27,7 @@ from trainer.interrupt import StopOnSignal
 from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
 from trainer.precision import compute_precision, resolve_precision
 from trainer.stack import KERNELS, StackedSAE
+from trainer.target_l0 import make_controller
 
 if TYPE_CHECKING:
     from trainer.distributed import DataParallel
@@ -63,6 +64,9 @@ class LoopConfig:
     kernels: str = "auto"
     """plain (autograd through each architecture's formulas), fused (its hand-written kernel) or auto
     (per device, the one measured faster)."""
+    target_l0: float | list[float | None] | None = None
+    """Per run (or one for all): the L0 a controller steers the sparsity coefficient to
+    (trainer.target_l0; penalty-based architectures); None: the coefficient stays as configured."""
 
 
 def lr_factors(step: torch.Tensor, cfg: LoopConfig, totals: torch.Tensor) -> torch.Tensor:
@@ -130,6 +134,8 @@ class StackTrainer:
             raise PipelineError(f"unknown kernels {cfg.kernels!r}; use one of {', '.join(KERNELS)}")
         model.kernels = cfg.kernels
         self.precision = resolve_precision(cfg.precision, device)
+        # Held through the lr warm-up: the SAE cannot follow the coefficient yet (trainer.target_l0).
+        self.controller = make_controller(model, cfg.target_l0, hold_steps=cfg.lr_warmup_steps, totals=self.totals)
 
     def init_from_data(self, first: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """b_dec and the initial scale from the first batch (a fresh run only); `target` is a
@@ -189,6 +195,8 @@ class StackTrainer:
             raise PipelineError(f"the forward of {type(model).__name__} returned no `fired` (R, d_sae): every "
                                 "architecture's forward returns its firing counts (trainer.stack.StepOutput)")
         self.fired += seen["fired"]
+        if self.controller is not None:
+            out.update(self.controller.update(seen, rows, factors))
         self.step += 1
         self.step_t += 1
         self.window_tokens += rows
@@ -213,7 +221,10 @@ class StackTrainer:
 
     def state(self) -> dict:
         """JSON part of a checkpoint (the tensors are the model's and optimizer's state dicts)."""
-        return {"step": self.step, "failed": self.failed.nonzero().flatten().tolist()}
+        state = {"step": self.step, "failed": self.failed.nonzero().flatten().tolist()}
+        if self.controller is not None:
+            state["target_l0"] = self.controller.state_dict()
+        return state
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
@@ -221,6 +232,8 @@ class StackTrainer:
         self.failed.zero_()
         if state.get("failed"):
             self.failed[torch.tensor(state["failed"], dtype=torch.long)] = True
+        if self.controller is not None and "target_l0" in state:
+            self.controller.load_state_dict(state["target_l0"])
 
 
 @dataclass
