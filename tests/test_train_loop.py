@@ -50,7 +50,7 @@ def test_lr_schedules():
     cfg = LoopConfig(lr_warmup_steps=10, total_steps=100, lr_decay="linear")
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(50, cfg) == 1.0
     assert lr_factor(90, cfg) == pytest.approx(0.5) and lr_factor(100, cfg) == 0.0
-    cos = LoopConfig(total_steps=100, lr_decay="cosine")
+    cos = LoopConfig(lr_warmup_steps=0, total_steps=100, lr_decay="cosine")
     assert lr_factor(0, cos) == pytest.approx(1.0) and lr_factor(100, cos) == pytest.approx(0.1)
     # Per run, on the loop's device tensors: runs of 100 and 200 steps, and one of unknown length.
     totals = torch.tensor([100.0, 200.0, float("nan")], dtype=torch.float64)
@@ -334,6 +334,26 @@ def test_run_train_eval_snapshots_init_from_and_bad_d_in(tmp_path):
     w.close()
     with pytest.raises(PipelineError, match=r"has d_in = 32, but this run has d_in = 48 \(the cache's hook width\)"):
         run_train(TrainConfig(**{**base, "cache": str(other), "name": "bad2", "init_from": str(run)}))
+
+
+def test_default_schedule_is_a_warm_up_of_5_percent_then_constant_then_linear_decay():
+    cfg = LoopConfig(total_steps=200)  # 10 warm-up steps, decay over the last 40
+    assert [lr_factor(s, cfg) for s in (0, 4, 9, 100, 160)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    assert lr_factor(180, cfg) == pytest.approx(0.5) and lr_factor(200, cfg) == 0.0
+    assert lr_factor(0, LoopConfig()) == 1.0  # a run of unknown length: no warm-up, no decay
+
+
+def test_the_loop_and_pipeline_train_share_their_defaults():
+    """A field of LoopConfig that TrainConfig has too (lr, schedule, init...) defaults to the same value,
+    so the library loop trains as `pipeline train` does."""
+    from pipeline.cli_options import config_fields
+
+    train = {f.name: f.default for f in config_fields("trainer.run", "TrainConfig")}
+    loop = {f.name: f.default for f in config_fields("trainer.train", "LoopConfig")}
+    shared = set(train) & set(loop)
+    assert {"lr", "lr_warmup_steps", "lr_decay", "max_grad_norm", "b_dec_init", "precision"} <= shared
+    assert {name: loop[name] for name in shared} == {name: train[name] for name in shared}
+    assert LoopConfig().lr == 1e-3  # the source the test reads is the class Python builds
 
 
 def test_shipped_train_config_matches_the_defaults_and_flags_win():

@@ -74,10 +74,10 @@ class TrainConfig:
     """Any other field of the architecture's config, e.g. {bandwidth = 0.1} (CLI: key=value,...)."""
     lr: float = 1e-3
     """Adam learning rate."""
-    lr_warmup_steps: int = 100
-    """Linear lr warm-up steps."""
-    lr_decay: str = "cosine"
-    """constant, cosine or linear."""
+    lr_warmup_steps: int | None = None
+    """Linear lr warm-up steps (None: 5% of the run's steps)."""
+    lr_decay: str = "linear"
+    """After the warm-up: linear (constant, then to 0 over the last 20% of steps), cosine (to 10%) or constant."""
     max_grad_norm: float = 1.0
     """Per-run gradient clipping."""
     b_dec_init: str = "geometric_median"

@@ -37,12 +37,13 @@ if TYPE_CHECKING:
 class LoopConfig:
     """How a stack is trained (the architecture's own config holds its shape and sparsity)."""
 
-    lr: float | list[float] = 3e-4
+    lr: float | list[float] = 1e-3
     """Adam learning rate, one per run or one for all."""
-    lr_warmup_steps: int = 0
-    """Linear warm-up from 0."""
-    lr_decay: str = "constant"
-    """'constant', 'cosine' (to 10% of lr), or 'linear' (to 0 over the last 20% of steps)."""
+    lr_warmup_steps: int | None = None
+    """Linear warm-up from 0 (None: 5% of total_steps; none when the length is unknown)."""
+    lr_decay: str = "linear"
+    """After the warm-up: 'linear' (constant, then to 0 over the last 20% of steps), 'cosine' (to 10%
+    of lr) or 'constant'."""
     max_grad_norm: float | list[float] = 1.0
     """Per-run gradient clipping (inf: none)."""
     b_dec_init: str = "geometric_median"
@@ -82,9 +83,22 @@ def lr_factors(step: torch.Tensor, cfg: LoopConfig, totals: torch.Tensor) -> tor
         decayed = (0.1 + 0.9 * 0.5 * (1 + torch.cos(math.pi * progress)) if cfg.lr_decay == "cosine"
                    else ((1 - progress) / 0.2).clamp(max=1.0))
         factors = torch.where(totals.isnan() | (totals == 0), factors, decayed)
-    if cfg.lr_warmup_steps:
-        factors = torch.where(s < cfg.lr_warmup_steps, (s + 1) / cfg.lr_warmup_steps, factors)
+    warmup = warmup_steps(cfg)
+    if warmup:
+        factors = torch.where(s < warmup, (s + 1) / warmup, factors)
     return factors
+
+
+WARMUP_FRACTION = 0.05
+"""The default lr warm-up as a fraction of the run: a fixed 100 steps was 40% of a 1M-token run
+(BENCHMARKS.md, "Training defaults")."""
+
+
+def warmup_steps(cfg: LoopConfig) -> int:
+    """The lr warm-up's length in steps: as configured, or 5% of the run (the stack's longest)."""
+    if cfg.lr_warmup_steps is not None:
+        return cfg.lr_warmup_steps
+    return round(WARMUP_FRACTION * cfg.total_steps) if cfg.total_steps else 0
 
 
 def run_lengths(steps: Sequence[int | None], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -135,7 +149,7 @@ class StackTrainer:
         model.kernels = cfg.kernels
         self.precision = resolve_precision(cfg.precision, device)
         # Held through the lr warm-up: the SAE cannot follow the coefficient yet (trainer.target_l0).
-        self.controller = make_controller(model, cfg.target_l0, hold_steps=cfg.lr_warmup_steps, totals=self.totals)
+        self.controller = make_controller(model, cfg.target_l0, hold_steps=warmup_steps(cfg), totals=self.totals)
 
     def init_from_data(self, first: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """b_dec and the initial scale from the first batch (a fresh run only); `target` is a
