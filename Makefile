@@ -38,7 +38,8 @@ train: setup $(CACHE)/manifest.json
 	$(BIN)/pipeline train --config configs/train_default.toml --cache $(CACHE) \
 		$(if $(TRAIN_TOKENS),--tokens $(TRAIN_TOKENS)) --out runs/default --resume
 
-# 8 SAEs (4 TopK, 4 standard) from one pass over the default cache: runs/sweep/summary.csv, pareto.png.
+# Every architecture at L0 16, 32 and 64 (18 SAEs, target_l0) from one pass over the default cache:
+# runs/sweep/summary.csv and pareto.png compare them at equal L0 (about 6 minutes on 2 CPU cores).
 sweep: setup $(CACHE)/manifest.json
 	$(BIN)/pipeline sweep --config configs/sweep_default.toml --cache $(CACHE) --out runs/sweep --resume
 
