@@ -39,20 +39,22 @@ from trainer.run import TrainConfig, run_train
 
 @torch.no_grad()
 def held_out(sae, cache: str, hook: str | None) -> dict:
-    """Explained variance and L0 of a SAELens SAE over the cache's eval split (float64 sums)."""
+    """Explained variance, L0 and dead fraction (latents that never fire) of a SAELens SAE over the
+    cache's eval split (float64 sums)."""
     loader = ActivationLoader(cache, hooks=hook, batch_size=4096, split="eval", drop_last=False)
     sq = fired = rows = 0
-    y_sum = y_sq = None
+    y_sum = y_sq = ever = None
     for x in loader:
         x = x.float()
         acts = sae.encode(x)
         sq += float((sae.decode(acts) - x).double().pow(2).sum())
         fired += int((acts > 0).sum())
+        ever = (acts > 0).any(0) if ever is None else ever | (acts > 0).any(0)
         rows += len(x)
         s, q = x.double().sum(0), x.double().pow(2).sum()
         y_sum, y_sq = (s, q) if y_sum is None else (y_sum + s, y_sq + q)
     total = float(y_sq - y_sum.pow(2).sum() / rows)
-    return {"ev": 1 - sq / total, "l0": fired / rows}
+    return {"ev": 1 - sq / total, "l0": fired / rows, "dead": 1 - float(ever.float().mean())}
 
 
 def saelens_sae(arch: str, d_in: int, d_sae: int, k: int):
@@ -126,9 +128,10 @@ def main() -> None:
             hook = hook or None
             for tokens in args.tokens:
                 print(f"\n{spec}, {tokens:,} tokens, d_sae {args.d_sae}, batch 4096\n")
-                print("| architecture | SAELens lr, b_dec (best of the grid) | SAELens L0 | SAELens EV | ours L0 | "
-                      "ours EV | EV ours - SAELens | L0 ours / SAELens - 1 | SAELens grid (lr b_dec: L0 EV) |")
-                print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                print("| architecture | SAELens lr, b_dec (best of the grid) | SAELens L0 | SAELens EV | SAELens dead | "
+                      "ours L0 | ours EV | ours dead | EV ours - SAELens | L0 ours / SAELens - 1 | "
+                      "SAELens grid (lr b_dec: L0 EV dead) |")
+                print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
                 for arch in args.arch or ["topk", "batchtopk", "jumprelu", "standard"]:
                     grid, t0 = [], time.perf_counter()
                     settings = ([(lr, b_dec) for lr in args.lr for b_dec in args.b_dec]
@@ -144,9 +147,11 @@ def main() -> None:
                                               name=f"ours-{arch}", arch=arch, d_sae=args.d_sae, tokens=tokens,
                                               target_l0=target, wandb=False, checkpoint_every=0, log_every=10_000))
                     ours = held_out(sae_lens.SAE.load_from_disk(m["run_dir"], device="cpu"), cache, hook)
-                    cells = "; ".join(f"{g[0]:g} {g[1]}: {g[2]['l0']:.1f} {g[2]['ev']:.3f}" for g in grid)
-                    print(f"| {arch} | {lr:g}, {b_dec} | {theirs['l0']:.2f} | {theirs['ev']:.4f} | {ours['l0']:.2f} | "
-                          f"{ours['ev']:.4f} | {ours['ev'] - theirs['ev']:+.4f} | {ours['l0'] / theirs['l0'] - 1:+.1%} | "
+                    cells = "; ".join(f"{g[0]:g} {g[1]}: {g[2]['l0']:.1f} {g[2]['ev']:.3f} {g[2]['dead']:.1%}"
+                                      for g in grid)
+                    print(f"| {arch} | {lr:g}, {b_dec} | {theirs['l0']:.2f} | {theirs['ev']:.4f} | {theirs['dead']:.1%} | "
+                          f"{ours['l0']:.2f} | {ours['ev']:.4f} | {ours['dead']:.1%} | {ours['ev'] - theirs['ev']:+.4f} | "
+                          f"{ours['l0'] / theirs['l0'] - 1:+.1%} | "
                           f"{cells} |", flush=True)
                     print(f"<!-- {arch}: {time.perf_counter() - t0:.0f} s -->", flush=True)
 

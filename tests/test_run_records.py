@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -119,3 +120,23 @@ def test_written_safetensors_and_json_respect_the_umask(tmp_path, umask):
              ckpt / "model.safetensors", ckpt / "optimizer.safetensors", ckpt / "state.json"]
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp_path):
+    """save_checkpoint moves the last checkpoint to checkpoint.old before renaming the new one in: a
+    kill between the two renames leaves only .old, which a resume must find (nothing is lost)."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.sae_topk import TopKConfig, TopKSAE
+    from trainer.train import LoopConfig, StackTrainer
+
+    model = TopKSAE([TopKConfig(d_in=8, d_sae=16, k=2)])
+    trainer = StackTrainer(model, LoopConfig())
+    ckpt = save_checkpoint(tmp_path / "run", {"": (model, trainer.opt)}, {"step": 7, "config": {}})
+    ckpt.rename(ckpt.with_name(ckpt.name + ".old"))  # the state right after the first rename
+    saved = model.W_dec.detach().clone()
+    with torch.no_grad():
+        model.W_dec.zero_()
+    state = load_checkpoint(tmp_path / "run", {"": (model, trainer.opt)}, {})
+    assert state["step"] == 7 and torch.equal(model.W_dec, saved)
+    shutil.rmtree(tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run", {"": (model, trainer.opt)}, {}) is None

@@ -67,7 +67,10 @@ def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: di
     """
     path = Path(run_dir) / CHECKPOINT
     if not (path / "state.json").is_file():
-        return None
+        # A kill between save_checkpoint's two renames leaves the previous checkpoint only as .old.
+        path = Path(run_dir) / (CHECKPOINT + ".old")
+        if not (path / "state.json").is_file():
+            return None
     state = json.loads((path / "state.json").read_text())
     for key in sorted(set(config) | set(state.get("config", {}))):
         if key not in ("tokens", "log_every") and config.get(key) != state.get("config", {}).get(key):
