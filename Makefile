@@ -12,7 +12,7 @@ TRAIN_TOKENS ?=
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup cache train sweep tiny-model test test-fast lint bench bench-gpu gpu-wheels clean
+.PHONY: setup cache cache-ready train sweep tiny-model test test-fast lint bench bench-gpu gpu-wheels clean
 
 setup: $(BIN)/.installed
 
@@ -27,20 +27,21 @@ $(BIN)/.installed: pyproject.toml
 cache: setup
 	$(CACHE_CMD)
 
-# `make train` / `make sweep` on a fresh clone write the cache first (as `make cache`); an existing
-# one is used as it is.
-$(CACHE)/manifest.json: | $(BIN)/.installed
-	$(CACHE_CMD)
+# `make train` / `make sweep` write the cache first (as `make cache`) when it is missing or its
+# writer was interrupted (the manifest says complete: false); a complete one is used as it is.
+cache-ready: setup
+	@$(BIN)/python -c "import json, sys; sys.exit(not json.load(open('$(CACHE)/manifest.json')).get('complete'))" \
+		2>/dev/null || $(CACHE_CMD)
 
 # configs/train_default.toml, flags on top, on the cache (written first when missing).
 # W&B logs offline unless a key is configured; the run lands in runs/default/topk-d1024-k32/.
-train: setup $(CACHE)/manifest.json
+train: cache-ready
 	$(BIN)/pipeline train --config configs/train_default.toml --cache $(CACHE) \
 		$(if $(TRAIN_TOKENS),--tokens $(TRAIN_TOKENS)) --out runs/default --resume
 
 # Every architecture at L0 16, 32 and 64 (18 SAEs, target_l0) from one pass over the default cache:
 # runs/sweep/summary.csv and pareto.png compare them at equal L0 (about 6 minutes on 2 CPU cores).
-sweep: setup $(CACHE)/manifest.json
+sweep: cache-ready
 	$(BIN)/pipeline sweep --config configs/sweep_default.toml --cache $(CACHE) --out runs/sweep --resume
 
 tiny-model: setup

@@ -140,3 +140,22 @@ def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp
     assert state["step"] == 7 and torch.equal(model.W_dec, saved)
     shutil.rmtree(tmp_path / "run")
     assert load_checkpoint(tmp_path / "run", {"": (model, trainer.opt)}, {}) is None
+
+
+def test_training_on_an_interrupted_cache_says_so(tmp_path, capsys):
+    """A cache whose writer stopped (complete: false) trains on what was committed, with one line
+    saying how many rows that is and how to finish the cache."""
+    from tests.builders import sparse_cache
+    from trainer.run import TrainConfig, run_train
+
+    sparse_cache(tmp_path / "c", rows=4000, eval_rows=1000)
+    base = dict(cache=str(tmp_path / "c"), out=str(tmp_path / "runs"), arch="topk", d_sae=64, k=4, tokens=2048,
+                batch_size=256, wandb=False, checkpoint_every=0)
+    run_train(TrainConfig(**base, name="complete"))
+    assert "incomplete" not in capsys.readouterr().out
+    m = read_manifest(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    run_train(TrainConfig(**base, name="partial"))
+    out = capsys.readouterr().out
+    assert f"cache {tmp_path / 'c'} is incomplete" in out and "the 4,000 train rows committed so far" in out
+    assert "`pipeline cache ... --resume`" in out

@@ -25,7 +25,7 @@ from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
 from trainer.target_l0 import COEFFICIENTS as COEFFICIENT_FIELDS, final_coefficients
 from trainer.export import export_saelens, init_from
-from trainer.logs import ConsoleLog, WandbLog
+from trainer.logs import ConsoleLog, WandbLog, log_console
 from trainer.memory import resident_budget, stack_bytes
 from trainer.plots import write_training_curves
 from trainer.distributed import RankBatches, data_parallel, loader_share
@@ -347,6 +347,17 @@ def cache_provenance(source) -> dict:
             "cache_manifest_hash": manifest_hash(manifest) if manifest else None}
 
 
+def warn_if_incomplete(source, cache: str) -> None:
+    """One line when the cache's writer has not finished (interrupted, or still writing): training
+    reads the shards committed so far, which may be far fewer rows than the user asked the cache for."""
+    manifest = getattr(source, "manifest", None)
+    if isinstance(manifest, dict) and manifest.get("complete") is False:
+        rows = sum(s.get("rows", 0) for s in manifest.get("splits", {}).get("train", {}).get("shards", []))
+        log_console().print(f"warning: cache {cache} is incomplete (its writer stopped or is still running): "
+                            f"training reads the {rows:,} train rows committed so far; `pipeline cache ... "
+                            "--resume` with the same options finishes it", markup=False, highlight=False)
+
+
 def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
     """Provenance stored in an export's cfg.json `metadata` (SAELens's keys, plus ours)."""
     return {
@@ -408,6 +419,7 @@ def run_train(cfg: TrainConfig) -> dict:
         if cfg.hook_out not in have:
             raise PipelineError(f"hook_out {cfg.hook_out!r} is not in the cache {cfg.cache}; it has {', '.join(have)}")
     source = open_source(cfg.cache)
+    warn_if_incomplete(source, cfg.cache)
     # The plan for the widest hook (an upper estimate); the loader checks the hooks themselves.
     planned = sum(stack_bytes(1, max(source.hooks.values()), cfg.d_sae, cfg.batch_size))
     budget = resident_budget(torch.device(device), planned)

@@ -36,7 +36,7 @@ from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
                          export_metadata, finish_export, relevant_field, resolve_target, resolve_width, run_config,
-                         sparsity_knob, wandb_config, weight_identity)
+                         sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
 from trainer.target_l0 import COEFFICIENTS, final_coefficients
 from trainer.train import LoopConfig, Stack, StackTrainer, fit
 
@@ -227,6 +227,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                               tokens=max(plan.runs[i].tokens for idx in mine for i in idx), normalize=base.normalize,
                               resident=base.resident, resident_budget=budget, skip_bad_shards=base.skip_bad_shards)
     budget -= loader.resident_bytes if loader.resident else 0
+    warn_if_incomplete(loader.source, base.cache)
     stacks = []
     for idx in mine:
         runs = [plan.runs[i] for i in idx]
