@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import torch
 
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
+from trainer.export import export_saelens
 from trainer.registry import get_architecture
 from trainer.sae_batchtopk import BatchTopKConfig
 from trainer.sae_gated import GatedConfig
 from trainer.sae_jumprelu import JumpReLUConfig
 from trainer.sae_matryoshka import MatryoshkaConfig
-from trainer.sae_standard import StandardConfig
+from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig
 from trainer.train import LoopConfig, StackTrainer
 
@@ -110,3 +113,36 @@ def trainer_for(arch: str, kernels: str, target_l0: list | None = None) -> tuple
     data = sparse_batches(8, 128, d=32)
     tr.init_from_data(data[0])
     return tr, data
+
+
+def relu_sae(out: Path, W_enc: torch.Tensor, W_dec: torch.Tensor, hook: str = "blocks.0.hook_resid_post") -> Path:
+    """A standard (ReLU) SAE with zero biases, exported in SAELens's format."""
+    d_in, d_sae = W_enc.shape
+    model = StandardSAE([StandardConfig(d_in=d_in, d_sae=d_sae)])
+    model.load_run(0, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}, {})
+    return export_saelens(model, 0, out, {"hook_name": hook})
+
+
+def chromium() -> str | None:
+    """The headless browser the report tests open pages in, if one is installed."""
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+class HTMLDom(HTMLParser):
+    """ids, classes (with counts) and the body's attributes of an HTML document."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.classes: dict[str, int] = {}
+        self.body: dict[str, str] = {}
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        for c in (a.get("class") or "").split():
+            self.classes[c] = self.classes.get(c, 0) + 1
+        if tag == "body":
+            self.body = {k: v or "" for k, v in a.items()}

@@ -15,7 +15,7 @@ from analysis.core_metrics import core_eval, run_eval
 from analysis.evaluate_ce import EvalConfig
 from cache_writer.run import CacheConfig, run_cache
 from pipeline.reader import Cache
-from tests.test_cache_writer import small_corpus
+from tests.builders import small_corpus
 from trainer.export import export_saelens
 from trainer.sae_standard import StandardConfig, StandardSAE
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,7 @@ from analysis.evaluate_ce import EvalConfig, evaluate_ce
 from trainer.export import export_saelens
 from analysis.inference import load_sae
 from analysis.report import ReportConfig, best_per_sequence, build_report, new_stats, update_stats
-from trainer.sae_standard import StandardConfig, StandardSAE
-from tests.builders import small_corpus, tiny_opt
+from tests.builders import HTMLDom, chromium, relu_sae, small_corpus, tiny_opt
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -32,14 +29,6 @@ def cache(tmp_path_factory) -> Path:
     run_cache(CacheConfig(out=str(root / "c"), dataset=small_corpus(root / "docs"), tokens=8000, context_size=64,
                           eval_fraction=0.3, hooks=[HOOK]), progress=False)
     return root / "c"
-
-
-def relu_sae(out: Path, W_enc: torch.Tensor, W_dec: torch.Tensor, hook: str = HOOK) -> Path:
-    """A standard (ReLU) SAE with zero biases, exported in SAELens's format."""
-    d_in, d_sae = W_enc.shape
-    model = StandardSAE([StandardConfig(d_in=d_in, d_sae=d_sae)])
-    model.load_run(0, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}, {})
-    return export_saelens(model, 0, out, {"hook_name": hook})
 
 
 def exact_sae(out: Path, d: int, hook: str = HOOK) -> Path:
@@ -184,26 +173,6 @@ def test_contexts_are_one_per_sequence():
     assert s.tolist() == [3, 1, 2]
 
 
-class _Dom(HTMLParser):
-    """ids, classes (with counts) and the body's attributes of an HTML document."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.ids: set[str] = set()
-        self.classes: dict[str, int] = {}
-        self.body: dict[str, str] = {}
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if "id" in a:
-            self.ids.add(a["id"])
-        for c in (a.get("class") or "").split():
-            self.classes[c] = self.classes.get(c, 0) + 1
-        if tag == "body":
-            self.body = {k: v or "" for k, v in a.items()}
-
-
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory) -> Path:
     """A small TopK SAE trained on the tiny cache (seconds)."""
@@ -223,7 +192,7 @@ def report(cache, trained, tmp_path_factory) -> Path:
 
 def test_report_html_has_histograms_and_context_tables(report, trained, cache, tmp_path):
     text = report.read_text(encoding="utf-8")
-    dom = _Dom(text)
+    dom = HTMLDom(text)
     assert {"summary", "density-histogram", "l0-histogram", "latents"} <= dom.ids
     assert dom.classes.get("latent") == 6 and dom.classes.get("activation-histogram") == 6
     assert dom.classes.get("context-table", 0) >= 1 and dom.classes.get("max", 0) >= 1
@@ -231,16 +200,12 @@ def test_report_html_has_histograms_and_context_tables(report, trained, cache, t
     # Given latents are shown, in the given order.
     page = build_report(ReportConfig(sae=str(trained), cache=str(cache), out=str(tmp_path), latents=[7, 3],
                                      contexts=2, max_rows=500))
-    assert {"latent-7", "latent-3"} <= _Dom(page.read_text()).ids
+    assert {"latent-7", "latent-3"} <= HTMLDom(page.read_text()).ids
     assert page.read_text().index('id="latent-7"') < page.read_text().index('id="latent-3"')
 
 
-def _chromium() -> str | None:
-    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
-
-
 def test_report_opens_in_headless_chromium(report, tmp_path):
-    browser = _chromium()
+    browser = chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium): the page is not opened in a browser")
     # Root (CI containers) needs --no-sandbox; a fresh profile keeps the run independent of $HOME.
@@ -248,7 +213,7 @@ def test_report_opens_in_headless_chromium(report, tmp_path):
            "--dump-dom", report.resolve().as_uri()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, HOME=str(tmp_path)))
     assert out.returncode == 0, out.stderr[-2000:]
-    dom = _Dom(out.stdout)
+    dom = HTMLDom(out.stdout)
     assert "density-histogram" in dom.ids and dom.classes.get("context-table", 0) >= 1
     assert dom.body.get("data-ready") == "1"  # the page's script ran without an error before it
 

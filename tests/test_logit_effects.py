@@ -12,7 +12,7 @@ from analysis.logit_effects import APPROXIMATE, EXACT, NONE, direct_path, logit_
 from analysis.report import ReportConfig, build_report
 from cache_writer.model_adapter import adapter_from_hooked_transformer, load_model
 from cache_writer.run import CacheConfig, run_cache
-from tests.test_eval_report import relu_sae
+from tests.builders import relu_sae
 
 D = 16
 A, B, C, Z = (ord(ch) for ch in "ABCz")  # byte tokens

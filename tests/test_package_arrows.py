@@ -62,3 +62,11 @@ def test_imports_follow_the_arrows(name):
             if private:
                 problems.append(f"line {line}: imports private {', '.join(private)} from {target}")
     assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/builders.py (and fixtures in conftest.py): a test module
+    imported by another would run its tests' module-level setup, and hides what is shared."""
+    offenders = [f"{path.name} imports {module}" for path in sorted((ROOT / "tests").glob("test_*.py"))
+                 for module, _, _ in imports(path) if module.startswith("tests.test_")]
+    assert offenders == []

@@ -12,8 +12,7 @@ import torch
 
 from analysis.sweep_report import SweepReportConfig, build_sweep_report, frontier, read_summary
 from cache_writer.run import CacheConfig, run_cache
-from tests.test_cache_writer import small_corpus
-from tests.test_eval_report import _chromium, _Dom
+from tests.builders import HTMLDom, chromium, small_corpus
 from trainer.plots import CURVES_PNG, read_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +62,7 @@ def test_sweep_page_has_table_plots_curves_and_feature_links(sweep):
                               feature_options={"n_latents": 3, "contexts": 2})
     assert page == sweep / "index.html"
     text = page.read_text(encoding="utf-8")
-    dom = _Dom(text)
+    dom = HTMLDom(text)
     assert {"runs-table", "pareto-ev", "pareto-ce", "curves-loss", "curves-l0", "curves-ev", "curve-legend"} <= dom.ids
     assert "pareto-ce-missing" not in dom.ids
     assert text.count("<tr data-run=") == 5 and "refused" in text  # the refused run is listed, not plotted
@@ -96,7 +95,7 @@ def test_sweep_page_without_ce_or_features_says_how_to_get_them(sweep, tmp_path)
         w.writerows(rows)
     page = build_sweep_report(SweepReportConfig(sweep=str(sweep), out=str(tmp_path / "page")))
     text = page.read_text(encoding="utf-8")
-    dom = _Dom(text)
+    dom = HTMLDom(text)
     assert "pareto-ce-missing" in dom.ids and "pareto-ce" not in dom.ids and "--ce-contexts" in text
     # Each finished run: a link to its feature report where one exists (relative to this page, elsewhere
     # than the sweep), else the command that writes it.
@@ -118,9 +117,9 @@ def test_report_command_takes_a_sweep_folder_or_an_sae(sweep, tmp_path):
     assert isinstance(res.exception, PipelineError) and "needs --cache" in str(res.exception)
 
 
-def _open(page: Path, tmp_path: Path, shot: Path, height: int) -> _Dom:
+def _open(page: Path, tmp_path: Path, shot: Path, height: int) -> HTMLDom:
     """The page's DOM after its scripts ran in headless Chromium; no console message; a screenshot."""
-    browser = _chromium()
+    browser = chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium): the pages are not opened in a browser")
     base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -133,7 +132,7 @@ def _open(page: Path, tmp_path: Path, shot: Path, height: int) -> _Dom:
     subprocess.run(base + [f"--window-size=1300,{height}", f"--screenshot={shot}", page.resolve().as_uri()],
                    capture_output=True, timeout=120, env=env, check=True)
     assert shot.read_bytes()[:8] == PNG
-    return _Dom(out.stdout)
+    return HTMLDom(out.stdout)
 
 
 def test_sweep_and_feature_pages_open_in_headless_chromium(sweep, tmp_path):

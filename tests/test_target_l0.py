@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from tests.test_architectures import sparse_batches
-from tests.test_train_loop import sparse_cache
+from tests.builders import sparse_batches, sparse_cache
 from trainer.registry import get_architecture
 from trainer.run import TrainConfig, controlled_target, evaluate, run_config
 from trainer.sae_standard import StandardConfig, StandardSAE
