@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vs_saelens.py --cache caches/default [--cache DIR:HOOK] \\
         [--tokens 1000000 8000000] [--arch topk --arch batchtopk --arch jumprelu --arch standard] \\
-        [--d-sae 2048] [--k 32] [--lr 3e-4 1e-3 3e-3] [--b-dec zero mean] [--tune-all] [--out DIR]
+        [--d-sae 2048] [--k 32] [--lr 3e-4 1e-3 3e-3] [--b-dec zero mean] [--tune-all] [--fix ARCH=LR:BDEC] [--out DIR]
 
 For each cache (`DIR` or `DIR:HOOK`), run length and architecture:
 
@@ -10,10 +10,12 @@ For each cache (`DIR` or `DIR:HOOK`), run length and architecture:
   with the same seed and batch size (the two-level shuffle of `pipeline.loader`, the same rows in
   the same order as ours), once per lr in `--lr` and b_dec in `--b-dec` (`zero`: SAELens's init,
   `mean`: the first batch's mean), at the first run length; a longer run reuses the setting that won
-  there (`--tune-all`: the whole grid at every length; on 2 CPU cores an 8M-token SAELens run takes
-  about 4 minutes). Its sparsity: k for topk/batchtopk, its default coefficients
-  otherwise (l1 5 for standard, l0 1 for jumprelu). The one with the best eval explained variance
-  is kept; it is saved with `save_inference_model` and loaded back with `SAE.load_from_disk`.
+  there (`--tune-all`: the whole grid at every length; `--fix ARCH=LR:BDEC` skips it; on 2 CPU
+  cores an 8M-token SAELens run takes about 4 minutes). Its sparsity: k for topk/batchtopk, its
+  default coefficients otherwise (l1 5 for standard, l0 1 for jumprelu). The one with the best eval
+  explained variance is kept (for jumprelu and standard, among the grid points with L0 <= `--max-l0`:
+  their L0 moves with lr and b_dec, and a denser code always reconstructs better); it is saved with
+  `save_inference_model` and loaded back with `SAE.load_from_disk`.
 - **Ours**: `pipeline train` with its defaults (`TrainConfig()`), k for topk/batchtopk, and for
   jumprelu and standard `--target-l0` set to the L0 the kept SAELens run measured.
 - **Both** exports are loaded by SAELens and evaluated by one function on the cache's whole eval
@@ -105,6 +107,19 @@ def train_saelens(arch: str, cache: str, hook: str | None, tokens: int, d_sae: i
     return sae_lens.SAE.load_from_disk(str(out), device="cpu")
 
 
+def best_of(grid: list[tuple[float, str, dict]], max_l0: float | None) -> tuple[float, str, dict]:
+    """The grid point with the best explained variance; with `max_l0` (a penalty's L0 moves with
+    lr and b_dec, and a denser code always reconstructs better) among those at most that dense, or
+    the sparsest when none is."""
+    finite = [g for g in grid if math.isfinite(g[2]["ev"])]
+    if max_l0 is not None:
+        sparse = [g for g in finite if g[2]["l0"] <= max_l0]
+        if not sparse:
+            return min(finite, key=lambda g: g[2]["l0"])
+        finite = sparse
+    return max(finite, key=lambda g: g[2]["ev"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", action="append", help="DIR or DIR:HOOK (repeatable; default caches/default)")
@@ -115,6 +130,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--b-dec", nargs="+", default=["zero", "mean"], choices=["zero", "mean"])
     ap.add_argument("--tune-all", action="store_true", help="search SAELens's grid at every run length")
+    ap.add_argument("--max-l0", type=float, default=128, help="jumprelu, standard: SAELens's best is chosen among "
+                    "the grid points at most this dense (its default coefficients give L0 in the thousands at a low lr)")
+    ap.add_argument("--fix", action="append", default=[], metavar="ARCH=LR:BDEC",
+                    help="skip SAELens's grid for ARCH: train it at this setting (e.g. one a shorter run chose)")
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     tune_malloc()
@@ -123,6 +142,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         tuned: dict[tuple[str, str], tuple[float, str]] = {}  # (cache, arch) -> the grid's winner
+        for fix in args.fix:
+            arch, _, setting = fix.partition("=")
+            lr, _, b_dec = setting.partition(":")
+            for spec in args.cache or ["caches/default"]:
+                tuned[spec, arch] = (float(lr), b_dec)
         for spec in args.cache or ["caches/default"]:
             cache, _, hook = spec.partition(":")
             hook = hook or None
@@ -140,7 +164,7 @@ def main() -> None:
                         where = root / f"{Path(cache).name}-{tokens}" / f"saelens-{arch}-{lr:g}-{b_dec}"
                         sae = train_saelens(arch, cache, hook, tokens, args.d_sae, args.k, lr, b_dec, where)
                         grid.append((lr, b_dec, held_out(sae, cache, hook)))
-                    lr, b_dec, theirs = max((g for g in grid if math.isfinite(g[2]["ev"])), key=lambda g: g[2]["ev"])
+                    lr, b_dec, theirs = best_of(grid, None if arch in ("topk", "batchtopk") else args.max_l0)
                     tuned.setdefault((spec, arch), (lr, b_dec))
                     target = args.k if arch in ("topk", "batchtopk") else round(theirs["l0"], 2)
                     m = run_train(TrainConfig(cache=cache, hook=hook, out=str(root / f"{Path(cache).name}-{tokens}"),
