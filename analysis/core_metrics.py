@@ -329,10 +329,11 @@ def core_eval(cfg: EvalConfig, adapter: Any = None, sae: LoadedSAE | None = None
 
 def print_core(res: dict) -> None:
     """The core metrics as a rich table, category by category."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from pipeline.console import log_console
+
+    console = log_console()
     un = res["eval_result_unstructured"]
     table = Table(title=f"SAEBench {un['saebench_version']} core metrics ({un['split']} split: "
                         f"{res['eval_result_metrics']['token_stats']['total_tokens_eval_sparsity_variance']:,} rows)")

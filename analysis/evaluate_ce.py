@@ -438,10 +438,11 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
 
 def print_results(res: dict) -> None:
     """The results as a rich table."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from pipeline.console import log_console
+
+    console = log_console()
     where = f"reading {res['hook']}, replacing {res['hook_out']}" if res.get("hook_out") else f"at {res['hook']}"
     console.print(f"SAE {res['sae']} ({res['architecture']}) {where} of model {res['model']}: "
                   f"{res['contexts']} {res['split']} contexts of {res['cache']}, {res['predictions']:,} predictions, "

@@ -152,11 +152,12 @@ def _shard_content(cache, split: str, index: int, shard: dict, start: int) -> li
 
 def render_info(path: str | Path) -> None:
     """Print a cache's manifest as readable tables."""
-    from rich.console import Console
     from rich.table import Table
 
+    from pipeline.console import log_console
+
     manifest = read_manifest(path)
-    console = Console()
+    console = log_console()
     prov = manifest["provenance"]
     head = Table(title=f"cache {path}", show_header=False)
     head.add_column(style="bold")

@@ -75,3 +75,13 @@ def test_cache_log_in_a_file_is_whole_lines(tmp_path):
     progress = [x for x in lines if x.startswith("caching: ")]
     assert 5 <= len(progress) <= 11 and progress[-1].startswith("caching: 100%"), lines
     assert all(len(x) <= 100 for x in lines if str(tmp_path) not in x), lines
+
+
+def test_info_in_a_file_prints_whole_tables(tmp_path):
+    """`pipeline info` into a file: rich would lay its tables out for 80 columns there and cut long
+    values (a deep cache path) with an ellipsis; every value is whole."""
+    deep = tmp_path / ("a-rather-long-folder-name-for-activation-caches-" * 2) / "c"
+    sparse_cache(deep, rows=2000, eval_rows=500)
+    lines = run_logged([sys.executable, "-m", "pipeline", "info", str(deep)], tmp_path, "info")
+    assert any(str(deep) in x for x in lines), lines
+    assert not any("…" in x for x in lines), lines

@@ -15,18 +15,11 @@ import secrets
 import string
 from pathlib import Path
 
-from rich.console import Console
+from pipeline.console import log_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 WANDB_ID_FILE = "wandb_run_id"
 """In a run's folder: its W&B run id, so a resumed run continues the same W&B run."""
-
-
-def log_console() -> Console:
-    """A rich console for stdout; off a terminal (a file, a pipe), one that never cuts or wraps:
-    rich would lay everything out for 80 columns there."""
-    out = Console()
-    return out if out.is_terminal else Console(width=100_000, soft_wrap=True)
 
 
 def _short(x: float) -> str:

@@ -25,7 +25,8 @@ from trainer.registry import get_architecture
 from trainer.stack import StackedSAE
 from trainer.target_l0 import COEFFICIENTS as COEFFICIENT_FIELDS, final_coefficients
 from trainer.export import export_saelens, init_from
-from trainer.logs import ConsoleLog, WandbLog, log_console
+from pipeline.console import log_console
+from trainer.logs import ConsoleLog, WandbLog
 from trainer.memory import resident_budget, stack_bytes
 from trainer.plots import write_training_curves
 from trainer.distributed import RankBatches, data_parallel, loader_share

@@ -31,7 +31,8 @@ from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
-from trainer.logs import ConsoleLog, WandbLog, log_console
+from pipeline.console import log_console
+from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
