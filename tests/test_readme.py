@@ -114,17 +114,28 @@ def make_dry_run(target: str, **variables: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_train_and_sweep_write_the_cache_first_when_it_is_missing(tmp_path):
+def test_make_train_and_sweep_write_the_cache_first_when_it_is_missing_or_incomplete(tmp_path):
     cache = tmp_path / "caches" / "default"
     for target in ("train", "sweep"):
         plan = make_dry_run(target, CACHE=str(cache))
         assert f"pipeline cache --tokens 2000000 --out {cache} --resume" in plan, plan
         assert plan.index("pipeline cache") < plan.index(f"pipeline {target}")
+    # What cache-ready does, run for real with the writer replaced by an echo: it writes (resumes) the
+    # cache when the manifest is missing or says complete: false, and leaves a complete one alone.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+    def writes_cache() -> bool:
+        out = subprocess.run(["make", "-s", "-C", str(ROOT), "cache-ready", f"CACHE={cache}", "CACHE_CMD=echo WRITE"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return "WRITE" in out.stdout
+
+    assert writes_cache()
     cache.mkdir(parents=True)
-    (cache / "manifest.json").write_text("{}")
-    for target in ("train", "sweep"):
-        plan = make_dry_run(target, CACHE=str(cache))
-        assert "pipeline cache" not in plan and f"pipeline {target}" in plan, plan
+    (cache / "manifest.json").write_text('{"complete": false}')
+    assert writes_cache()
+    (cache / "manifest.json").write_text('{"complete": true}')
+    assert not writes_cache()
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
