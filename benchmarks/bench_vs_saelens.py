@@ -16,8 +16,9 @@ For each cache (`DIR` or `DIR:HOOK`), run length and architecture:
   explained variance is kept (for jumprelu and standard, among the grid points with L0 <= `--max-l0`:
   their L0 moves with lr and b_dec, and a denser code always reconstructs better); it is saved with
   `save_inference_model` and loaded back with `SAE.load_from_disk`.
-- **Ours**: `pipeline train` with its defaults (`TrainConfig()`), k for topk/batchtopk, and for
-  jumprelu and standard `--target-l0` set to the L0 the kept SAELens run measured.
+- **Ours**: `pipeline train` with its defaults (`TrainConfig()`), k for topk/batchtopk (the k
+  nearest SAELens's measured L0 where that is more than 1% off k: its BatchTopK export can be), and
+  for jumprelu and standard `--target-l0` set to the L0 the kept SAELens run measured.
 - **Both** exports are loaded by SAELens and evaluated by one function on the cache's whole eval
   split: explained variance (against the split's mean) and L0.
 
@@ -166,7 +167,10 @@ def main() -> None:
                         grid.append((lr, b_dec, held_out(sae, cache, hook)))
                     lr, b_dec, theirs = best_of(grid, None if arch in ("topk", "batchtopk") else args.max_l0)
                     tuned.setdefault((spec, arch), (lr, b_dec))
-                    target = args.k if arch in ("topk", "batchtopk") else round(theirs["l0"], 2)
+                    # Equal L0: SAELens's BatchTopK export can end off its k (its threshold); then ours
+                    # trains at the k nearest the L0 SAELens measured.
+                    target = (round(theirs["l0"], 2) if arch not in ("topk", "batchtopk")
+                              else args.k if abs(theirs["l0"] / args.k - 1) <= 0.01 else round(theirs["l0"]))
                     m = run_train(TrainConfig(cache=cache, hook=hook, out=str(root / f"{Path(cache).name}-{tokens}"),
                                               name=f"ours-{arch}", arch=arch, d_sae=args.d_sae, tokens=tokens,
                                               target_l0=target, wandb=False, checkpoint_every=0, log_every=10_000))

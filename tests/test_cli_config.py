@@ -87,7 +87,8 @@ def test_sweep_help_shows_its_toml_tables_and_defaults():
 def test_train_and_cache_help_show_the_config_defaults_and_flags_as_flags():
     train = help_lines("train")
     assert "[default: 1024]" in train["--d-sae"] and "[default: 4000000]" in train["--tokens"]
-    assert "[default: topk]" in train["--arch"] and "[default: 0.001]" in train["--lr"]
+    assert "[default: topk]" in train["--arch"] and "[default: 1.0]" in train["--max-grad-norm"]
+    assert "3e-3 at d_sae 2048" in train["--lr"] and "[default:" not in train["--lr"]  # None: the width's default
     assert "--no-resume" in train["--resume"] and "[default: no-resume]" in train["--resume"]
     assert "--no-ddp" in train["--ddp"] and "[default: wandb]" in train["--wandb"]
     assert "<bool>" not in train[""] and "d_sae = N * d_in" in train["--expansion-factor"]

@@ -154,3 +154,20 @@ def test_cli_train_and_sweep_refuse_zero_tokens_in_one_line(cache, tmp_path):
                              text=True, timeout=300)
         assert out.returncode == 2 and out.stderr == "error: --tokens must be a number > 0, got 0\n", out.stderr
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_run_without_lr_records_the_default_for_its_width(cache, tmp_path):
+    """lr unset: the summary, the export's training_config and the metric lines give the lr used."""
+    from trainer.train import default_lr
+
+    s = spec(cache, tmp_path / "out", tokens=256 * 10)
+    del s["base"]["lr"]
+    s["sweep"] = {"arch": ["topk"], "k": [3]}
+    run_sweep(s, {}, name="t")
+    with open(tmp_path / "out" / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["lr"]) == pytest.approx(default_lr(64)) == pytest.approx(3e-3 * 32 ** 0.5)
+    meta = json.loads((tmp_path / "out" / row["run"] / "cfg.json").read_text())["metadata"]
+    assert meta["training_config"]["lr"] == pytest.approx(default_lr(64))
+    first = json.loads((tmp_path / "out" / row["run"] / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < first["lr"] <= default_lr(64)

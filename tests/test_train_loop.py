@@ -353,7 +353,36 @@ def test_the_loop_and_pipeline_train_share_their_defaults():
     shared = set(train) & set(loop)
     assert {"lr", "lr_warmup_steps", "lr_decay", "max_grad_norm", "b_dec_init", "precision"} <= shared
     assert {name: loop[name] for name in shared} == {name: train[name] for name in shared}
-    assert LoopConfig().lr == 1e-3  # the source the test reads is the class Python builds
+    assert LoopConfig().lr is None  # the source the test reads is the class Python builds
+
+
+def test_default_lr_scales_with_the_width_and_a_given_lr_wins():
+    """lr None is 3e-3 at d_sae 2048, times sqrt(2048 / d_sae); per run, a given lr replaces it."""
+    from trainer.sae_topk import TopKConfig, TopKSAE
+    from trainer.train import StackTrainer, default_lr
+
+    assert default_lr(2048) == pytest.approx(3e-3) and default_lr(8192) == pytest.approx(1.5e-3)
+    assert default_lr(512) == pytest.approx(6e-3)
+    model = TopKSAE([TopKConfig(d_in=16, d_sae=512, k=4, seed=s) for s in range(2)])
+    assert StackTrainer(model, LoopConfig()).opt.lr.tolist() == pytest.approx([6e-3, 6e-3])
+    assert StackTrainer(model, LoopConfig(lr=[None, 1e-4])).opt.lr.tolist() == pytest.approx([6e-3, 1e-4])
+    assert StackTrainer(model, LoopConfig(lr=2e-4)).opt.lr.tolist() == pytest.approx([2e-4, 2e-4])
+
+
+def test_dead_latent_window_is_a_fortieth_of_the_run_at_most_10m():
+    """`pipeline train` counts a TopK-family latent dead after 1/40 of the run's tokens (10M at
+    most); arch_options still set it; a config built by hand without one gets Gao et al.'s 10M."""
+    from trainer.run import TrainConfig, run_config
+    from trainer.sae_topk import TopKConfig, TopKSAE
+
+    for arch in ("topk", "batchtopk", "matryoshka"):
+        assert run_config(TrainConfig(arch=arch, tokens=1_000_000), d_in=16).dead_tokens_threshold == 25_000
+        assert run_config(TrainConfig(arch=arch, tokens=10**9), d_in=16).dead_tokens_threshold == 10_000_000
+    given = TrainConfig(tokens=1_000_000, arch_options={"dead_tokens_threshold": 5})
+    assert run_config(given, d_in=16).dead_tokens_threshold == 5
+    assert not hasattr(run_config(TrainConfig(arch="standard"), d_in=16), "dead_tokens_threshold")
+    model = TopKSAE([TopKConfig(d_in=16, d_sae=64, k=4), TopKConfig(d_in=16, d_sae=64, k=4, dead_tokens_threshold=7)])
+    assert model.dead_tokens_threshold.tolist() == [10_000_000, 7]
 
 
 def test_shipped_train_config_matches_the_defaults_and_flags_win():

@@ -22,6 +22,7 @@ from pipeline.loader import ActivationLoader, LoaderState, open_source
 from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
+from trainer.sae_topk import dead_tokens_threshold_for
 from trainer.stack import StackedSAE
 from trainer.target_l0 import COEFFICIENTS as COEFFICIENT_FIELDS, final_coefficients
 from trainer.export import export_saelens, init_from
@@ -30,7 +31,7 @@ from trainer.logs import ConsoleLog, WandbLog
 from trainer.memory import resident_budget, stack_bytes
 from trainer.plots import write_training_curves
 from trainer.distributed import RankBatches, data_parallel, loader_share
-from trainer.train import LoopConfig, train_stack
+from trainer.train import LoopConfig, default_lr, train_stack
 
 
 @dataclass
@@ -73,8 +74,8 @@ class TrainConfig:
     default; trainer.target_l0). None: the sparsity knobs as given."""
     arch_options: dict | None = None
     """Any other field of the architecture's config, e.g. {bandwidth = 0.1} (CLI: key=value,...)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
+    lr: float | None = None
+    """Adam learning rate (None: 3e-3 at d_sae 2048, scaled by 1/sqrt(d_sae); trainer.train.default_lr)."""
     lr_warmup_steps: int | None = None
     """Linear lr warm-up steps (None: 5% of the run's steps)."""
     lr_decay: str = "linear"
@@ -209,6 +210,8 @@ def run_config(cfg: TrainConfig, d_in: int, d_out: int | None = None):
     if unknown:
         raise PipelineError(f"architecture {cfg.arch!r} has no option {', '.join(unknown)}; its fields: "
                             f"{', '.join(n for n in names if n not in ('d_in', 'd_sae'))}")
+    if "dead_tokens_threshold" in names:
+        fields["dead_tokens_threshold"] = dead_tokens_threshold_for(cfg.tokens)
     fields.update(cfg.arch_options or {})
     return cls.config_class(**fields)
 
@@ -359,11 +362,17 @@ def warn_if_incomplete(source, cache: str) -> None:
                             "--resume` with the same options finishes it", markup=False, highlight=False)
 
 
+def resolved_lr(cfg: TrainConfig) -> float:
+    """The run's Adam lr: as given, or the default for its width."""
+    return default_lr(cfg.d_sae) if cfg.lr is None else cfg.lr
+
+
 def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
     """Provenance stored in an export's cfg.json `metadata` (SAELens's keys, plus ours)."""
     return {
         "hook_name": hook, **cache_provenance(source), "prepend_bos": True,
-        "training_config": asdict(cfg), "package_version": __version__, "training_architecture": cfg.arch,
+        "training_config": asdict(replace(cfg, lr=resolved_lr(cfg))), "package_version": __version__,
+        "training_architecture": cfg.arch,
         "run_name": name,
     }
 
@@ -386,7 +395,7 @@ def wandb_config(cfg: TrainConfig, source, hook: str) -> dict:
     """A W&B run's config: the fields of `cfg` its architecture uses, the hook actually read and the
     widths, and the cache's provenance (model, manifest hash)."""
     hooks = getattr(source, "hooks", {})
-    out = {k: v for k, v in asdict(cfg).items() if relevant_field(cfg, k)}
+    out = {k: v for k, v in asdict(replace(cfg, lr=resolved_lr(cfg))).items() if relevant_field(cfg, k)}
     out.update(hook=hook, d_in=hooks.get(hook), **cache_provenance(source))
     if cfg.hook_out is not None:
         out["d_out"] = hooks.get(cfg.hook_out)

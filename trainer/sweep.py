@@ -36,8 +36,8 @@ from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
-                         export_metadata, finish_export, relevant_field, resolve_target, resolve_width, run_config,
-                         sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
+                         export_metadata, finish_export, relevant_field, resolve_target, resolve_width, resolved_lr,
+                         run_config, sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
 from trainer.target_l0 import COEFFICIENTS, final_coefficients
 from trainer.train import LoopConfig, Stack, StackTrainer, fit
 
@@ -397,7 +397,7 @@ def _row(r: TrainConfig, m: dict) -> dict:
     ended = next((m[c] for c in COEFFICIENTS if c in m), None)
     sparsity = ended if controlled_target(r) is not None and ended is not None else knob[1] if knob else None
     return {"run": r.name, "arch": r.arch, "hook": r.hook, "d_sae": r.d_sae, "target_l0": r.target_l0,
-            "k_or_coefficient": sparsity, "lr": r.lr, "l0": m.get("eval_l0"),
+            "k_or_coefficient": sparsity, "lr": resolved_lr(r), "l0": m.get("eval_l0"),
             "explained_variance": m.get("eval_explained_variance"),
             "dead_fraction": m.get("eval_dead_fraction"), "tokens_per_s": m.get("tokens_per_s"),
             "status": m["status"]}
