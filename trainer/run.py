@@ -367,11 +367,16 @@ def resolved_lr(cfg: TrainConfig) -> float:
     return default_lr(cfg.d_sae) if cfg.lr is None else cfg.lr
 
 
+def recorded_config(cfg: TrainConfig) -> dict:
+    """`cfg` as a run's records keep it: with the lr it trained at, not None."""
+    return asdict(replace(cfg, lr=resolved_lr(cfg)))
+
+
 def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
     """Provenance stored in an export's cfg.json `metadata` (SAELens's keys, plus ours)."""
     return {
         "hook_name": hook, **cache_provenance(source), "prepend_bos": True,
-        "training_config": asdict(replace(cfg, lr=resolved_lr(cfg))), "package_version": __version__,
+        "training_config": recorded_config(cfg), "package_version": __version__,
         "training_architecture": cfg.arch,
         "run_name": name,
     }
@@ -395,7 +400,7 @@ def wandb_config(cfg: TrainConfig, source, hook: str) -> dict:
     """A W&B run's config: the fields of `cfg` its architecture uses, the hook actually read and the
     widths, and the cache's provenance (model, manifest hash)."""
     hooks = getattr(source, "hooks", {})
-    out = {k: v for k, v in asdict(replace(cfg, lr=resolved_lr(cfg))).items() if relevant_field(cfg, k)}
+    out = {k: v for k, v in recorded_config(cfg).items() if relevant_field(cfg, k)}
     out.update(hook=hook, d_in=hooks.get(hook), **cache_provenance(source))
     if cfg.hook_out is not None:
         out["d_out"] = hooks.get(cfg.hook_out)
@@ -458,8 +463,8 @@ def run_train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     steps = math.ceil(cfg.tokens / cfg.batch_size)
     # A loaded SAE keeps its weights: no b_dec or scale init from the data.
-    loop = LoopConfig(lr=cfg.lr, lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay, total_steps=steps,
-                      max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
+    loop = LoopConfig(lr=resolved_lr(cfg), lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay,
+                      total_steps=steps, max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
                       b_dec_init="keep" if init_cfg else cfg.b_dec_init,
                       init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
                       kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None,

@@ -234,7 +234,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
         runs = [plan.runs[i] for i in idx]
         cls = get_architecture(runs[0].arch)
         model = cls([run_config(r, d_in[r.hook]) for r in runs]).to(device)
-        loop = LoopConfig(lr=[r.lr for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
+        loop = LoopConfig(lr=[resolved_lr(r) for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
                           lr_warmup_steps=runs[0].lr_warmup_steps, lr_decay=runs[0].lr_decay,
                           b_dec_init=runs[0].b_dec_init, init_scale_search=runs[0].init_scale_search,
                           precision=runs[0].precision, kernels=runs[0].kernels,
