@@ -40,7 +40,7 @@ train: cache-ready
 		$(if $(TRAIN_TOKENS),--tokens $(TRAIN_TOKENS)) --out runs/default --resume
 
 # Every architecture at L0 16, 32 and 64 (18 SAEs, target_l0) from one pass over the default cache:
-# runs/sweep/summary.csv and pareto.png compare them at equal L0 (about 6 minutes on 2 CPU cores).
+# runs/sweep/summary.csv and pareto.png compare them at equal L0 (about 7 minutes on 2 CPU cores).
 sweep: cache-ready
 	$(BIN)/pipeline sweep --config configs/sweep_default.toml --cache $(CACHE) --out runs/sweep --resume
 

@@ -67,6 +67,21 @@ def test_runs_without_a_target_and_frozen_runs_keep_their_coefficient():
         TargetL0(topk, [4.0])
 
 
+def test_jumprelu_looks_ahead_in_proportion_to_how_fast_its_thresholds_move():
+    """JumpReLU's L0 follows its coefficient at the speed its thresholds move, lr x threshold_rate: a
+    run 3x faster than the look-ahead was tuned at (lr 1e-3 x rate 20) looks 3x fewer steps ahead
+    (clamped to 1/10-10x); an L1 penalty's look-ahead does not move."""
+    jr = _stack("jumprelu")
+    ctl = make_controller(jr, 4.0, lrs=torch.tensor([1e-3, 3e-3, 1e-6], dtype=torch.float64))
+    assert ctl.damping.tolist() == pytest.approx([50.0, 50.0 / 3, 500.0])
+    jr.threshold_rate.copy_(torch.tensor([10.0, 20.0, 40.0]))
+    ctl = make_controller(jr, 4.0, lrs=torch.tensor([1e-3, 1e-3, 1e-3]))
+    assert ctl.damping.tolist() == pytest.approx([100.0, 50.0, 25.0])
+    assert make_controller(jr, 4.0).damping.tolist() == [50.0] * 3  # no lrs given: as configured
+    std = _stack("standard")
+    assert make_controller(std, 4.0, lrs=torch.tensor([1e-3, 3e-3, 1e-2])).damping.tolist() == [40.0] * 3
+
+
 def test_target_sets_k_for_the_topk_family_and_names_runs():
     for arch in ("topk", "batchtopk", "matryoshka"):
         cfg = TrainConfig(arch=arch, target_l0=16, d_sae=256)

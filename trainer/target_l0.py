@@ -7,7 +7,7 @@ space (L0 ~ c^-a over a wide range, so a multiplicative step has the same loop g
 
     l_r      = log ema_r(L0)                              a few steps' smoothing of the batch L0
     s_r(t)   = log target_r + excess_r (1 - p_r(t))^2     the setpoint
-    ahead_r  = clamp(l_r + D (l_r - l_r[t-1]) - s_r(t + D), +-max_error)
+    ahead_r  = clamp(l_r + D_r (l_r - l_r[t-1]) - s_r(t + D_r), +-max_error)
     drift_r += drift_gain f_r ahead_r    (only while |l_r - s_r(t)| < drift_band; |drift_r| <= max_drift)
     log c_r += f_r^lr_power (gain ahead_r + drift_r)
 
@@ -20,7 +20,9 @@ space (L0 ~ c^-a over a wide range, so a multiplicative step has the same loop g
   held at its target from the start spends most of its steps at a larger penalty and ends worse
   (a standard transcoder at L0 32: explained variance 0.66 against 0.72 with the setpoint).
 - **Look ahead.** The error is judged `D` steps ahead at L0's current rate, so the controller stops
-  pushing while L0 is on its way (the SAE follows a new coefficient with a lag).
+  pushing while L0 is on its way (the SAE follows a new coefficient with a lag). For JumpReLU that
+  lag is inversely proportional to how fast its thresholds move (lr x threshold_rate), and so is
+  its D (`reference_speed`).
 - **Drift.** At a fixed coefficient L0 keeps creeping down as an SAE trains; an integral step
   alone then trails its target by a few percent. `drift_r` learns that trend (a second integrator),
   near the setpoint only, where it is the trend and not a transient.
@@ -68,6 +70,10 @@ class ControllerConfig:
     """Bound on the learnt drift of log(coefficient) per step."""
     damping: float = 40.0
     """D: steps ahead at which the error is predicted from L0's current rate of change."""
+    reference_speed: float | None = None
+    """The speed `damping` was tuned at, lr x the model's `threshold_rate` (1 if it has none): a run
+    at speed v looks damping x reference_speed / v steps ahead (its L0 follows the coefficient at a
+    speed proportional to v); None: damping steps at any speed."""
 
 
 # The defaults by coefficient. An L1 penalty acts on every active latent's magnitude at once, so L0
@@ -75,9 +81,12 @@ class ControllerConfig:
 # oscillate (a standard transcoder on the default cache: L0 swinging 10-30 with a period of 20 steps,
 # 18% of latents dead). JumpReLU's L0 penalty moves only the thresholds, through a straight-through
 # estimator at Adam's pace: L0 follows with a lag of ~50 steps and the coefficient must travel
-# 10-100x, which needs a faster integral and a longer look ahead.
+# 10-100x, which needs a faster integral and a longer look ahead; and since that lag is set by how
+# far Adam moves a log threshold per step (lr x threshold_rate, trainer/sae_jumprelu.py), the look
+# ahead shrinks as that grows (tuned at lr 1e-3 x rate 20; 50 steps oscillated at lr 3e-3, L0
+# swinging 52-110 with a period of ~40 steps, BENCHMARKS.md).
 CONTROLLERS = {"l1_coefficient": ControllerConfig(gain=0.02, damping=40.0, max_error=3.0),
-               "l0_coefficient": ControllerConfig(gain=0.1, damping=50.0)}
+               "l0_coefficient": ControllerConfig(gain=0.1, damping=50.0, reference_speed=1e-3 * 20)}
 
 
 def coefficient_name(model: torch.nn.Module) -> str | None:
@@ -89,7 +98,7 @@ class TargetL0:
     """Per-run control of `model`'s coefficient toward `targets` (NaN: that run is left alone)."""
 
     def __init__(self, model: torch.nn.Module, targets: Sequence[float | None], cfg: ControllerConfig | None = None,
-                 hold_steps: int = 0, totals: torch.Tensor | None = None):
+                 hold_steps: int = 0, totals: torch.Tensor | None = None, lrs: torch.Tensor | None = None):
         name = coefficient_name(model)
         if name is None:
             raise PipelineError(f"architecture {getattr(model, 'architecture_name', type(model).__name__)!r} has no "
@@ -118,6 +127,13 @@ class TargetL0:
                 else torch.full_like(self.targets, math.nan))
         self.approach_end = ends.nan_to_num(0.0).clamp_min(hold_steps + 1)
         self.hold_steps = hold_steps  # the lr warm-up and the penalty's own (module docstring)
+        # (R,) look-ahead in steps: `damping`, or scaled by each run's speed (cfg.reference_speed).
+        damping = torch.full_like(self.targets, self.cfg.damping)
+        if self.cfg.reference_speed is not None and lrs is not None:
+            speed = lrs.to(device, torch.float32) * getattr(model, "threshold_rate", 1.0)
+            damping = (damping * self.cfg.reference_speed / speed.clamp_min(1e-12)).clamp_(
+                self.cfg.damping / 10, self.cfg.damping * 10)
+        self.damping = damping
         self.steps = 0
 
     @torch.no_grad()
@@ -139,7 +155,7 @@ class TargetL0:
             error = log_l0 - self.setpoint(self.steps)
             # L0 predicted `damping` steps ahead at its current rate, against the setpoint then: no
             # push while L0 is already on its way (the SAE follows a new coefficient with a lag).
-            ahead = log_l0 + self.cfg.damping * (log_l0 - prev) - self.setpoint(self.steps + self.cfg.damping)
+            ahead = log_l0 + self.damping * (log_l0 - prev) - self.setpoint(self.steps + self.damping)
             ahead.clamp_(-self.cfg.max_error, self.cfg.max_error)
             f = factors.to(error.dtype).pow(self.cfg.lr_power)
             # The drift is learnt near the target only: far from it, the error is the transient's
@@ -151,7 +167,7 @@ class TargetL0:
             self.coefficient.mul_(torch.where(self.active, step, 0.0).exp_().to(self.coefficient.dtype))
         return {self.name: self.coefficient}
 
-    def setpoint(self, step: float) -> torch.Tensor:
+    def setpoint(self, step: float | torch.Tensor) -> torch.Tensor:
         """(R,) log L0 aimed at, at `step`: from the L0 the hold ended at down to the target, by
         (1 - progress)^2 over [hold, approach x run length], as an SAE's L0 falls at a fixed
         coefficient. Reaching the target early costs reconstruction: the run then spends most of
@@ -173,8 +189,9 @@ class TargetL0:
 
 def make_controller(model: torch.nn.Module, targets: float | Sequence[float | None] | None,
                     cfg: ControllerConfig | None = None, hold_steps: int = 0,
-                    totals: torch.Tensor | None = None) -> TargetL0 | None:
-    """A controller for the runs of `model` that have a target (one for all, or one per run), else None."""
+                    totals: torch.Tensor | None = None, lrs: torch.Tensor | None = None) -> TargetL0 | None:
+    """A controller for the runs of `model` that have a target (one for all, or one per run), else
+    None. `totals`: the runs' step budgets; `lrs`: their base lrs (R,)."""
     if targets is None:
         return None
     n = getattr(model, "n_runs", None) or model.W_dec.shape[0]
@@ -182,7 +199,7 @@ def make_controller(model: torch.nn.Module, targets: float | Sequence[float | No
     if all(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
         return None
     hold = max(hold_steps, getattr(model, "l1_warmup_steps", 0) or 0, getattr(model, "l0_warmup_steps", 0) or 0)
-    return TargetL0(model, values, cfg, hold_steps=hold, totals=totals)
+    return TargetL0(model, values, cfg, hold_steps=hold, totals=totals, lrs=lrs)
 
 
 def final_coefficients(model: torch.nn.Module, run: int) -> dict[str, float]:

@@ -161,7 +161,8 @@ class StackTrainer:
         model.kernels = cfg.kernels
         self.precision = resolve_precision(cfg.precision, device)
         # Held through the lr warm-up: the SAE cannot follow the coefficient yet (trainer.target_l0).
-        self.controller = make_controller(model, cfg.target_l0, hold_steps=warmup_steps(cfg), totals=self.totals)
+        self.controller = make_controller(model, cfg.target_l0, hold_steps=warmup_steps(cfg), totals=self.totals,
+                                          lrs=self.base_lr)
 
     def init_from_data(self, first: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """b_dec and the initial scale from the first batch (a fresh run only); `target` is a
