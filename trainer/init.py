@@ -24,6 +24,8 @@ def init_tied_weights_(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Te
     R, d_sae, d_in = W_dec.shape
     if len(seeds) != R:
         raise PipelineError(f"{len(seeds)} seeds for a stack of {R} runs; give one seed per run")
+    if W_dec.is_meta:  # a replay at real sizes (trainer.step_trace): shapes only, no values to draw
+        return
     for r, seed in enumerate(seeds):
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         # Drawn on the CPU in float32 whatever the target device/dtype: the same seed gives the

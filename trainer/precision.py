@@ -33,13 +33,28 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (on the meta device: a replay's `MetaAutocast`)."""
+    if device_type == "meta":
+        from trainer.step_trace import MetaAutocast
+
+        return MetaAutocast.active > 0
+    return torch.is_autocast_enabled(device_type)
+
+
 @contextlib.contextmanager
 def compute_precision(precision: str, device: torch.device | str) -> Iterator[None]:
     """The context a training step (forward and backward) runs in for `precision` on `device`:
     autocast for bf16, TF32 matmuls for tf32 (restored on exit), nothing for fp32."""
     device_type = torch.device(device).type
     precision = resolve_precision(precision, device)
-    if precision == "bf16":
+    if precision == "bf16" and device_type == "meta":
+        # A replay at real sizes (trainer.step_trace): autocast cannot reach meta tensors.
+        from trainer.step_trace import MetaAutocast
+
+        with MetaAutocast(torch.bfloat16):
+            yield
+    elif precision == "bf16":
         with torch.autocast(device_type, dtype=torch.bfloat16):
             yield
     elif precision == "tf32":

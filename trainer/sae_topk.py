@@ -110,6 +110,7 @@ class TopKSAE(StackedSAE):
     # instead of three dense matmuls) on every device; its sparse parts compute in float32 under bf16.
     fused_on = frozenset({"cpu", "cuda"})
     fused_transcoder = True
+    fused_matmuls = 1
 
     def __init__(self, cfgs: TopKConfig | Sequence[TopKConfig]):
         super().__init__(cfgs)
@@ -131,7 +132,7 @@ class TopKSAE(StackedSAE):
         # Python ints, so that forward never syncs with the device to find them.
         self._k_host = [c.k for c in self.cfgs]
         self.k_max = max(self._k_host)
-        self.aux_k_max = int(self.aux_k.max())
+        self.aux_k_max = max(c.resolved_aux_k() for c in self.cfgs)
         # No latent can be dead before it has gone dead_tokens_threshold tokens without firing: a host
         # bound on max(tokens_since_fired) lets the AuxK loss be skipped (it is exactly 0) without
         # reading the counts back. None: unknown (read once, after construction or a load).
@@ -179,6 +180,9 @@ class TopKSAE(StackedSAE):
         self._since_fired_bound += n_tokens
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
+
+    def assume_dead_for_replay(self, fraction: float) -> None:
+        self._since_fired_bound = 1 << 60
 
     def may_have_dead(self) -> bool:
         """False when no latent can be dead yet (host bookkeeping, no device sync)."""

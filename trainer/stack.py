@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from trainer.init import init_b_dec_, init_tied_weights_
+from trainer.precision import autocast_enabled
 
 
 def as_config_list(cfgs: Any, config_class: type) -> list:
@@ -78,6 +79,9 @@ class StackedSAE(nn.Module):
     dense_matmuls: int = 5
     """(batch x d_in x d_sae) matmuls a dense step of this architecture needs (forward and
     backward): encoder, decoder, and the decoder's and encoder's gradients. The benchmark's bound."""
+    fused_matmuls: int | None = None
+    """(batch x d_in x d_sae) matmuls its fused step needs, where that differs from `dense_matmuls`
+    (the TopK family's sparse step: the encoder's forward only). The cost model's floor."""
     fused_on: frozenset = frozenset()
     """Device types on which `kernels="auto"` takes the fused path (empty: no fused kernel)."""
     fused_autocast: bool = True
@@ -130,17 +134,24 @@ class StackedSAE(nn.Module):
             raise PipelineError(f"unknown kernels {self.kernels!r}; use one of {', '.join(KERNELS)}")
         if self.kernels == "plain" or not self.fused_on:
             return False
-        why_not = None
-        if self.is_transcoder and not self.fused_transcoder:
-            why_not = "does not handle transcoders"
-        elif not self.fused_autocast and torch.is_autocast_enabled(x.device.type):
-            why_not = "computes in float32 (use --precision fp32 or tf32 with it)"
+        why_not = self._why_not_fused(autocast_enabled(x.device.type))
         if self.kernels == "fused":
             if why_not:
                 raise PipelineError(f"the fused {self.architecture_name} kernel {why_not}; "
                                     "or use --kernels plain / auto")
             return True
-        return why_not is None and x.device.type in self.fused_on
+        return self.auto_fused(x.device.type, autocast_enabled(x.device.type))
+
+    def auto_fused(self, device_type: str, autocast: bool) -> bool:
+        """Whether `kernels="auto"` takes the fused kernel on `device_type` (with autocast on or off)."""
+        return bool(self.fused_on) and self._why_not_fused(autocast) is None and device_type in self.fused_on
+
+    def _why_not_fused(self, autocast: bool) -> str | None:
+        if self.is_transcoder and not self.fused_transcoder:
+            return "does not handle transcoders"
+        if not self.fused_autocast and autocast:
+            return "computes in float32 (use --precision fp32 or tf32 with it)"
+        return None
 
     # -- hooks the training loop calls (an architecture overrides what it needs) ----------------
 
