@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from trainer.registry import get_architecture, registered_architectures  # noqa: E402
+from trainer.stack import StackedSAE  # noqa: E402
 from trainer.step_trace import Trace, cuda_kernels, replay_step  # noqa: E402
 from trainer.train import LoopConfig  # noqa: E402
 
@@ -116,9 +117,8 @@ def build(arch: str, shape: Shape) -> torch.nn.Module:
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     cfgs = []
     for r in range(shape.runs):
-        kw = {"d_in": shape.d_in, "d_sae": shape.d_sae, "seed": r}
-        if "k" in fields:
-            kw["k"] = shape.k
+        kw = {"d_in": shape.d_in, "d_sae": shape.d_sae}
+        kw.update({name: value for name, value in (("seed", r), ("k", shape.k)) if name in fields})
         cfgs.append(cls.config_class(**kw))
     with torch.device("meta"):
         return cls(cfgs)
@@ -163,6 +163,12 @@ def top_ops(trace: Trace, gpu: GPU, precision: str, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms"])[:n]
 
 
+def modeled_architectures() -> list[str]:
+    """Every registered architecture built on the shared stack (W_enc, W_dec: `StackedSAE`); a user's
+    architecture of another shape has no floor to compare with."""
+    return [a for a in registered_architectures() if issubclass(get_architecture(a), StackedSAE)]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100")
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "| TFLOP | launches | peak GB | syncs |")
         print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
         tops = []
-        for arch in args.arch or registered_architectures():
+        for arch in args.arch or modeled_architectures():
             deads = args.dead if hasattr(build(arch, SHAPES["small"]), "dead_mask") else [None]
             for dead in deads:
                 row, trace = model_step(arch, shape, gpu, args.precision, dead or 0.0)

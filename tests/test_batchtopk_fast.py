@@ -49,9 +49,9 @@ def dense_reference(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     else:
         recon = model.decode(latents)
         main = model.mse(target, recon)
-    aux = model.aux_k_coef * model.auxk_loss(pre, target - recon)
+    loss, aux = model.add_auxk(main, pre, target - recon)
     l0 = (latents > 0).sum(dim=-1).to(recon.dtype).mean(dim=-1)
-    return {"loss": main + aux, "mse": model.mse(target, recon), "aux_loss": aux, "l0": l0,
+    return {"loss": loss, "mse": model.mse(target, recon), "aux_loss": aux, "l0": l0,
             "latents": latents.detach(), "recon": recon}
 
 

@@ -8,6 +8,8 @@ the quality of fp32 on a short run (CPU autocast stands in for a GPU's).
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 
 import pytest
@@ -69,7 +71,7 @@ def with_dead_latents(model):
     if hasattr(model, "tokens_since_fired"):
         with torch.no_grad():
             model.tokens_since_fired[:, ::3] = 10_000  # a third of the latents are dead: AuxK takes part
-        model._since_fired_bound = None
+        model.dead_counts_changed()
     return model
 
 
@@ -146,19 +148,23 @@ def test_the_loop_sets_the_switch_and_plain_trains_as_fused():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
 
 
-def quality(arch: str, precision: str, steps: int = 150) -> tuple[float, float]:
-    """Held-out (explained variance, L0) of one run trained in `precision` (evaluated in float32)."""
+def quality(arch: str, precision: str, steps: int = 150, seeds: int = 3) -> tuple[float, float]:
+    """Held-out (explained variance, L0) of `seeds` runs (one stack, initial weights seeded apart)
+    trained in `precision` (evaluated in float32), averaged: one 150-step run's L0 moves by a few
+    percent with any rounding change (measured: dividing by the clipping factor instead of multiplying
+    by its inverse moved JumpReLU's bf16 L0 by 3%)."""
     cls = get_architecture(arch)
     cfg = {"topk": TopKConfig(d_in=32, d_sae=128, k=4), "standard": StandardConfig(d_in=32, d_sae=128,
                                                                                    l1_coefficient=0.3)}.get(arch)
-    model = cls([cfg] if cfg else configs(arch, 32, 128)[1:2])
+    cfg = cfg or configs(arch, 32, 128)[1]
+    model = cls([dataclasses.replace(cfg, seed=s) for s in range(seeds)])
     train_stack(model, sparse_batches(steps, 256, d=32), LoopConfig(lr=3e-3, lr_warmup_steps=10, lr_decay="cosine",
                                                                     total_steps=steps, log_every=1000,
                                                                     precision=precision), log=None)
     x = torch.cat(sparse_batches(4, 256, d=32, seed=99))
     with torch.no_grad():
         latents = model.encode(x)
-        return float(explained_variance(x, model.decode(latents))[0]), float((latents > 0).sum(-1).float().mean())
+        return float(explained_variance(x, model.decode(latents)).mean()), float((latents > 0).sum(-1).float().mean())
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ safetensors.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -60,6 +59,8 @@ class StackedAdam:
         self.eps = eps
         self.step_count = torch.zeros((), dtype=torch.long)
         self._t = 0  # step_count on the host: the bias corrections need it without a device read
+        # ... and on the device, as the fused kernel reads it (float32, as torch.optim's fused Adam)
+        self._steps = torch.zeros((), dtype=torch.float32, device=first.device)
         self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in named.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in named.items()}
 
@@ -69,40 +70,39 @@ class StackedAdam:
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """Per-run gradient norm (R,) over all parameters (missing gradients count as 0)."""
-        first = next(iter(self.params.values()))
-        sq = torch.zeros(self.n_runs, dtype=torch.float32, device=first.device)
-        for p in self.params.values():
-            if p.grad is not None:
-                sq += p.grad.float().pow(2).reshape(self.n_runs, -1).sum(dim=1)
-        return sq.sqrt()
+        """Per-run gradient norm (R,) over all parameters (missing gradients count as 0): one
+        reduction pass per parameter, no squared copy."""
+        norms = [torch.linalg.vector_norm(p.grad.reshape(self.n_runs, -1), dim=1,
+                                          dtype=torch.promote_types(p.grad.dtype, torch.float32)).float()
+                 for p in self.params.values() if p.grad is not None]
+        if not norms:
+            return torch.zeros(self.n_runs, dtype=torch.float32, device=self.lr.device)
+        return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Clip each run's gradient to its max_grad_norm, then take one Adam step.
-        Returns the per-run gradient norm (R,) before clipping, for logging."""
-        norm = self.grad_norm()
-        if self.max_grad_norm is not None:
-            # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above.
-            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params.values():
-                if p.grad is not None:
-                    p.grad.mul_(_runs_view(coef, p))
+        Returns the per-run gradient norm (R,) before clipping, for logging.
 
+        One fused pass per run over its slices of every parameter (`torch._fused_adam_`: reads
+        parameter, gradient and moments once, writes them once), with the run's lr and its clipping
+        as the kernel's gradient scale, both device tensors: no host sync, no clipped copy."""
+        norm = self.grad_norm()
+        scale = None
+        if self.max_grad_norm is not None:
+            # As torch.nn.utils.clip_grad_norm_: the gradient times max_norm / (norm + 1e-6) when
+            # above, i.e. divided by (norm + 1e-6) / max_norm.
+            scale = ((norm + 1e-6) / self.max_grad_norm).clamp(min=1.0)
         self.step_count += 1
         self._t += 1
-        t = self._t
-        bias_correction1 = 1 - self.beta1 ** t
-        bias_correction2_sqrt = math.sqrt(1 - self.beta2 ** t)
-        step_size = self.lr / bias_correction1  # (R,)
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            g, m, v = p.grad, self.exp_avg[name], self.exp_avg_sq[name]
-            m.lerp_(g, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = v.sqrt().div_(bias_correction2_sqrt).add_(self.eps)
-            p.sub_(torch.div(m, denom, out=denom).mul_(_runs_view(step_size, p)))  # no temporaries
+        self._steps.fill_(self._t)
+        named = [(n, p) for n, p in self.params.items() if p.grad is not None]
+        for r in range(self.n_runs):
+            torch._fused_adam_([p[r] for _, p in named], [p.grad[r] for _, p in named],
+                               [self.exp_avg[n][r] for n, _ in named], [self.exp_avg_sq[n][r] for n, _ in named], [],
+                               [self._steps] * len(named), lr=self.lr[r], beta1=self.beta1, beta2=self.beta2,
+                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                               grad_scale=None if scale is None else scale[r])
         return norm
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -126,6 +126,7 @@ class StackedAdam:
             raise PipelineError(f"optimizer state lacks {', '.join(missing)}")
         self.step_count = sd["step"].clone().to(torch.long)
         self._t = int(self.step_count)  # one read at load time, none per step
+        self._steps = torch.zeros((), dtype=torch.float32, device=self.lr.device)
         self.lr = sd["lr"].clone().to(self.lr.device)
         self.beta1, self.beta2 = (float(b) for b in sd["betas"])
         self.eps = float(sd["eps"])
@@ -145,9 +146,10 @@ def remove_parallel_grad(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
     after the step anyway; removing it keeps Adam's moments free of it (Gao et al. 2024, sparsify)."""
     if W_dec.grad is None:
         return
-    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(eps)
-    parallel = (W_dec.grad * unit).sum(dim=-1, keepdim=True)
-    W_dec.grad.sub_(parallel * unit)
+    # g - (g . W) / |W|^2 W, the same as with unit rows: two reductions and one in-place pass, no
+    # full-size temporaries.
+    sq = torch.linalg.vecdot(W_dec, W_dec).clamp_min_(eps * eps)
+    W_dec.grad.addcmul_(W_dec, (torch.linalg.vecdot(W_dec.grad, W_dec) / sq).unsqueeze(-1), value=-1)
 
 
 @torch.no_grad()

@@ -193,7 +193,7 @@ class BatchTopKSAE(TopKSAE):
         if selection == "auto":
             selection = "threshold" if pre.device.type == "cpu" else "topk"
         if selection == "topk":
-            return codes_from_topk(pre, self.k * B, self.k_max * B), None
+            return codes_from_topk(pre, self.k * B, self.k_max * B, ordered=len(set(self._k_host)) > 1), None
         flat, vals = self._selector(pre, self.batch_sizes(B))
         return codes_from_flat(flat, vals, tuple(pre.shape)), None
 
@@ -242,6 +242,5 @@ class BatchTopKSAE(TopKSAE):
             aux_x = None
         residual = target - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, aux_x)
-        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, **self.step_outputs(codes, latents),
-                "recon": recon}
+        loss, aux_loss = self.add_auxk(mse, pre, residual, aux_x)
+        return {"loss": loss, "mse": mse, "aux_loss": aux_loss, **self.step_outputs(codes, latents), "recon": recon}

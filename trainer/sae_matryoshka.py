@@ -125,6 +125,6 @@ class MatryoshkaSAE(BatchTopKSAE):
         recon = recons[-1]
         mses = torch.stack([self.mse(target, r) for r in recons])  # (G, R)
         prefix_mse = mses.sum(dim=0) if self.prefix_loss == "sum" else mses.mean(dim=0)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, target - recon, aux_x)
-        return {"loss": prefix_mse + aux_loss, "mse": mses[-1], "prefix_mse": prefix_mse, "aux_loss": aux_loss,
+        loss, aux_loss = self.add_auxk(prefix_mse, pre, target - recon, aux_x)
+        return {"loss": loss, "mse": mses[-1], "prefix_mse": prefix_mse, "aux_loss": aux_loss,
                 **self.step_outputs(codes, latents), "recon": recon}

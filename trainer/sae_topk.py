@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.transfer import values_to_device
 from trainer.kernels.chunks import counts
 from trainer.kernels.sparse import sparse_decode, sparse_pre_acts
+from trainer.lagged import LaggedRead
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, StepOutput, per_run
 
@@ -81,9 +82,15 @@ def dead_tokens_threshold_for(run_tokens: int) -> int:
     return max(1, min(DEAD_TOKENS_THRESHOLD, run_tokens // 40))
 
 
-def relu_first_k(vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+LAG_STEPS = 8
+"""How many steps old the host's view of the dead-latent counts may be and still bound them now."""
+
+
+def relu_first_k(vals: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
     """`vals (R, batch, k_max)`, sorted descending per row: run r keeps its first k[r], ReLU'd, and
-    zeroes the rest."""
+    zeroes the rest. `k` None: every run keeps all k_max (then `vals` need not be sorted)."""
+    if k is None:
+        return vals.relu()
     keep = torch.arange(vals.shape[-1], device=vals.device) < k.view(-1, 1, 1)  # (R, 1, k_max)
     return torch.where(keep, vals.relu(), torch.zeros((), dtype=vals.dtype, device=vals.device))
 
@@ -95,6 +102,23 @@ def topk_per_run(pre: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor
     the first k[r] of them and zeroes the rest. Its top-k[r] are exactly what a run alone would pick."""
     vals, idx = pre.topk(k_max, dim=-1, sorted=True)
     return torch.zeros_like(pre).scatter(-1, idx, relu_first_k(vals, k))
+
+
+def first_true(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the first `n` True entries of each row of `mask (R, S)`, in order, as `(idx (R, n),
+    valid (R, n))`; rows with fewer are padded with position 0, not valid. Fixed-size: no host sync."""
+    R, S = mask.shape
+    rank = mask.cumsum(dim=1).sub_(1)
+    slot = torch.where(mask & (rank < n), rank, torch.full_like(rank, n))  # n: a spare slot, dropped
+    positions = torch.arange(S, device=mask.device).expand(R, S)
+    idx = torch.zeros(R, n + 1, dtype=torch.long, device=mask.device).scatter_(1, slot, positions)[:, :n]
+    valid = torch.arange(n, device=mask.device) < mask.sum(dim=1, keepdim=True)
+    return idx, valid
+
+
+def bucket(n: int, limit: int) -> int:
+    """`n` rounded up to a multiple of 64 (fewer distinct shapes for the allocator), at most `limit`."""
+    return min(limit, max(64, -(-n // 64) * 64))
 
 
 @register_architecture("topk")
@@ -132,13 +156,23 @@ class TopKSAE(StackedSAE):
         # Python ints, so that forward never syncs with the device to find them.
         self._k_host = [c.k for c in self.cfgs]
         self.k_max = max(self._k_host)
-        self.aux_k_max = max(c.resolved_aux_k() for c in self.cfgs)
-        # No latent can be dead before it has gone dead_tokens_threshold tokens without firing: a host
-        # bound on max(tokens_since_fired) lets the AuxK loss be skipped (it is exactly 0) without
-        # reading the counts back. None: unknown (read once, after construction or a load).
-        self._since_fired_bound: int | None = None
-        self._dead_after = min(windows)
-        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_since_fired_bound", None))
+        aux_ks = [c.resolved_aux_k() for c in self.cfgs]
+        self.aux_k_max = max(aux_ks)
+        self._aux_k_uniform = len(set(aux_ks)) == 1
+        self._windows = windows
+        # The host's view of the dead latents, a step or more late (no sync): per run, the largest
+        # tokens_since_fired and how many latents are within LAG_STEPS steps of dead, pushed after
+        # every count (`_count_tokens`), stamped with the host's token count. A latent can only be
+        # dead now if it was that close then: the AuxK loss is skipped when none can be (it is exactly
+        # 0), and otherwise runs over that many candidates, not every latent (`dead_bound`).
+        self._dead_view = LaggedRead()
+        self._tokens = 0
+        self._margin: int | None = None
+        self._dead_view.assume(0, [[0] * R, [0] * R])  # a new stack: nothing has gone unfired yet
+        # Any other write to tokens_since_fired (a test, a load, .to()) makes that view unknown.
+        self._counted_version = self.tokens_since_fired._version
+        self.register_buffer("_no_aux", torch.zeros(R), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.dead_counts_changed())
 
     def on_step(self, step: int, total_steps: int | None) -> None:
         """k annealing: the k each run uses at this step (host values, so no device sync)."""
@@ -175,44 +209,104 @@ class TopKSAE(StackedSAE):
         self._count_tokens((latents > 0).any(dim=1), n_tokens)
 
     def _count_tokens(self, fired: torch.Tensor, n_tokens: int) -> None:
-        if self._since_fired_bound is None:
-            self._since_fired_bound = int(self.tokens_since_fired.max())  # once per construction or load
-        self._since_fired_bound += n_tokens
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
+        self._tokens += n_tokens
+        self._margin = LAG_STEPS * n_tokens
+        near = self.tokens_since_fired >= (self.dead_tokens_threshold - self._margin).unsqueeze(1)
+        if self.tokens_since_fired._version != self._counted_version + 2:
+            self._dead_view.forget()  # written since the last count: earlier views no longer hold
+        self._counted_version = self.tokens_since_fired._version
+        self._dead_view.push(torch.stack([self.tokens_since_fired.amax(dim=1), near.sum(dim=1)]), self._tokens)
 
-    def assume_dead_for_replay(self, fraction: float) -> None:
-        self._since_fired_bound = 1 << 60
+    def dead_counts_changed(self) -> None:
+        """Call after setting `tokens_since_fired` other than by training (a load does): the host's
+        view of the dead latents is then unknown until the next step's counts arrive (such a write
+        is also noticed by itself, from the buffer's version counter)."""
+        self._dead_view.forget()
+        self._counted_version = self.tokens_since_fired._version
+
+    def dead_bound(self) -> int | None:
+        """A host bound on how many latents of any run are dead now (no device sync): 0 when none can
+        be, None when unknown (no recent enough counts)."""
+        if self.tokens_since_fired._version != self._counted_version:
+            self.dead_counts_changed()
+        seen = self._dead_view.latest()
+        if seen is None:
+            return None
+        stamp, (max_since, near) = seen
+        elapsed = self._tokens - stamp
+        if all(m + elapsed < w for m, w in zip(max_since.tolist(), self._windows)):
+            return 0
+        if self._margin is not None and elapsed <= self._margin:
+            return int(near.max())
+        return None
 
     def may_have_dead(self) -> bool:
-        """False when no latent can be dead yet (host bookkeeping, no device sync)."""
-        return self._since_fired_bound is None or self._since_fired_bound >= self._dead_after
+        """False when no latent can be dead now (host bookkeeping, no device sync)."""
+        return self.dead_bound() != 0
 
-    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def assume_dead_for_replay(self, fraction: float) -> None:
+        """On the meta device (trainer.step_trace), where no count comes back: let the host see
+        `fraction` of every run's latents dead (0: none near dead, AuxK skipped)."""
+        R, S = self.n_runs, self.d_sae
+        dead = round(fraction * S)
+        self._margin = self._margin or LAG_STEPS
+        self._dead_view.assume(self._tokens, [[max(self._windows) if dead else 0] * R, [dead] * R])
+
+    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor,
+                  x: torch.Tensor | None = None) -> torch.Tensor | None:
         """Unweighted AuxK loss per run (R,): the top aux_k[r] dead latents (ReLU'd) reconstruct the
         detached residual x - recon through W_dec, without b_dec (Gao et al. App. A.2; b_dec is
         already in the residual). Scaled by min(1, n_dead / aux_k) as sparsify and SAELens do, so it
-        fades in as latents die; exactly 0 for a run without dead latents.
+        fades in as latents die; exactly 0 for a run without dead latents, and None (no work queued)
+        when the host knows that no run has any (`dead_bound`).
 
         `pre` carries the encoder's autograd graph (the plain path), or, computed without one, comes
-        with the input `x` (the fused path): the gradient then reaches the encoder through the chosen
-        entries only (`sparse_pre_acts`), and the decoder sums aux_k rows per token (`sparse_decode`)."""
-        if not self.may_have_dead():  # the first dead_tokens_threshold tokens: exactly 0, skip the work
-            return self.W_dec.new_zeros(self.n_runs)
+        with the input `x` (the fused path): the dead latents are then gathered first (as many as
+        `dead_bound` allows, so the selection reads (R, B, n_dead), not every pre-activation), the
+        gradient reaches the encoder through the chosen entries only (`sparse_pre_acts`), and the
+        decoder sums aux_k rows per token (`sparse_decode`)."""
+        bound = self.dead_bound()
+        if bound == 0:
+            return None
         dead = self.dead_mask()
         n_dead = dead.sum(dim=1)  # (R,)
         aux_k = torch.minimum(self.aux_k, n_dead)
         scale = (n_dead.to(self.W_dec.dtype) / self.aux_k.to(self.W_dec.dtype)).clamp(max=1.0)
-        with torch.no_grad():
-            dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
-            top, idx = dead_pre.topk(self.aux_k_max, dim=-1, sorted=True)
         if x is None:
+            with torch.no_grad():
+                dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
+                idx = dead_pre.topk(self.aux_k_max, dim=-1, sorted=True).indices
             vals = relu_first_k(pre.gather(-1, idx), aux_k)
             e_hat = torch.einsum("rbs,rsi->rbi", torch.zeros_like(pre).scatter(-1, idx, vals), self.W_dec)
         else:
-            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias), aux_k)
+            S = self.d_sae
+            n = S if bound is None else bucket(bound, S)
+            with torch.no_grad():
+                candidates, valid = first_true(dead, n)  # (R, n) latent ids, the dead ones valid
+                R, B = pre.shape[0], pre.shape[1]
+                dead_pre = pre.gather(-1, candidates.unsqueeze(1).expand(R, B, n))
+                dead_pre.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+                # Past a run's dead latents the values are -inf (ReLU'd to 0): with one aux_k for every
+                # run, nothing else needs cutting, so the order is not needed either.
+                ordered = not self._aux_k_uniform
+                top, j = dead_pre.topk(min(self.aux_k_max, n), dim=-1, sorted=ordered)
+                idx = candidates.gather(1, j.view(R, -1)).view(j.shape)
+            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias),
+                                aux_k if ordered else None)
             e_hat = sparse_decode(idx, vals, self.W_dec)
         return scale * (e_hat - residual.detach()).pow(2).sum(dim=-1).mean(dim=-1)
+
+    def add_auxk(self, loss: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
+                 x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(loss + aux_loss, aux_loss)` with aux_loss = aux_k_coef * AuxK (`auxk_loss`'s arguments);
+        when AuxK is skipped, `loss` itself and zeros, with no op queued."""
+        aux = self.auxk_loss(pre, residual, x)
+        if aux is None:
+            return loss, self._no_aux
+        aux_loss = self.aux_k_coef * aux
+        return loss + aux_loss, aux_loss
 
     # -- the training step's forward -----------------------------------------------------------
 
@@ -230,30 +324,32 @@ class TopKSAE(StackedSAE):
         y = x if target is None else target
         y = y if y.dim() == 3 else y.unsqueeze(0)
         fused = self.use_fused(x)
+        # Order matters only to stacks whose runs keep different k (each keeps its first k[r]).
+        k = None if len(set(self._k_host)) == 1 else self.k
         if fused:
             # Every pre-activation is needed only to choose the top k (and the AuxK candidates); the
             # gradient flows through the chosen ones (trainer.kernels.sparse.sparse_pre_acts), so there is no
             # graph over (R, B, d_sae), and the decoder sums k rows per token (sparse_decode).
             with torch.no_grad():
                 pre = self.pre_acts(x)
-                top, idx = pre.topk(self.k_max, dim=-1, sorted=True)
-            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias), self.k)
+                top, idx = pre.topk(self.k_max, dim=-1, sorted=k is not None)
+            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias), k)
             recon = sparse_decode(idx, vals, self.W_dec) + self.b_dec.unsqueeze(1)
         else:
             pre = self.pre_acts(x)
-            vals, idx = pre.topk(self.k_max, dim=-1, sorted=True)
-            vals = relu_first_k(vals, self.k)
+            vals, idx = pre.topk(self.k_max, dim=-1, sorted=k is not None)
+            vals = relu_first_k(vals, k)
             latents = torch.zeros_like(pre).scatter(-1, idx, vals)
             recon = self.decode(latents)
         residual = y - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        aux_loss = self.aux_k_coef * self.auxk_loss(pre, residual, x if fused else None)
+        loss, aux_loss = self.add_auxk(mse, pre, residual, x if fused else None)
         vals = vals.detach()
         active = (vals > 0).to(self.W_dec.dtype)
         R, S = self.n_runs, self.d_sae
         fired = counts((idx + torch.arange(R, device=idx.device).view(R, 1, 1) * S).view(-1), R * S,
                        active.view(-1)).view(R, S)
-        return {"loss": mse + aux_loss, "mse": mse, "aux_loss": aux_loss, "l0": active.sum(dim=-1).mean(dim=-1),
+        return {"loss": loss, "mse": mse, "aux_loss": aux_loss, "l0": active.sum(dim=-1).mean(dim=-1),
                 "recon": recon, "fired": fired, "latent_idx": idx, "latent_vals": vals}
 
 

@@ -176,6 +176,22 @@ register_cost(aten.addmm)(_addmm_cost)
 register_cost(aten.baddbmm)(_addmm_cost)
 
 
+def _fused_adam_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
+    params, grads, exp_avgs, exp_avg_sqs = args[:4]
+    states = [*params, *exp_avgs, *exp_avg_sqs]
+    # With a gradient scale the kernel also writes the unscaled gradient back.
+    written = states + (list(grads) if kwargs.get("grad_scale") is not None else [])
+    elements = sum(t.numel() for t in params)
+    return OpRecord("", read=sum(nbytes(t) for t in [*states, *grads]), written=sum(nbytes(t) for t in written),
+                    launches=max(1, math.ceil(elements / (320 * 65536))))
+
+
+register_cost(aten._fused_adam_)(_fused_adam_cost)
+# The tensor-lr overload has no meta kernel in torch: an in-place update has nothing to compute there.
+_META = torch.library.Library("aten", "IMPL")
+_META.impl("_fused_adam_.tensor_lr", lambda *args, **kwargs: None, "Meta")
+
+
 def default_cost(func: Any, args: tuple, kwargs: dict, out: Any) -> OpRecord:
     """An op that reads each of its tensor inputs once and writes its outputs (in place: the target
     read and written). Matmuls get their FLOPs from torch.utils.flop_counter."""

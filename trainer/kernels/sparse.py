@@ -274,14 +274,14 @@ def codes_from_flat(flat: torch.Tensor, vals: torch.Tensor, shape: tuple[int, in
 
 
 @torch.no_grad()
-def codes_from_topk(pre: torch.Tensor, n: torch.Tensor, n_max: int) -> BatchCodes:
+def codes_from_topk(pre: torch.Tensor, n: torch.Tensor, n_max: int, ordered: bool = True) -> BatchCodes:
     """`BatchCodes` of the top n[r] entries (R,) over each run's whole batch of `pre (R, B, S)`,
     without a host sync: one `topk` of n_max = max(n) per run, so every run holds n_max entries, of
     which those past its own n[r] or not positive are inactive (value 0). The same entries as the
     exact `BatchTopKSelector` (ties at the n-th value aside), as fixed-size tensors (a GPU step
-    that never waits for the host)."""
+    that never waits for the host). `ordered=False` when every run keeps n_max (no order needed)."""
     R, B, S = pre.shape
-    vals, flat = pre.reshape(R, B * S).topk(n_max, dim=-1, sorted=True)
+    vals, flat = pre.reshape(R, B * S).topk(n_max, dim=-1, sorted=ordered)
     active = (torch.arange(n_max, device=pre.device) < n.view(R, 1)) & (vals > 0)
     flat, order = flat.sort(dim=-1)  # (token, latent) order within each run
     active = active.gather(1, order).to(torch.float32)
