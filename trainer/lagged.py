@@ -35,7 +35,7 @@ class LaggedRead:
         if not self._ring:
             # Host buffers with numpy views made once: reading a view later is no tensor read.
             for _ in range(self.slots):
-                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=cuda)
+                host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=cuda)
                 self._ring.append((host, host.numpy(), torch.cuda.Event() if cuda else None))
                 self._stamps.append(None)
         host, _, event = self._ring[self._next]

@@ -90,17 +90,21 @@ class StackedAdam:
         norm = self.grad_norm()
         scale = None
         if self.max_grad_norm is not None:
-            # As torch.nn.utils.clip_grad_norm_: the gradient times max_norm / (norm + 1e-6) when
-            # above, i.e. divided by (norm + 1e-6) / max_norm.
-            scale = ((norm + 1e-6) / self.max_grad_norm).clamp(min=1.0)
+            # As torch.nn.utils.clip_grad_norm_: the gradient times coef = max_norm / (norm + 1e-6)
+            # when above; the kernel divides by its scale, 1 / coef.
+            scale = 1 / (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         self.step_count += 1
         self._t += 1
         self._steps.fill_(self._t)
         named = [(n, p) for n, p in self.params.items() if p.grad is not None]
         for r in range(self.n_runs):
-            torch._fused_adam_([p[r] for _, p in named], [p.grad[r] for _, p in named],
-                               [self.exp_avg[n][r] for n, _ in named], [self.exp_avg_sq[n][r] for n, _ in named], [],
-                               [self._steps] * len(named), lr=self.lr[r], beta1=self.beta1, beta2=self.beta2,
+            # The kernel walks memory linearly: every tensor as its dense view (a latent-major W_enc's
+            # run is a transposed view; its gradient and moments share its strides).
+            def run(t: torch.Tensor) -> torch.Tensor:
+                return _dense(t[r])
+            torch._fused_adam_([run(p) for _, p in named], [run(p.grad) for _, p in named],
+                               [run(self.exp_avg[n]) for n, _ in named], [run(self.exp_avg_sq[n]) for n, _ in named],
+                               [], [self._steps] * len(named), lr=self.lr[r], beta1=self.beta1, beta2=self.beta2,
                                weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
                                grad_scale=None if scale is None else scale[r])
         return norm
@@ -135,6 +139,13 @@ class StackedAdam:
             for name in self.params:
                 self.exp_avg[name].copy_(sd[f"exp_avg.{name}"])
                 self.exp_avg_sq[name].copy_(sd[f"exp_avg_sq.{name}"])
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its dimensions ordered by stride, largest first: contiguous when `t` is a permuted
+    view of contiguous memory (an elementwise kernel then sees its elements in memory order)."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.permute(order)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from trainer.kernels.sparse import BatchCodes, BatchTopKSelector, codes_from_den
     segment_decode, segment_pre_acts
 from trainer.registry import register_architecture
 from trainer.sae_jumprelu import jumprelu, load_threshold
-from trainer.sae_topk import TopKConfig, TopKSAE, topk_per_run
+from trainer.sae_topk import FusedWeights, TopKConfig, TopKSAE, topk_per_run
 from trainer.stack import StepOutput, per_run
 
 
@@ -197,7 +197,8 @@ class BatchTopKSAE(TopKSAE):
         flat, vals = self._selector(pre, self.batch_sizes(B))
         return codes_from_flat(flat, vals, tuple(pre.shape)), None
 
-    def sparse_step(self, x: torch.Tensor) -> tuple[torch.Tensor, BatchCodes, torch.Tensor | None, torch.Tensor]:
+    def sparse_step(self, x: torch.Tensor, w: FusedWeights) -> tuple[torch.Tensor, BatchCodes, torch.Tensor | None,
+                                                                      torch.Tensor]:
         """The fused step's selection: `(pre (R, B, d_sae) without a graph, codes, dense latents from a
         swapped-in hook or None, the kept pre-activations (nnz,) carrying the encoder's graph)`.
 
@@ -206,7 +207,7 @@ class BatchTopKSAE(TopKSAE):
         with torch.no_grad():
             pre = self.pre_acts(x)
             codes, latents = self.select_codes(pre)
-        return pre, codes, latents, segment_pre_acts(codes, x, self.W_enc, self.b_enc, self.input_bias)
+        return pre, codes, latents, segment_pre_acts(codes, x, w.W_enc, w.b_enc, self.input_bias)
 
     def step_outputs(self, codes: BatchCodes | None, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """What both paths add to a forward's output: `l0`, the logged `threshold`, the firing counts
@@ -231,16 +232,17 @@ class BatchTopKSAE(TopKSAE):
         self._check_input(x)
         target = x if x.dim() == 3 else x.unsqueeze(0)
         if self.use_fused(x):
-            pre, codes, latents, kept = self.sparse_step(x)
+            w = self.fused_weights()
+            pre, codes, latents, kept = self.sparse_step(x, w)
             R, B, _ = pre.shape
-            recon = segment_decode(kept, self.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1)
+            recon = segment_decode(kept, w.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1)
             aux_x = x
         else:
             pre = self.pre_acts(x)
             codes, latents = None, self.select(pre, self.k, self.k_max)
             recon = self.decode(latents)
-            aux_x = None
+            aux_x = w = None
         residual = target - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        loss, aux_loss = self.add_auxk(mse, pre, residual, aux_x)
+        loss, aux_loss = self.add_auxk(mse, pre, residual, aux_x, w)
         return {"loss": loss, "mse": mse, "aux_loss": aux_loss, **self.step_outputs(codes, latents), "recon": recon}

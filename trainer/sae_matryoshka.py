@@ -106,10 +106,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         self._check_input(x)
         target = x if x.dim() == 3 else x.unsqueeze(0)
         if self.use_fused(x):
-            pre, codes, latents, kept = self.sparse_step(x)
+            w = self.fused_weights()
+            pre, codes, latents, kept = self.sparse_step(x, w)
             R, B, _ = pre.shape
             G = len(self.prefix_widths)
-            parts = segment_decode(kept, self.W_dec, codes, *self.prefix_bags(codes)).view(R, B, G, -1)
+            parts = segment_decode(kept, w.W_dec, codes, *self.prefix_bags(codes)).view(R, B, G, -1)
             # Group by group (unbind: one gradient buffer for all of them, where slicing would zero a
             # full-size one per group), not a cumsum over the groups' strided dimension (3x slower).
             recons, recon = [], self.b_dec.unsqueeze(1)
@@ -121,10 +122,10 @@ class MatryoshkaSAE(BatchTopKSAE):
             pre = self.pre_acts(x)
             codes, latents = None, self.select(pre, self.k, self.k_max)
             recons = self.prefix_recons(latents)
-            aux_x = None
+            aux_x = w = None
         recon = recons[-1]
         mses = torch.stack([self.mse(target, r) for r in recons])  # (G, R)
         prefix_mse = mses.sum(dim=0) if self.prefix_loss == "sum" else mses.mean(dim=0)
-        loss, aux_loss = self.add_auxk(prefix_mse, pre, target - recon, aux_x)
+        loss, aux_loss = self.add_auxk(prefix_mse, pre, target - recon, aux_x, w)
         return {"loss": loss, "mse": mses[-1], "prefix_mse": prefix_mse, "aux_loss": aux_loss,
                 **self.step_outputs(codes, latents), "recon": recon}

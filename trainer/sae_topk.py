@@ -12,6 +12,7 @@ and d_sae; k, aux_k, aux_k_coef, dead_tokens_threshold and the seed may differ p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from typing import Sequence
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.transfer import values_to_device
 from trainer.kernels.chunks import counts
-from trainer.kernels.sparse import sparse_decode, sparse_pre_acts
+from trainer.kernels.sparse import given_pre_acts, shared_gather, sparse_decode, sparse_pre_acts
 from trainer.lagged import LaggedRead
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, StepOutput, per_run
@@ -116,6 +117,33 @@ def first_true(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, valid
 
 
+class DeadLatents(NamedTuple):
+    """AuxK's candidates in a fused step: the dead latents (at most n per run) and their weights."""
+
+    ids: torch.Tensor
+    """(R, n) latent ids, padded with 0 past a run's dead ones."""
+    valid: torch.Tensor
+    """(R, n) bool: which ids are dead latents."""
+    n_dead: torch.Tensor
+    """(R,) dead latents per run."""
+    W_enc: torch.Tensor
+    """(R, d_in, n) their encoder columns (gradient shared with W_enc's, `shared_gather`)."""
+    b_enc: torch.Tensor
+    """(R, n)"""
+    W_dec: torch.Tensor
+    """(R, n, d_out) their decoder rows."""
+
+
+class FusedWeights(NamedTuple):
+    """The weights a fused step uses: the parameters, or aliases of them that share their gradient with
+    the dead latents' slices (`DeadLatents`), when AuxK takes part."""
+
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    dead: DeadLatents | None
+
+
 def bucket(n: int, limit: int) -> int:
     """`n` rounded up to a multiple of 64 (fewer distinct shapes for the allocator), at most `limit`."""
     return min(limit, max(64, -(-n // 64) * 64))
@@ -135,6 +163,7 @@ class TopKSAE(StackedSAE):
     fused_on = frozenset({"cpu", "cuda"})
     fused_transcoder = True
     fused_matmuls = 1
+    latent_major_encoder = True
 
     def __init__(self, cfgs: TopKConfig | Sequence[TopKConfig]):
         super().__init__(cfgs)
@@ -254,8 +283,24 @@ class TopKSAE(StackedSAE):
         self._margin = self._margin or LAG_STEPS
         self._dead_view.assume(self._tokens, [[max(self._windows) if dead else 0] * R, [dead] * R])
 
-    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor,
-                  x: torch.Tensor | None = None) -> torch.Tensor | None:
+    def fused_weights(self) -> FusedWeights:
+        """The weights of a fused step, with AuxK's candidates when any latent can be dead: every dead
+        latent (as many as `dead_bound` allows: a fixed size, no sync) and its weights."""
+        bound = self.dead_bound()
+        if bound == 0:
+            return FusedWeights(self.W_enc, self.b_enc, self.W_dec, None)
+        R, d_in, S = self.W_enc.shape
+        dead = self.dead_mask()
+        ids, valid = first_true(dead, S if bound is None else bucket(bound, S))
+        n = ids.shape[1]
+        W_enc, W_enc_dead = shared_gather(self.W_enc, ids.unsqueeze(1).expand(R, d_in, n), 2)
+        b_enc, b_enc_dead = shared_gather(self.b_enc, ids, 1)
+        W_dec, W_dec_dead = shared_gather(self.W_dec, ids.unsqueeze(-1).expand(R, n, self.d_out), 1)
+        return FusedWeights(W_enc, b_enc, W_dec, DeadLatents(ids, valid, dead.sum(dim=1), W_enc_dead, b_enc_dead,
+                                                             W_dec_dead))
+
+    def auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, x: torch.Tensor | None = None,
+                  weights: FusedWeights | None = None) -> torch.Tensor | None:
         """Unweighted AuxK loss per run (R,): the top aux_k[r] dead latents (ReLU'd) reconstruct the
         detached residual x - recon through W_dec, without b_dec (Gao et al. App. A.2; b_dec is
         already in the residual). Scaled by min(1, n_dead / aux_k) as sparsify and SAELens do, so it
@@ -263,46 +308,49 @@ class TopKSAE(StackedSAE):
         when the host knows that no run has any (`dead_bound`).
 
         `pre` carries the encoder's autograd graph (the plain path), or, computed without one, comes
-        with the input `x` (the fused path): the dead latents are then gathered first (as many as
-        `dead_bound` allows, so the selection reads (R, B, n_dead), not every pre-activation), the
-        gradient reaches the encoder through the chosen entries only (`sparse_pre_acts`), and the
-        decoder sums aux_k rows per token (`sparse_decode`)."""
-        bound = self.dead_bound()
-        if bound == 0:
-            return None
-        dead = self.dead_mask()
-        n_dead = dead.sum(dim=1)  # (R,)
-        aux_k = torch.minimum(self.aux_k, n_dead)
-        scale = (n_dead.to(self.W_dec.dtype) / self.aux_k.to(self.W_dec.dtype)).clamp(max=1.0)
+        with the input `x` and the step's `weights` (the fused path): AuxK then works on the dead
+        latents alone, densely, as they are few (`fused_weights`): their pre-activations gathered
+        from `pre`, the top aux_k per token kept, and three small matmuls over them for the
+        reconstruction and its gradients, which join the weights' own in place."""
         if x is None:
+            if self.dead_bound() == 0:
+                return None
+            dead = self.dead_mask()
+            n_dead = dead.sum(dim=1)  # (R,)
             with torch.no_grad():
                 dead_pre = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))  # live latents never chosen
                 idx = dead_pre.topk(self.aux_k_max, dim=-1, sorted=True).indices
-            vals = relu_first_k(pre.gather(-1, idx), aux_k)
+            vals = relu_first_k(pre.gather(-1, idx), torch.minimum(self.aux_k, n_dead))
             e_hat = torch.einsum("rbs,rsi->rbi", torch.zeros_like(pre).scatter(-1, idx, vals), self.W_dec)
         else:
-            S = self.d_sae
-            n = S if bound is None else bucket(bound, S)
+            dead = weights.dead
+            if dead is None:
+                return None
+            n_dead = dead.n_dead
+            R, B, n = pre.shape[0], pre.shape[1], dead.ids.shape[1]
             with torch.no_grad():
-                candidates, valid = first_true(dead, n)  # (R, n) latent ids, the dead ones valid
-                R, B = pre.shape[0], pre.shape[1]
-                dead_pre = pre.gather(-1, candidates.unsqueeze(1).expand(R, B, n))
-                dead_pre.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-                # Past a run's dead latents the values are -inf (ReLU'd to 0): with one aux_k for every
+                dead_pre = pre.gather(-1, dead.ids.unsqueeze(1).expand(R, B, n))
+                dead_pre.masked_fill_(~dead.valid.unsqueeze(1), float("-inf"))
+                A = min(self.aux_k_max, n)
+                # Past a run's dead latents the values are -inf (never kept): with one aux_k for every
                 # run, nothing else needs cutting, so the order is not needed either.
                 ordered = not self._aux_k_uniform
-                top, j = dead_pre.topk(min(self.aux_k_max, n), dim=-1, sorted=ordered)
-                idx = candidates.gather(1, j.view(R, -1)).view(j.shape)
-            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias),
-                                aux_k if ordered else None)
-            e_hat = sparse_decode(idx, vals, self.W_dec)
+                top, j = dead_pre.topk(A, dim=-1, sorted=ordered)
+                chosen = top > 0  # the ReLU
+                if ordered:
+                    chosen &= torch.arange(A, device=top.device) < torch.minimum(self.aux_k, n_dead).view(R, 1, 1)
+                keep = torch.zeros_like(dead_pre, dtype=torch.bool).scatter_(-1, j, chosen)
+                values = dead_pre.masked_fill(~keep, 0.0)
+            acts = given_pre_acts(values, x, dead.W_enc, dead.b_enc, self.input_bias) * keep
+            e_hat = torch.bmm(acts, dead.W_dec)
+        scale = (n_dead.to(self.W_dec.dtype) / self.aux_k.to(self.W_dec.dtype)).clamp(max=1.0)
         return scale * (e_hat - residual.detach()).pow(2).sum(dim=-1).mean(dim=-1)
 
-    def add_auxk(self, loss: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
-                 x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_auxk(self, loss: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor, x: torch.Tensor | None = None,
+                 weights: FusedWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(loss + aux_loss, aux_loss)` with aux_loss = aux_k_coef * AuxK (`auxk_loss`'s arguments);
         when AuxK is skipped, `loss` itself and zeros, with no op queued."""
-        aux = self.auxk_loss(pre, residual, x)
+        aux = self.auxk_loss(pre, residual, x, weights)
         if aux is None:
             return loss, self._no_aux
         aux_loss = self.aux_k_coef * aux
@@ -330,12 +378,14 @@ class TopKSAE(StackedSAE):
             # Every pre-activation is needed only to choose the top k (and the AuxK candidates); the
             # gradient flows through the chosen ones (trainer.kernels.sparse.sparse_pre_acts), so there is no
             # graph over (R, B, d_sae), and the decoder sums k rows per token (sparse_decode).
+            w = self.fused_weights()
             with torch.no_grad():
                 pre = self.pre_acts(x)
                 top, idx = pre.topk(self.k_max, dim=-1, sorted=k is not None)
-            vals = relu_first_k(sparse_pre_acts(top, idx, x, self.W_enc, self.b_enc, self.input_bias), k)
-            recon = sparse_decode(idx, vals, self.W_dec) + self.b_dec.unsqueeze(1)
+            vals = relu_first_k(sparse_pre_acts(top, idx, x, w.W_enc, w.b_enc, self.input_bias), k)
+            recon = sparse_decode(idx, vals, w.W_dec) + self.b_dec.unsqueeze(1)
         else:
+            w = None
             pre = self.pre_acts(x)
             vals, idx = pre.topk(self.k_max, dim=-1, sorted=k is not None)
             vals = relu_first_k(vals, k)
@@ -343,7 +393,7 @@ class TopKSAE(StackedSAE):
             recon = self.decode(latents)
         residual = y - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
-        loss, aux_loss = self.add_auxk(mse, pre, residual, x if fused else None)
+        loss, aux_loss = self.add_auxk(mse, pre, residual, x if fused else None, w)
         vals = vals.detach()
         active = (vals > 0).to(self.W_dec.dtype)
         R, S = self.n_runs, self.d_sae

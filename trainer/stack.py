@@ -82,6 +82,10 @@ class StackedSAE(nn.Module):
     fused_matmuls: int | None = None
     """(batch x d_in x d_sae) matmuls its fused step needs, where that differs from `dense_matmuls`
     (the TopK family's sparse step: the encoder's forward only). The cost model's floor."""
+    latent_major_encoder: bool = False
+    """Store W_enc as (R, d_sae, d_in) memory, seen as (R, d_in, d_sae): where the fused step gathers
+    and produces encoder rows per latent (the TopK family's sparse kernels), its gradient then comes
+    in the parameter's own layout (no copy a step)."""
     fused_on: frozenset = frozenset()
     """Device types on which `kernels="auto"` takes the fused path (empty: no fused kernel)."""
     fused_autocast: bool = True
@@ -104,7 +108,10 @@ class StackedSAE(nn.Module):
         # A transcoder reads d_in and reconstructs another hook of width d_out; an SAE has d_out = d_in.
         self.is_transcoder = d_out is not None
         self.d_out = d_out = d_out if d_out is not None else d_in
-        self.W_enc = nn.Parameter(torch.empty(R, d_in, d_sae))
+        # (R, d_in, d_sae) either way; latent-major storage keeps each latent's encoder row contiguous.
+        W_enc = (torch.empty(R, d_sae, d_in).transpose(1, 2) if self.latent_major_encoder
+                 else torch.empty(R, d_in, d_sae))
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.empty(R, d_sae))
         self.W_dec = nn.Parameter(torch.empty(R, d_sae, d_out))
         self.b_dec = nn.Parameter(torch.zeros(R, d_out))

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from trainer.kernels.chunks import CHUNKS, Chunks, counts
-from trainer.kernels.relu import centred_with_ones
 
 
 # -- fixed k per token ---------------------------------------------------------------------------
@@ -112,12 +111,13 @@ def sparse_encoder_grads(needs: tuple[bool, ...], x: torch.Tensor, W_enc: torch.
     need_x, need_W, need_b_enc, need_b_dec = needs
     R, d, S = W_enc.shape
     grad_x = grad_W = grad_b_enc = grad_b_dec = None
+    if need_W:
+        # Each latent's rows, (R, S, d): W_enc's own storage order (latent-major, `StackedSAE`), so
+        # autograd takes this gradient as it is instead of copying it into the parameter's layout.
+        x_c = (x - b_dec.unsqueeze(1)).expand(R, B, d).reshape(R * B, d)
+        grad_W = latent_sums(x_c).view(R, S, d).transpose(1, 2)
     if need_W or need_b_enc or need_b_dec:
-        # One pass gives both: a column of ones next to the centred input yields b_enc's gradient.
-        per_latent = latent_sums(centred_with_ones(x, b_dec).view(R * B, d + 1)).view(R, S, d + 1)
-        if need_W:
-            grad_W = per_latent[..., :d].transpose(1, 2)
-        grad_b_enc = per_latent[..., d]
+        grad_b_enc = latent_sums(x.new_ones(R * B, 1)).view(R, S)
     if need_x:
         # d pre / d x_c: the selected encoder columns, summed per token with the gradient as weights.
         grad_xc = token_sums(W_enc.transpose(1, 2).reshape(R * S, d)).view(R, B, d)
@@ -192,6 +192,77 @@ def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, 
     `StackedSAE.pre_acts`: x (B, d_in) or (R, B, d_in), W_enc (R, d_in, d_sae), b_enc (R, d_sae),
     b_dec (R, d_in). Computes in W_enc's dtype, as `sparse_decode`."""
     return _SparsePreActs.apply(selected.to(W_enc.dtype), idx, x.to(W_enc.dtype), W_enc, b_enc, b_dec)
+
+
+# -- a few latents, dense: AuxK over the dead ones ------------------------------------------------
+
+class _SharedGather(Function):
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.shape = dim, weight.shape
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), weight.gather(dim, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad_all: torch.Tensor | None, grad_part: torch.Tensor | None) -> tuple:
+        (index,) = ctx.saved_tensors
+        if grad_part is None:
+            return grad_all, None, None
+        if grad_all is None:
+            grad_all = grad_part.new_zeros(ctx.shape)
+        elif 0 in grad_all.stride():  # a broadcast gradient cannot take an in-place add
+            grad_all = grad_all.clone()
+        # The slice's rows go into the full gradient in place: autograd never holds a second one.
+        return grad_all.scatter_add_(ctx.dim, index, grad_part.to(grad_all.dtype)), None, None
+
+
+def shared_gather(weight: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(weight, weight.gather(dim, index))` where both are used in one step: the gathered slice's
+    gradient is added into the full one's rows in place (a few rows' traffic) instead of autograd
+    adding two full-size gradients. `index` has the gathered shape (an expanded view is fine). Use
+    the first output in place of `weight` for everything else in the step."""
+    return _SharedGather.apply(weight, index, dim)
+
+
+class _GivenPreActs(Function):
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                b_in: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, W_enc, b_in)
+        ctx.compute_dtype = values.dtype
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        x, W_enc, b_in = ctx.saved_tensors
+        need_x, need_W, need_b, need_b_in = ctx.needs_input_grad[1:5]
+        # The matmuls in the forward's dtype (bf16 under autocast, which backward runs outside of).
+        cd = ctx.compute_dtype
+        g = grad.to(cd)
+        grad_x = grad_W = grad_b = grad_b_in = None
+        if need_W:
+            x_c = (x - b_in.unsqueeze(1)).to(cd)
+            x_c = x_c.expand(W_enc.shape[0], *x_c.shape[-2:])
+            grad_W = torch.bmm(x_c.transpose(1, 2), g)
+        g_sum = grad.sum(dim=1, dtype=W_enc.dtype)
+        if need_b:
+            grad_b = g_sum
+        if need_b_in:
+            grad_b_in = -torch.bmm(W_enc, g_sum.unsqueeze(-1)).squeeze(-1)
+        if need_x:
+            grad_xc = torch.bmm(g, W_enc.transpose(1, 2).to(cd)).to(x.dtype)
+            grad_x = grad_xc if x.dim() == 3 else grad_xc.sum(dim=0)
+        return None, grad_x, grad_W, grad_b, grad_b_in
+
+
+def given_pre_acts(values: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                   b_in: torch.Tensor) -> torch.Tensor:
+    """`(x - b_in) @ W_enc + b_enc` (R, B, n) for a few latents' encoder columns `W_enc (R, d_in, n)`,
+    `b_enc (R, n)`, whose values are already known (`values`, gathered from the step's
+    pre-activations, computed without a graph): returns them, with the gradient of that formula
+    (three small dense matmuls over n latents, in `values`' dtype)."""
+    return _GivenPreActs.apply(values, x, W_enc, b_enc, b_in)
 
 
 # -- a variable number per token ------------------------------------------------------------------
