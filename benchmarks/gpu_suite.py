@@ -104,9 +104,9 @@ K = REQUIRED_FIELDS["k"]
 DEAD = 0.1
 """Fraction of the TopK family's latents dead in its step rows (issue 27: AuxK at work)."""
 DEAD_WINDOW_STEPS = 32
-"""dead_tokens_threshold of the step rows, in batches: far below the 10M-token default (so that AuxK
-is at work within a few steps), far above the host's look-back on the dead counts (trainer.sae_topk's
-LAG_STEPS), so that only the latents marked dead are near dead."""
+"""dead_tokens_threshold of the step rows, in batches: small, as a run past its first dead window (the
+latents `mark_dead` marks sit at it), yet far above the host's look-back on the dead counts (LAG_STEPS
+batches in trainer.sae_topk), so that no live latent counts as near dead in a row's few steps."""
 DEAD_BIAS = -10.0
 """b_enc of a latent marked dead: the step rows' pre-activations are ~N(0, 1) (unit-variance inputs,
 unit-norm encoder columns), so it never reaches the top k and stays dead, as a dead latent does."""
@@ -180,7 +180,8 @@ def build_sae(arch: str, d_in: int, d_sae: int, device: str, runs: int = 1, **op
     cls = get_architecture(arch)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     kw = {name: v for name, v in {"k": K, **options}.items() if name in fields}
-    cfgs = [cls.config_class(d_in=d_in, d_sae=d_sae, seed=r, **kw) for r in range(runs)]
+    cfgs = [cls.config_class(d_in=d_in, d_sae=d_sae, **kw, **({"seed": r} if "seed" in fields else {}))
+            for r in range(runs)]
     with torch.device(device), _init_on_device():
         return cls(cfgs)
 
@@ -395,8 +396,9 @@ class Suite:
             return {**row, "skipped": "time budget: the section's share is spent"}
         m = self.modeled(arch, d_in, d_sae, prec, dead, kernels)
         same_path = m.get("kernels") == kernels  # measured / modeled only where the model replays this path
-        row.update(modeled_ms=m.get("modeled_ms"), floor_ms=m.get("floor_ms"), modeled_kernels=m.get("kernels"),
-                   modeled_error=m.get("error"))
+        row.update(modeled_ms=m.get("modeled_ms"), floor_ms=m.get("floor_ms"), modeled_kernels=m.get("kernels"))
+        if "error" in m:
+            row["modeled_error"] = m["error"]
         calls = self.sizes.warmup + self.sizes.steps + (7 if prec == "bf16" else 0)  # + Adam's 6, the sync check
         need = self.sizes.row_s + calls * (m.get("modeled_ms") or 10.0) / 1e3 * self._calib
         if reason := self.fits(need + (self.sizes.compile_s if compiled else 0)):
@@ -800,8 +802,8 @@ def markdown(results: dict) -> str:
                 continue
             lines.append(f"| {r['model']} | {r['model_dtype']} | {r['tokens']:,} | {r['tokens'] / r['forward_s']:,.0f} | "
                          f"{r['tokens'] / r['writer_s']:,.0f} | {r['ratio']:.2f} |")
-    if "tests" in results:
-        lines += ["", f"gpu tests: {results['tests'].get('summary')}"]
+    if "summary" in results.get("tests", {}):
+        lines += ["", f"gpu tests: {results['tests']['summary']}"]
     errors = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
     if errors:
         lines += [""] + [f"error in {k}: {v}" for k, v in errors.items()]
