@@ -76,11 +76,12 @@ def dense_matmuls(B: int, d_in: int, d_sae: int, n: int = 5, device: str | torch
                   dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     """A closure running the dense matmuls of one SAE step of this shape: the five every SAE has,
     then pairs of a second decoder forward and its gradient to the latents (a gated SAE's
-    auxiliary reconstruction: n = 7), on `device` in `dtype`."""
-    g = torch.Generator().manual_seed(0)
+    auxiliary reconstruction: n = 7), on `device` in `dtype`. Drawn on `device` itself (on a GPU, a
+    d_in x d_sae of 151M values drawn on the host takes seconds)."""
+    g = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
 
     x, go = randn(B, d_in), randn(B, d_in)
     W_enc, W_dec = randn(d_in, d_sae), randn(d_sae, d_in)

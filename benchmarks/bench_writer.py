@@ -33,7 +33,8 @@ def gpt2_small_random(device: str):
     cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", device=device,
                                   seed=0)
-    with warnings.catch_warnings():
+    # Built on `device` itself: its 124M random weights drawn there, not on the host and copied.
+    with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg).eval()
     return adapter_from_hooked_transformer(model, "gpt2-small-random", tokenizer=ByteTokenizer())
