@@ -72,7 +72,7 @@ class StackedAdam:
     def grad_norm(self) -> torch.Tensor:
         """Per-run gradient norm (R,) over all parameters (missing gradients count as 0): one
         reduction pass per parameter, no squared copy."""
-        norms = [torch.linalg.vector_norm(p.grad.reshape(self.n_runs, -1), dim=1,
+        norms = [torch.linalg.vector_norm(p.grad, dim=tuple(range(1, p.dim())),
                                           dtype=torch.promote_types(p.grad.dtype, torch.float32)).float()
                  for p in self.params.values() if p.grad is not None]
         if not norms:
@@ -80,9 +80,10 @@ class StackedAdam:
         return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """Clip each run's gradient to its max_grad_norm, then take one Adam step.
-        Returns the per-run gradient norm (R,) before clipping, for logging.
+    def step(self, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip each run's gradient to its max_grad_norm, then take one Adam step; runs where `skip`
+        (R,) bool is True are left exactly as they are (parameters and moments; their gradients may
+        hold NaNs). Returns the per-run gradient norm (R,) before clipping, for logging.
 
         One fused pass per run over its slices of every parameter (`torch._fused_adam_`: reads
         parameter, gradient and moments once, writes them once), with the run's lr and its clipping
@@ -97,6 +98,7 @@ class StackedAdam:
         self._t += 1
         self._steps.fill_(self._t)
         named = [(n, p) for n, p in self.params.items() if p.grad is not None]
+        skipped = None if skip is None else skip.to(torch.float32)  # the kernel's found_inf: 1 skips the call
         for r in range(self.n_runs):
             # The kernel walks memory linearly: every tensor as its dense view (a latent-major W_enc's
             # run is a transposed view; its gradient and moments share its strides).
@@ -106,7 +108,8 @@ class StackedAdam:
                                [run(self.exp_avg[n]) for n, _ in named], [run(self.exp_avg_sq[n]) for n, _ in named],
                                [], [self._steps] * len(named), lr=self.lr[r], beta1=self.beta1, beta2=self.beta2,
                                weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
-                               grad_scale=None if scale is None else scale[r])
+                               grad_scale=None if scale is None else scale[r],
+                               found_inf=None if skipped is None else skipped[r])
         return norm
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -157,10 +160,12 @@ def remove_parallel_grad(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
     after the step anyway; removing it keeps Adam's moments free of it (Gao et al. 2024, sparsify)."""
     if W_dec.grad is None:
         return
-    # g - (g . W) / |W|^2 W, the same as with unit rows: two reductions and one in-place pass, no
-    # full-size temporaries.
-    sq = torch.linalg.vecdot(W_dec, W_dec).clamp_min_(eps * eps)
-    W_dec.grad.addcmul_(W_dec, (torch.linalg.vecdot(W_dec.grad, W_dec) / sq).unsqueeze(-1), value=-1)
+    # g - (g . W) / |W|^2 W, the same as with unit rows: two reductions (the dot products as a
+    # batched matmul: `vecdot` would multiply into a full-size temporary first) and one in-place pass.
+    R, S, d = W_dec.shape
+    sq = torch.linalg.vector_norm(W_dec, dim=-1).square_().clamp_min_(eps * eps)
+    dots = torch.bmm(W_dec.grad.reshape(R * S, 1, d), W_dec.reshape(R * S, d, 1)).view(R, S)
+    W_dec.grad.addcmul_(W_dec, (dots / sq).unsqueeze(-1), value=-1)
 
 
 @torch.no_grad()

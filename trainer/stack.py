@@ -61,6 +61,22 @@ class StepOutput(TypedDict, total=False):
     codes instead: `latent_idx`, `latent_vals`)."""
 
 
+class _CentreGrad(torch.autograd.Function):
+    """`bias` itself; its gradient also goes to the centre as -W_enc @ grad (and none to W_enc)."""
+
+    @staticmethod
+    def forward(ctx: Any, bias: torch.Tensor, centre: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(W_enc)
+        return bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (W_enc,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return grad, None, None
+        return grad, -torch.bmm(W_enc, grad.to(W_enc.dtype).unsqueeze(-1)).squeeze(-1), None
+
+
 KERNELS = ("auto", "fused", "plain")
 """The training forward's path: `plain` (autograd through the formulas, the reference), `fused` (the
 architecture's hand-written kernel), `auto` (per device, the one measured faster: `fused_on`)."""
@@ -225,15 +241,16 @@ class StackedSAE(nn.Module):
         centre = self.input_bias
         # (batch, d_in) - (R, 1, d_in) broadcasts to (R, batch, d_in): every run sees the same batch.
         x_centred = x - centre.detach().unsqueeze(1)
-        bias = bias.unsqueeze(1)
         if centre.requires_grad and torch.is_grad_enabled():
             # b_dec's gradient through the centring, without autograd's gradient of the centred input
-            # (a sixth batch x d_in x d_sae matmul, summed over the batch right after): the ghost
-            # centre - centre.detach() is zero, and its gradient is b_dec's, -W_enc @ sum_b grad_pre.
-            ghost = (centre - centre.detach()).unsqueeze(1)
-            bias = bias - torch.bmm(ghost, self.W_enc)
-        # The bias enters the matmul's accumulator: no second pass over the (R, batch, d_sae) result.
-        return torch.baddbmm(bias, x_centred, self.W_enc)
+            # (a sixth batch x d_in x d_sae matmul, summed over the batch right after): it is
+            # -W_enc @ sum_b grad_pre, and sum_b grad_pre is the bias's gradient.
+            bias = _CentreGrad.apply(bias, centre, self.W_enc)
+        if x_centred.shape[0] == 1:
+            # One run: a vector bias rides in the GEMM's epilogue (cuBLASLt), where baddbmm would first
+            # copy it into the whole (batch, d_sae) output and read that back.
+            return torch.addmm(bias[0], x_centred[0], self.W_enc[0]).unsqueeze(0)
+        return torch.baddbmm(bias.unsqueeze(1), x_centred, self.W_enc)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Reconstruction (R, batch, d_out) from latents (R, batch, d_sae)."""

@@ -202,17 +202,18 @@ class StackTrainer:
         self.failed |= bad if self.ddp is None else self.ddp.any(bad)
         done = self.step_t >= self.totals  # a run of unknown length (NaN) is never done
         frozen = self.failed | done
-        # Frozen runs get lr 0 and a zeroed gradient: Adam then leaves their weights as they were.
+        # Frozen runs get lr 0 (logged) and are skipped by the optimizer: their weights stay as they were.
         factors = lr_factors(self.step_t, self.cfg, self.totals).masked_fill_(frozen, 0.0)
         opt.lr.copy_(self.base_lr * factors.to(self.base_lr.dtype))
         opt.zero_grad()
         torch.where(frozen, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
-        _zero_frozen_grads(opt.params.values(), frozen)
         if self.ddp is not None:
             self.ddp.average_grads(opt.params.values())  # before clipping: the global batch's gradient
         if self.unit_norm:
             remove_parallel_grad(model.W_dec)
-        opt.step()
+        # Frozen runs are skipped inside the optimizer's pass (their gradients may be NaN: a zero loss
+        # through NaN weights), so no pass zeroes their gradients first.
+        opt.step(skip=frozen)
         if self.unit_norm:
             normalize_decoder(model.W_dec)
         seen, rows = (out, batch.shape[0]) if self.ddp is None else self.ddp.global_out(out, batch.shape[0])
@@ -421,12 +422,6 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
 
 
 @torch.no_grad()
-def _zero_frozen_grads(params: Iterable[torch.Tensor], frozen: torch.Tensor) -> None:
-    for p in params:
-        if p.grad is not None:
-            p.grad.masked_fill_(frozen.view(-1, *([1] * (p.dim() - 1))), 0.0)  # NaNs too
-
-
 def _pair(item) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input, target) of a batch: a transcoder's batches are pairs, an SAE's are its input alone."""
     return (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
