@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from trainer.registry import get_architecture, registered_architectures  # noqa: E402
 from trainer.stack import StackedSAE  # noqa: E402
-from trainer.step_trace import Trace, cuda_kernels, replay_step  # noqa: E402
+from trainer.step_trace import Trace, assume_dead, replay_step, resolved_kernels  # noqa: E402
 from trainer.train import LoopConfig  # noqa: E402
 
 
@@ -124,20 +124,14 @@ def build(arch: str, shape: Shape) -> torch.nn.Module:
         return cls(cfgs)
 
 
-def assume_dead(fraction: float):
-    """`prepare` for `replay_step`: the host's lagged view of the dead latents says `fraction` of each
-    run's latents are dead (AuxK takes part), or none (0: AuxK must add no op)."""
-    def prepare(model: torch.nn.Module) -> None:
-        if hasattr(model, "assume_dead_for_replay"):
-            model.assume_dead_for_replay(fraction)
-    return prepare
-
-
-def model_step(arch: str, shape: Shape, gpu: GPU, precision: str, dead: float) -> tuple[dict, Trace]:
-    """One architecture's modeled step: a row of the table, and the trace it came from."""
+def model_step(arch: str, shape: Shape, gpu: GPU, precision: str, dead: float,
+               kernels: str = "auto") -> tuple[dict, Trace]:
+    """One architecture's modeled step (`kernels` as on CUDA: auto, fused or plain): a row of the
+    table, and the trace it came from."""
     model = build(arch, shape)
-    kernels = cuda_kernels(model, precision)
-    trace = replay_step(model, LoopConfig(lr=1e-3, total_steps=1000), shape.batch, precision, assume_dead(dead))
+    kernels = resolved_kernels(model, precision, "cuda", kernels)
+    trace = replay_step(model, LoopConfig(lr=1e-3, total_steps=1000, kernels=kernels), shape.batch, precision,
+                        assume_dead(dead))
     seconds = sum(op_seconds(op, gpu, precision) for op in trace.ops)
     floor = floor_seconds(model, kernels, shape, gpu, precision)
     row = {"arch": arch, "kernels": kernels, "dead": dead if hasattr(model, "dead_mask") else None,

@@ -3,11 +3,13 @@ real training step on the meta device, counted op by op."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.step_trace import MetaAutocast, StepTracer
@@ -76,3 +78,45 @@ def test_cost_model_table_at_small_sizes(tmp_path, capsys):
     one = 2 * 2 * 256 * 64 * 512
     tflop = {r["arch"]: r["tflop"] * 1e12 for r in rows if r["dead"] in (None, 0.1)}
     assert tflop["standard"] >= 5 * one and one <= tflop["topk"] < 2 * one
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "standard", "jumprelu", "gated"])
+def test_memory_plan_is_the_real_steps_peak(arch):
+    """trainer.memory's plan (the step replayed on the meta device) against the same step run for real on
+    the CPU, its live storages counted the same way: within 10%."""
+    from tests.builders import sparse_batches
+    from trainer.memory import stack_bytes
+    from trainer.registry import get_architecture
+    from trainer.train import LoopConfig, StackTrainer
+
+    cls = get_architecture(arch)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    cfgs = [cls.config_class(d_in=32, d_sae=256, seed=s, **({"k": 4} if "k" in fields else {})) for s in range(2)]
+    held, planned = stack_bytes(arch, cfgs, 512, "fp32", "cpu")
+    model = cls(cfgs)
+    if hasattr(model, "tokens_since_fired"):  # the plan makes room for AuxK over 10% of the latents dead
+        with torch.no_grad():
+            model.tokens_since_fired[:, :26] = 10**9
+            model.b_enc[:, :26] = -100.0  # and they stay dead
+    trainer = StackTrainer(model, LoopConfig(lr=1e-3, total_steps=1000))
+    x = sparse_batches(2, 512, d=32)
+    previous = trainer.train_step(x[0])
+    tracer = StepTracer()
+    tracer.hold([*model.parameters(), *model.buffers(), *trainer.opt.exp_avg.values(),
+                 *trainer.opt.exp_avg_sq.values(), *[v for v in previous.values() if isinstance(v, torch.Tensor)], x[1]])
+    with tracer:
+        trainer.train_step(x[1])
+    assert held < planned
+    assert abs(planned - tracer.trace.peak) <= 0.1 * tracer.trace.peak, (planned, tracer.trace.peak)
+
+
+def test_train_refuses_a_run_that_cannot_fit_with_the_numbers(tmp_path):
+    from pipeline.errors import PipelineError
+    from tests.builders import sparse_cache
+    from trainer.run import TrainConfig, run_train
+
+    sparse_cache(tmp_path / "c", rows=2000)
+    with pytest.raises(PipelineError, match=r"this run needs about [0-9.]+ GiB on cpu \(d_sae 100000000, batch 256\) "
+                                            r"but [0-9.]+ GiB is free; lower --d-sae or --batch-size"):
+        run_train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "r"), d_sae=100_000_000, k=4,
+                              batch_size=256, tokens=2560, wandb=False))

@@ -110,12 +110,18 @@ def test_sweep_resume_equals_straight_sweep(cache, tmp_path):
 
 
 def test_memory_refusal_names_how_many_runs_fit(cache, tmp_path):
-    from trainer.memory import stack_bytes
+    from trainer.memory import stack_bytes, stacks_bytes
+    from trainer.run import run_config
+    from trainer.sweep import plan_sweep
 
-    held, peak = stack_bytes(2, 32, 64, 256)
-    budget = held + peak + 1000  # room for the stack of two TopK runs and its step, not for the third run
     s = spec(cache, tmp_path / "m")
     s["sweep"].update(k=[3], seed=[0, 1])  # a stack of two TopK runs, then one of two standard runs
+    plan = plan_sweep(s, {}, "t", {"x": 32})
+    topk = [plan.runs[i] for i in plan.stacks[0]]
+    assert [r.arch for r in topk] == ["topk", "topk"]
+    held, peak = stack_bytes("topk", [run_config(r, 32) for r in topk], 256)
+    assert 0 < held < peak == stacks_bytes([(held, peak)])
+    budget = peak + 1000  # room for the stack of two TopK runs and its step, not for the third run
     with pytest.raises(PipelineError, match=r"needs about .* MiB for 4 runs but .* MiB is available: 2 of its runs fit"):
         run_sweep(s, {}, name="t", memory_budget=budget)
 

@@ -4,21 +4,66 @@ resident copy of the cache (pipeline.loader's `resident`)."""
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
+
+from trainer.precision import resolve_precision
 
 RESIDENT_MARGIN = 0.8
 """Share of the memory left after the training plan that a resident cache may take (the rest covers
 allocator fragmentation, evaluation batches and what the plan does not count)."""
 
 
-def stack_bytes(n_runs: int, d_in: int, d_sae: int, batch: int) -> tuple[int, int]:
-    """Bytes a stack of `n_runs` float32 SAEs holds for the whole sweep (weights, gradients, Adam's
-    two moments) and at the peak of one step (pre-activations, latents, their gradients and the
-    reconstruction for a batch): an upper estimate, measured within 10% on CPU for topk/standard."""
-    params = n_runs * (2 * d_in * d_sae + d_sae + d_in)
-    step = n_runs * batch * (5 * d_sae + 3 * d_in)
-    return 4 * 4 * params, 4 * step
+PLANNED_DEAD = 0.1
+"""Share of dead latents a plan makes room for: AuxK's buffers grow with the dead latents it reads."""
+
+
+def stack_bytes(arch: str, cfgs: Sequence, batch: int, precision: str = "auto",
+                device: torch.device | str = "cpu", kernels: str = "auto") -> tuple[int, int]:
+    """Bytes a stack of `arch` runs (its configs `cfgs`) holds for the whole run (weights, buffers,
+    Adam's moments) and the most it has live at once in a training step (that included: gradients,
+    activations, autocast's copies, optimizer and constraint temporaries, AuxK's buffers with
+    `PLANNED_DEAD` of the latents dead), on `device` at `precision`.
+
+    Not a formula: one real step replayed on the meta device (trainer.step_trace), with the path
+    `kernels` resolves to on that device, its live storages counted. Repeated plans of one shape
+    are cached."""
+    device_type = torch.device(device).type
+    precision = resolve_precision(precision, device_type)
+    key = (arch, tuple(repr(c) for c in cfgs), batch, precision, device_type, kernels)
+    if key not in _PLANS:
+        _PLANS[key] = _replayed(arch, cfgs, batch, precision, device_type, kernels)
+    return _PLANS[key]
+
+
+_PLANS: dict[tuple, tuple[int, int]] = {}
+
+
+def _replayed(arch: str, cfgs: Sequence, batch: int, precision: str, device_type: str, kernels: str) -> tuple[int, int]:
+    from trainer.registry import get_architecture
+    from trainer.step_trace import assume_dead, replay_step
+    from trainer.train import LoopConfig
+
+    with torch.device("meta"):
+        model = get_architecture(arch)(list(cfgs))
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    held = sum(t.untyped_storage().nbytes() for t in tensors)
+    held += 2 * sum(p.untyped_storage().nbytes() for p in model.parameters())  # Adam's two moments
+    trace = replay_step(model, LoopConfig(lr=1e-3, total_steps=1000, kernels=kernels), batch, precision,
+                        assume_dead(PLANNED_DEAD), device_type)
+    return held, trace.peak
+
+
+def stacks_bytes(plans: Sequence[tuple[int, int]]) -> int:
+    """Bytes of several stacks trained on the same batches, one step after another: everything each
+    holds, plus the largest step's own live memory on top."""
+    return sum(h for h, _ in plans) + max((p - h for h, p in plans), default=0)
+
+
+def size(n: int) -> str:
+    """Bytes for a person: GiB or MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def available_bytes(device: torch.device) -> int:

@@ -28,7 +28,7 @@ from trainer.target_l0 import COEFFICIENTS as COEFFICIENT_FIELDS, final_coeffici
 from trainer.export import export_saelens, init_from
 from pipeline.console import log_console
 from trainer.logs import ConsoleLog, WandbLog
-from trainer.memory import resident_budget, stack_bytes
+from trainer.memory import available_bytes, resident_budget, size, stack_bytes
 from trainer.plots import write_training_curves
 from trainer.distributed import RankBatches, data_parallel, loader_share
 from trainer.train import LoopConfig, default_lr, train_stack
@@ -421,6 +421,22 @@ def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metric
     write_training_curves(out)
 
 
+def plan_memory(cfg: TrainConfig, source, device: str) -> int:
+    """The bytes this run needs on `device` (trainer.memory: its real step replayed at its sizes);
+    refuses it in one line when the device has not that much free."""
+    hook = cfg.hook or (next(iter(source.hooks)) if len(source.hooks) == 1 else max(source.hooks, key=source.hooks.get))
+    d_in = source.hooks.get(hook, max(source.hooks.values()))
+    d_out = source.hooks.get(cfg.hook_out) if cfg.hook_out else None
+    resolved = resolve_target(resolve_width(cfg, d_in))
+    held, peak = stack_bytes(resolved.arch, [run_config(resolved, d_in, d_out)], cfg.batch_size, cfg.precision, device,
+                             cfg.kernels)
+    free = available_bytes(torch.device(device))
+    if peak > free:
+        raise PipelineError(f"this run needs about {size(peak)} on {device} (d_sae {resolved.d_sae}, batch "
+                            f"{cfg.batch_size}) but {size(free)} is free; lower --d-sae or --batch-size")
+    return peak
+
+
 def run_train(cfg: TrainConfig) -> dict:
     world = distributed.init(cfg.device)
     device = distributed.device_for(cfg.device)
@@ -435,8 +451,7 @@ def run_train(cfg: TrainConfig) -> dict:
             raise PipelineError(f"hook_out {cfg.hook_out!r} is not in the cache {cfg.cache}; it has {', '.join(have)}")
     source = open_source(cfg.cache)
     warn_if_incomplete(source, cfg.cache)
-    # The plan for the widest hook (an upper estimate); the loader checks the hooks themselves.
-    planned = sum(stack_bytes(1, max(source.hooks.values()), cfg.d_sae, cfg.batch_size))
+    planned = plan_memory(cfg, source, device)
     budget = resident_budget(torch.device(device), planned)
     train = ActivationLoader(cfg.cache, hooks=hooks, seed=cfg.seed, device=device, normalize=cfg.normalize,
                              resident=cfg.resident, resident_budget=budget, skip_bad_shards=cfg.skip_bad_shards,

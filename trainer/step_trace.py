@@ -354,17 +354,29 @@ class MetaAutocast(TorchFunctionMode):
 
 # -- a training step, replayed ----------------------------------------------------------------------
 
-def cuda_kernels(model: torch.nn.Module, precision: str) -> str:
-    """The `kernels` that `auto` resolves to for `model` on CUDA at `precision`: fused or plain."""
+def resolved_kernels(model: torch.nn.Module, precision: str, device_type: str = "cuda", kernels: str = "auto") -> str:
+    """`kernels` as the step resolves it for `model` on `device_type` at `precision`: fused or plain."""
+    if kernels != "auto":
+        return kernels
     auto_fused = getattr(model, "auto_fused", None)
-    return "fused" if auto_fused is not None and auto_fused("cuda", precision == "bf16") else "plain"
+    return "fused" if auto_fused is not None and auto_fused(device_type, precision == "bf16") else "plain"
+
+
+def assume_dead(fraction: float) -> Callable[[torch.nn.Module], None]:
+    """`prepare` for `replay_step`: the host's lagged view of the dead latents says `fraction` of each
+    run's latents are dead (AuxK takes part), or none (0: AuxK must add no op)."""
+    def prepare(model: torch.nn.Module) -> None:
+        if hasattr(model, "assume_dead_for_replay"):
+            model.assume_dead_for_replay(fraction)
+    return prepare
 
 
 def replay_step(model: torch.nn.Module, cfg: Any, batch: int, precision: str = "bf16",
-                prepare: Callable[[torch.nn.Module], None] | None = None) -> Trace:
+                prepare: Callable[[torch.nn.Module], None] | None = None, device_type: str = "cuda") -> Trace:
     """Trace one `StackTrainer.train_step` of `model` (built on the meta device) on a batch of `batch`
-    rows, with the code path and dtypes CUDA takes at `precision`. `cfg` is the loop's LoopConfig
-    (its `kernels` and `precision` are set here).
+    rows, with the code path and dtypes `device_type` takes at `precision` (its kernels as `cfg.kernels`
+    resolves there; the chunked passes and BatchTopK's selection take their GPU forms on the meta device
+    either way). `cfg` is the loop's LoopConfig (its `kernels` and `precision` are set here).
 
     One step is taken untraced first (what a run has made by then exists); `prepare(model)`, called
     before it and again after it, sets the state to trace from (e.g. which latents are dead). Then
@@ -374,7 +386,7 @@ def replay_step(model: torch.nn.Module, cfg: Any, batch: int, precision: str = "
 
     from trainer.train import StackTrainer
 
-    cfg = replace(cfg, precision=precision, kernels=cuda_kernels(model, precision))
+    cfg = replace(cfg, precision=precision, kernels=resolved_kernels(model, precision, device_type, cfg.kernels))
     trainer = StackTrainer(model, cfg)
     d_in, d_out = model.W_enc.shape[1], model.W_dec.shape[2]
     x = torch.empty(batch, d_in, device="meta")

@@ -34,7 +34,7 @@ from trainer.distributed import spread_stacks
 from pipeline.console import log_console
 from trainer.logs import ConsoleLog, WandbLog
 from trainer.registry import get_architecture
-from trainer.memory import available_bytes, resident_budget, stack_bytes
+from trainer.memory import available_bytes, resident_budget, size, stack_bytes, stacks_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
                          export_metadata, finish_export, relevant_field, resolve_target, resolve_width, resolved_lr,
                          run_config, sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
@@ -162,16 +162,16 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
     return plan
 
 
-def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int) -> int:
+def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int, device: torch.device | str = "cpu") -> int:
     """Refuse a sweep whose stacks would not fit in `budget` bytes, saying how many runs would;
     returns the bytes the sweep plans for."""
     def need(stacks: list[list[int]]) -> int:
-        held, peak = 0, 0
+        plans = []
         for idx in stacks:
             r = plan.runs[idx[0]]
-            h, p = stack_bytes(len(idx), d_in[r.hook], r.d_sae, plan.base.batch_size)
-            held, peak = held + h, max(peak, p)
-        return held + peak
+            plans.append(stack_bytes(r.arch, [run_config(plan.runs[i], d_in[r.hook]) for i in idx],
+                                     plan.base.batch_size, r.precision, device, r.kernels))
+        return stacks_bytes(plans)
 
     total = need(plan.stacks)
     if total <= budget:
@@ -184,12 +184,8 @@ def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int) -> int:
         if need(list(groups.values())) > budget:
             break
         fit = n
-    raise PipelineError(f"the sweep needs about {_size(total)} for {len(order)} runs but {_size(budget)} is "
+    raise PipelineError(f"the sweep needs about {size(total)} for {len(order)} runs but {size(budget)} is "
                         f"available: {fit} of its runs fit; lower d_sae or --batch-size, or split the sweep")
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: int | None = None,
@@ -219,7 +215,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     if not mine:  # more ranks than stacks: nothing to train here, only the summary to join
         return _summarize([], plan, out)
     planned = check_memory(replace(plan, stacks=mine), d_in,
-                           memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)))
+                           memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)), device)
 
     hooks = sorted({plan.runs[i].hook for idx in mine for i in idx})
     # What the plan leaves free may hold the cache: then the disk is read once for every run and epoch.
