@@ -60,6 +60,20 @@ class LaggedRead:
                 break
         return self._latest
 
+    def wait(self) -> tuple[int, np.ndarray] | None:
+        """The newest copy pushed, waiting for it to land (a host sync on a GPU): when `latest` is too
+        old to use. None if nothing was pushed (then `latest`, possibly an assumed view)."""
+        if not self._ring:
+            return self._latest
+        slot = (self._next - 1) % self.slots
+        if self._stamps[slot] is None:
+            return self._latest
+        host, array, event = self._ring[slot]
+        if event is not None:
+            event.synchronize()
+        self._latest = (self._stamps[slot], array.copy())
+        return self._latest
+
     def assume(self, stamp: int, values: np.ndarray) -> None:
         """Set what the host sees (a replay on the meta device, where nothing arrives; a reset)."""
         self._latest = (stamp, np.asarray(values, dtype=np.int64))

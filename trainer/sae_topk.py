@@ -83,8 +83,10 @@ def dead_tokens_threshold_for(run_tokens: int) -> int:
     return max(1, min(DEAD_TOKENS_THRESHOLD, run_tokens // 40))
 
 
-LAG_STEPS = 8
-"""How many steps old the host's view of the dead-latent counts may be and still bound them now."""
+MARGIN_STEPS = (0, 1, 2, 4, 8)
+"""The host's view of the dead latents counts, per run, those within this many steps of dead: a view
+that is m steps old bounds the dead latents now by its count for the first margin >= m (a CPU's view
+is never late: margin 0, the exact count)."""
 
 
 def relu_first_k(vals: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
@@ -189,15 +191,15 @@ class TopKSAE(StackedSAE):
         self.aux_k_max = max(aux_ks)
         self._aux_k_uniform = len(set(aux_ks)) == 1
         self._windows = windows
-        # The host's view of the dead latents, a step or more late (no sync): per run, the largest
-        # tokens_since_fired and how many latents are within LAG_STEPS steps of dead, pushed after
-        # every count (`_count_tokens`), stamped with the host's token count. A latent can only be
-        # dead now if it was that close then: the AuxK loss is skipped when none can be (it is exactly
-        # 0), and otherwise runs over that many candidates, not every latent (`dead_bound`).
+        # The host's view of the dead latents, a step or more late on a GPU (no sync): per run, the
+        # largest tokens_since_fired and how many latents are within each of MARGIN_STEPS steps of
+        # dead, pushed after every count (`_count_tokens`), stamped with the host's token count. A
+        # latent can only be dead now if it was that close then: the AuxK loss is skipped when none
+        # can be (it is exactly 0), and otherwise runs over that many candidates (`dead_bound`).
         self._dead_view = LaggedRead()
         self._tokens = 0
-        self._margin: int | None = None
-        self._dead_view.assume(0, [[0] * R, [0] * R])  # a new stack: nothing has gone unfired yet
+        self._step_tokens = 0
+        self._dead_view.assume(0, [[0] * R] * (1 + len(MARGIN_STEPS)))  # a new stack: nothing unfired yet
         # Any other write to tokens_since_fired (a test, a load, .to()) makes that view unknown.
         self._counted_version = self.tokens_since_fired._version
         self.register_buffer("_no_aux", torch.zeros(R), persistent=False)
@@ -241,12 +243,13 @@ class TopKSAE(StackedSAE):
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
         self._tokens += n_tokens
-        self._margin = LAG_STEPS * n_tokens
-        near = self.tokens_since_fired >= (self.dead_tokens_threshold - self._margin).unsqueeze(1)
+        self._step_tokens = n_tokens
         if self.tokens_since_fired._version != self._counted_version + 2:
             self._dead_view.forget()  # written since the last count: earlier views no longer hold
         self._counted_version = self.tokens_since_fired._version
-        self._dead_view.push(torch.stack([self.tokens_since_fired.amax(dim=1), near.sum(dim=1)]), self._tokens)
+        since, window = self.tokens_since_fired, self.dead_tokens_threshold.unsqueeze(1)
+        near = [(since >= window - m * n_tokens).sum(dim=1) for m in MARGIN_STEPS]
+        self._dead_view.push(torch.stack([since.amax(dim=1), *near]), self._tokens)
 
     def dead_counts_changed(self) -> None:
         """Call after setting `tokens_since_fired` other than by training (a load does): the host's
@@ -260,15 +263,20 @@ class TopKSAE(StackedSAE):
         be, None when unknown (no recent enough counts)."""
         if self.tokens_since_fired._version != self._counted_version:
             self.dead_counts_changed()
-        seen = self._dead_view.latest()
-        if seen is None:
-            return None
-        stamp, (max_since, near) = seen
-        elapsed = self._tokens - stamp
-        if all(m + elapsed < w for m, w in zip(max_since.tolist(), self._windows)):
-            return 0
-        if self._margin is not None and elapsed <= self._margin:
-            return int(near.max())
+        for seen in (self._dead_view.latest(), None):
+            if seen is None:
+                # The host ran more than MARGIN_STEPS[-1] steps ahead of the device (or nothing came
+                # back yet): wait for the newest count, the one sync this takes, and only then.
+                seen = self._dead_view.wait()
+                if seen is None:
+                    return None
+            stamp, counts = seen
+            elapsed = self._tokens - stamp
+            if all(m + elapsed < w for m, w in zip(counts[0].tolist(), self._windows)):
+                return 0
+            for margin, near in zip(MARGIN_STEPS, counts[1:]):
+                if elapsed <= margin * self._step_tokens:
+                    return int(near.max())
         return None
 
     def may_have_dead(self) -> bool:
@@ -280,8 +288,8 @@ class TopKSAE(StackedSAE):
         `fraction` of every run's latents dead (0: none near dead, AuxK skipped)."""
         R, S = self.n_runs, self.d_sae
         dead = round(fraction * S)
-        self._margin = self._margin or LAG_STEPS
-        self._dead_view.assume(self._tokens, [[max(self._windows) if dead else 0] * R, [dead] * R])
+        seen = [[max(self._windows) if dead else 0] * R] + [[dead] * R] * len(MARGIN_STEPS)
+        self._dead_view.assume(self._tokens, seen)
 
     def fused_weights(self) -> FusedWeights:
         """The weights of a fused step, with AuxK's candidates when any latent can be dead: every dead
