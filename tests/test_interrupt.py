@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.lock import LOCK_FILE
 from tests.cli import ROOT, cli_env
 from trainer import interrupt
 from trainer.interrupt import Interrupted, StopOnSignal
@@ -69,6 +70,7 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_equals_a_straight_one(tmp_path):
     command = resume_command(err)
     assert command == base + ["--out", str(tmp_path / "b"), "--resume"]
     assert max(steps(run / "metrics.jsonl")) <= stopped
+    assert not (run / LOCK_FILE).exists()  # given back on the way out
 
     more = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
@@ -92,6 +94,7 @@ def test_sigterm_stops_a_sweep_with_a_checkpoint_and_it_resumes(tmp_path):
                                         cli_env(tmp_path))
     assert code == 143, err[-2000:]
     assert "interrupted (SIGTERM) after step " in err and f"checkpoint in {tmp_path / 's' / '_sweep' / 'checkpoint'}" in err
+    assert not (tmp_path / "s" / "_sweep" / LOCK_FILE).exists()
     more = subprocess.run(resume_command(err), cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]

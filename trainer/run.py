@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline import __version__, distributed
 from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, LoaderState, open_source
+from pipeline.lock import DirLock
 from pipeline.manifest import manifest_hash
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
@@ -455,69 +457,71 @@ def run_train(cfg: TrainConfig) -> dict:
     model = build_model(cfg, d_in, train.source.hooks[cfg.hook_out] if cfg.hook_out else None)
     name = cfg.run_name()
     out = Path(cfg.out) / name
-    if (out / CHECKPOINT).exists() and not cfg.resume:
-        raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
-                            "or choose another --out or --name")
-    init_cfg = init_from(model, cfg.init_from, input_scale=scale, output_scale=out_scale) if cfg.init_from else None
-    model = model.to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    steps = math.ceil(cfg.tokens / cfg.batch_size)
-    # A loaded SAE keeps its weights: no b_dec or scale init from the data.
-    loop = LoopConfig(lr=resolved_lr(cfg), lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay,
-                      total_steps=steps, max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
-                      b_dec_init="keep" if init_cfg else cfg.b_dec_init,
-                      init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
-                      kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None,
-                      target_l0=controlled_target(cfg))
-    identity = weight_identity(cfg)
-    has_eval = bool(train.source.shards("eval"))
-    evaluator = None
-    if cfg.eval_every and has_eval and main:
-        held = SplitRows(cfg, io_hooks, device, io_scales, cfg.eval_tokens, resident="auto", budget=budget)
-        evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
-    metadata = export_metadata(cfg, train.source, hook, name)
-    if cfg.hook_out:
-        metadata["hook_name_out"] = cfg.hook_out
+    with DirLock(out, "pipeline train") if main else nullcontext():
+        if (out / CHECKPOINT).exists() and not cfg.resume:
+            raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
+                                "or choose another --out or --name")
+        init_cfg = (init_from(model, cfg.init_from, input_scale=scale, output_scale=out_scale) if cfg.init_from
+                    else None)
+        model = model.to(device)
+        out.mkdir(parents=True, exist_ok=True)
+        steps = math.ceil(cfg.tokens / cfg.batch_size)
+        # A loaded SAE keeps its weights: no b_dec or scale init from the data.
+        loop = LoopConfig(lr=resolved_lr(cfg), lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay,
+                          total_steps=steps, max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
+                          b_dec_init="keep" if init_cfg else cfg.b_dec_init,
+                          init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
+                          kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None,
+                          target_l0=controlled_target(cfg))
+        identity = weight_identity(cfg)
+        has_eval = bool(train.source.shards("eval"))
+        evaluator = None
+        if cfg.eval_every and has_eval and main:
+            held = SplitRows(cfg, io_hooks, device, io_scales, cfg.eval_tokens, resident="auto", budget=budget)
+            evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
+        metadata = export_metadata(cfg, train.source, hook, name)
+        if cfg.hook_out:
+            metadata["hook_name_out"] = cfg.hook_out
 
-    def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
-        export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
-                       input_scale=scale, output_scale=out_scale)
+        def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
+            export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
+                           input_scale=scale, output_scale=out_scale)
 
-    console = ConsoleLog(cfg.tokens, description=name) if main else None
-    wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out],
-                          resume=cfg.resume and (out / CHECKPOINT).exists())
-                 if cfg.wandb and main else None)
+        console = ConsoleLog(cfg.tokens, description=name) if main else None
+        wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out],
+                              resume=cfg.resume and (out / CHECKPOINT).exists())
+                     if cfg.wandb and main else None)
 
-    def log(m: dict) -> None:
-        console(m)
-        if wandb_log:
-            wandb_log(m)
+        def log(m: dict) -> None:
+            console(m)
+            if wandb_log:
+                wandb_log(m)
 
-    try:
-        batches = train if cfg.hook_out is None else PairedBatches(train, hook, cfg.hook_out)
-        last = train_stack(model, RankBatches(batches) if ddp else batches, loop, evaluator=evaluator,
-                           eval_every=cfg.eval_every, log=log if main else None, run_dir=out,
-                           checkpoint_every=cfg.checkpoint_every, config=identity,
-                           snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
-                           snapshot=snapshot if main else None, ddp=ddp)
-        if not main:  # rank 0 evaluates and exports the (identical) weights
-            return {**last, "run_dir": str(out)}
-        console.close()
-        calibrate(model, cfg, hook, device, scale)
-        metrics = dict(last)
-        density = None
-        if has_eval:
-            eval_metrics, density = evaluate(model, SplitRows(cfg, io_hooks, device, io_scales, None))
-            metrics.update(eval_metrics)
-        metrics["run_dir"] = str(out)
-        finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)
-                                                for k, v in metrics.items()}, density, scale, out_scale)
-        if wandb_log:
-            wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
-                                if k != "failed"}])
-    finally:
-        if console:
+        try:
+            batches = train if cfg.hook_out is None else PairedBatches(train, hook, cfg.hook_out)
+            last = train_stack(model, RankBatches(batches) if ddp else batches, loop, evaluator=evaluator,
+                               eval_every=cfg.eval_every, log=log if main else None, run_dir=out,
+                               checkpoint_every=cfg.checkpoint_every, config=identity,
+                               snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
+                               snapshot=snapshot if main else None, ddp=ddp)
+            if not main:  # rank 0 evaluates and exports the (identical) weights
+                return {**last, "run_dir": str(out)}
             console.close()
-        if wandb_log:
-            wandb_log.close()
-    return metrics
+            calibrate(model, cfg, hook, device, scale)
+            metrics = dict(last)
+            density = None
+            if has_eval:
+                eval_metrics, density = evaluate(model, SplitRows(cfg, io_hooks, device, io_scales, None))
+                metrics.update(eval_metrics)
+            metrics["run_dir"] = str(out)
+            finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)
+                                                    for k, v in metrics.items()}, density, scale, out_scale)
+            if wandb_log:
+                wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
+                                    if k != "failed"}])
+        finally:
+            if console:
+                console.close()
+            if wandb_log:
+                wandb_log.close()
+        return metrics

@@ -1,0 +1,135 @@
+"""The folders a command writes: made (`make_dir`) and held by a lock file that keeps two processes
+from writing one at once (`DirLock`).
+
+Two `pipeline train` runs on one run folder (or two sweeps, or two cache writers) would interleave
+their checkpoints and metrics lines. The first takes `DIR/.pipeline.lock` (created exclusively,
+holding its pid, host and command); a second is refused in one line naming the holder. A lock left
+by a process that no longer runs on this host (a SIGKILL, a crash) is taken over, with a note; one
+from another host cannot be checked from here and is reported as held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+LOCK_FILE = ".pipeline.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _read(path: Path) -> dict:
+    """The holder a lock file names; {} when unreadable (torn by a crash while it was written)."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _stale(holder: dict) -> bool:
+    """A lock whose holder is gone: a dead pid on this host, or a file too torn to name anyone."""
+    if not isinstance(holder.get("pid"), int):
+        return True
+    return holder.get("host") == socket.gethostname() and not _alive(holder["pid"])
+
+
+def holds_nothing(path: Path) -> bool:
+    """Whether `path` is missing or holds nothing but a lock: a folder a new cache may be written to."""
+    return not path.exists() or all(p.name == LOCK_FILE for p in path.iterdir())
+
+
+def make_dir(path: Path) -> None:
+    """`mkdir -p path`, refused in one line where a file stands in its way (`--out FILE`)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+        raise PipelineError(f"cannot make the folder {path}: {blocker} is a file; choose another --out") from None
+
+
+class DirLock:
+    """`with DirLock(directory, "pipeline train"):` holds `directory` (created if missing) for this
+    process; released on leaving, by an exception too (the command line turns SIGTERM into one).
+    An empty directory it created is removed again on release, so a refused command leaves nothing."""
+
+    def __init__(self, directory: str | Path, command: str, note=None):
+        self.directory, self.command = Path(directory), command
+        self.path = self.directory / LOCK_FILE
+        self.note = note or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.created = False
+        self.held = False
+
+    def __enter__(self) -> "DirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        self.created = not self.directory.is_dir()
+        make_dir(self.directory)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):  # a takeover raced by another process's: try again against the new holder
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read(self.path)
+                if not _stale(holder):
+                    self._remove_created()
+                    raise PipelineError(
+                        f"{self.directory} is in use by {holder.get('command', 'another process')} (pid "
+                        f"{holder['pid']} on {holder.get('host', '?')}, since {holder.get('since', '?')}); wait "
+                        f"for it to end or choose another --out (a dead holder's lock: delete {self.path})")
+                self._take_over(holder)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            return
+        raise PipelineError(f"could not take the lock {self.path}: other processes keep replacing it")
+
+    def _take_over(self, holder: dict) -> None:
+        """Move a stale lock aside (one rename: of two processes taking it over, one does)."""
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another process took it over first
+        if not _stale(_read(aside)):  # a live holder's lock slipped in between read and rename
+            os.rename(aside, self.path)
+            return
+        aside.unlink()
+        who = f"pid {holder['pid']} on {holder.get('host')}" if "pid" in holder else "an unreadable lock file"
+        self.note(f"note: taking over the lock of {self.directory} left by {who}, which is no longer running")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if _read(self.path).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        if self.created:
+            try:
+                self.directory.rmdir()  # only when empty
+            except OSError:
+                pass
