@@ -163,6 +163,27 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
         train_stack(make(), loader(), loop, log=None, run_dir=tmp_path / "b", config={"arch": arch, "lr": 1e-2})
 
 
+def test_a_run_resumed_off_the_logging_grid_logs_the_fractions_of_a_straight_run(tmp_path):
+    """The dead/dense fractions of a logging window count the steps before a checkpoint taken in the
+    middle of it (Ctrl-C stops anywhere): the window's counts are part of the checkpoint."""
+    sparse_cache(tmp_path / "c", rows=4000)
+
+    def run(name: str, **kw) -> list[tuple]:
+        (tmp_path / name).mkdir(exist_ok=True)
+        metrics = tmp_path / name / "metrics.jsonl"
+        loop = LoopConfig(lr=3e-3, total_steps=60, log_every=20, metrics_path=str(metrics))
+        loader = ActivationLoader(tmp_path / "c", batch_size=64, tokens=64 * 60, seed=1)
+        train_stack(TopKSAE([TopKConfig(d_in=32, d_sae=256, k=2)]), loader, loop, log=None, run_dir=tmp_path / name,
+                    **kw)
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return [(m["step"], m["dead_fraction"], m["dense_fraction"]) for m in lines]
+
+    straight = run("a")
+    run("b", max_steps=30)
+    assert run("b") == straight
+    assert len({m[1][0] for m in straight}) > 1  # the fractions move: the comparison can tell
+
+
 def test_malloc_tuning_applies_on_glibc(monkeypatch):
     import platform
 

@@ -264,7 +264,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
         if resumed:
             loader.load_state_dict(resumed["loader"])
             for i, s in enumerate(stacks):
-                s.trainer.load_state(resumed["stacks"][i])
+                s.trainer.load_state(resumed["stacks"][i], resumed["tensors"].get(f"s{i}"))
             tokens = resumed["tokens"]
         run_dirs = [out / r.name for s in stacks for r in s.runs]
         for d in run_dirs:
@@ -278,7 +278,8 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
 
         def checkpoint(step: int, seen: int) -> None:
             save_checkpoint(sweep_dir, parts, {"step": step, "tokens": seen, "loader": loader.state_dict(),
-                                               "config": identity, "stacks": [s.trainer.state() for s in stacks]})
+                                               "config": identity, "stacks": [s.trainer.state() for s in stacks]},
+                            {f"s{i}": s.trainer.tensors() for i, s in enumerate(stacks)})
 
         held = ({h: SplitRows(base, h, device, loader.scale[h], base.eval_tokens, resident="auto",
                               budget=budget // len(hooks)) for h in hooks}

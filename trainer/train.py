@@ -248,13 +248,22 @@ class StackTrainer:
 
     def state(self) -> dict:
         """JSON part of a checkpoint (the tensors are the model's and optimizer's state dicts)."""
-        state = {"step": self.step, "failed": self.failed.nonzero().flatten().tolist()}
+        state = {"step": self.step, "failed": self.failed.nonzero().flatten().tolist(),
+                 "window_tokens": self.window_tokens}
         if self.controller is not None:
             state["target_l0"] = self.controller.state_dict()
         return state
 
-    def load_state(self, state: dict) -> None:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor part of a checkpoint: the firing counts of the logging window under way, so that a
+        run resumed off the logging grid logs the dead and dense fractions an unbroken run does."""
+        return {"fired": self.fired}
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.step = state["step"]
+        self.window_tokens = state.get("window_tokens", 0)
+        if tensors and "fired" in tensors:
+            self.fired.copy_(tensors["fired"])
         self.step_t.fill_(float(self.step))
         self.failed.zero_()
         if state.get("failed"):
@@ -376,7 +385,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     if resumed:
         if "loader" in resumed:
             batches.load_state_dict(resumed["loader"])
-        trainer.load_state(resumed)
+        trainer.load_state(resumed, resumed["tensors"].get(""))
         tokens = resumed["tokens"]
     if cfg.metrics_path:  # lines logged after the checkpoint (a kill) are logged again from it
         truncate_metrics(cfg.metrics_path, tokens)
@@ -395,7 +404,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
         if hasattr(batches, "state_dict"):
             state["loader"] = batches.state_dict()  # with ddp, a collective: every rank comes here
         if ddp is None or ddp.rank == 0:
-            save_checkpoint(run_dir, {"": (model, trainer.opt)}, state)
+            save_checkpoint(run_dir, {"": (model, trainer.opt)}, state, {"": trainer.tensors()})
         if ddp is not None:
             # Nobody reads the run folder (a resume, the next command) before rank 0 has written it.
             distributed.barrier()
