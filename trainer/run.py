@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, LoaderState, open_source
 from pipeline.lock import DirLock
 from pipeline.manifest import manifest_hash
+from pipeline.verify import refuse_inconsistent
 from trainer.checkpoint import CHECKPOINT
 from trainer.registry import get_architecture
 from trainer.sae_topk import dead_tokens_threshold_for
@@ -428,6 +429,7 @@ def run_train(cfg: TrainConfig) -> dict:
     device = distributed.device_for(cfg.device)
     ddp = data_parallel(cfg.ddp, world)  # None for one process
     main = ddp is None or ddp.rank == 0
+    refuse_inconsistent(cfg.cache)
     hooks = cfg.hook if cfg.hook_out is None else [cfg.hook, cfg.hook_out]
     if cfg.hook_out is not None:
         have = open_source(cfg.cache).hooks

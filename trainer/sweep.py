@@ -30,6 +30,7 @@ from pipeline.config import check_fields, exclusive_fields, layer, load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
 from pipeline.lock import DirLock
+from pipeline.verify import refuse_inconsistent
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
 from pipeline.console import log_console
@@ -204,6 +205,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     # whole cache (the batches a single process would see); rank 0 writes the summary of all.
     world, rank = distributed.init(cfg0.device), distributed.rank()
     device = torch.device(distributed.device_for(cfg0.device))
+    refuse_inconsistent(cfg0.cache)
     d_in = dict(open_source(cfg0.cache).hooks)
     plan = plan_sweep(spec, overrides, name, d_in)
     base, out = plan.base, Path(plan.base.out)
