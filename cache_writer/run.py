@@ -20,7 +20,7 @@ from cache_writer.text_source import iter_sequences, open_documents
 from pipeline import distributed
 from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
-from pipeline.lock import DirLock
+from pipeline.lock import DirLock, refuse_inside_cache
 from pipeline.manifest import MANIFEST_FILE, read_manifest
 from pipeline.transfer import to_device
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
@@ -142,6 +142,7 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
     # they are committed (a resumed run resumes the upload: what the Hub has is skipped).
     out = Path(os.environ.get("SAE_PIPELINE_HUB_STAGING", "caches/hub")) / repo.replace("/", "--") if repo \
         else Path(cfg.out)
+    refuse_inside_cache(out, itself=False)  # the cache itself: --resume extends it
     n_target = math.ceil(cfg.tokens / cfg.context_size)
     if cfg.eval_fraction > 0 and n_target < 2:
         raise PipelineError(

@@ -1,5 +1,5 @@
-"""The folders a command writes: made (`make_dir`) and held by a lock file that keeps two processes
-from writing one at once (`DirLock`).
+"""The folders a command writes: made (`make_dir`), never inside a cache (`refuse_inside_cache`),
+and held by a lock file that keeps two processes from writing one at once (`DirLock`).
 
 Two `pipeline train` runs on one run folder (or two sweeps, or two cache writers) would interleave
 their checkpoints and metrics lines. The first takes `DIR/.pipeline.lock` (created exclusively,
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST_FILE
 
 LOCK_FILE = ".pipeline.lock"
 
@@ -46,6 +47,18 @@ def _stale(holder: dict) -> bool:
     if not isinstance(holder.get("pid"), int):
         return True
     return holder.get("host") == socket.gethostname() and not _alive(holder["pid"])
+
+
+def refuse_inside_cache(path: str | Path, option: str = "--out", itself: bool = True) -> None:
+    """Refuse to write into a cache (`itself`: `path` being one counts too): a run among its shards
+    would make `pipeline verify` call it BAD, and a cache inside a cache would be pushed with it."""
+    path = Path(path)
+    here = path.absolute()
+    for folder in ((here,) if itself else ()) + tuple(here.parents):
+        if (folder / MANIFEST_FILE).is_file() and (folder / "hooks").is_dir():
+            what = "is the cache" if folder == here else f"is inside the cache {folder}"
+            raise PipelineError(f"{option} {path} {what}; a cache's folder holds only its own files: choose a "
+                                "folder outside it")
 
 
 def holds_nothing(path: Path) -> bool:

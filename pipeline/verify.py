@@ -53,7 +53,7 @@ def manifest_problems(path: Path, manifest: dict, bad: set[tuple[str, str]] = fr
 
 def consistency_problems(path: Path, manifest: dict) -> list[str]:
     """What the manifest and the directory listing say against each other, with no shard read: gaps
-    in shard names, files the manifest does not list (in a complete cache), totals and
+    in shard names, files and folders the manifest does not list (in a complete cache), totals and
     statistics that do not add up. A partial pull is a range of shards with the full cache's
     statistics: names and statistics are not checked."""
     problems = []
@@ -70,6 +70,8 @@ def consistency_problems(path: Path, manifest: dict) -> list[str]:
             problems += _name_gaps(split, [s["name"] for s in shards])
         if manifest["complete"] and not partial:  # a pull leaves out (and may keep) shards that failed
             problems += _unlisted_files(path, manifest, split)
+    if manifest["complete"] and not partial:
+        problems += _unlisted_folders(path, manifest)
     if not partial:
         rows = manifest["splits"]["train"]["rows"]
         for hook, h in manifest["hooks"].items():
@@ -94,6 +96,27 @@ def refuse_inconsistent(path: str | Path) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CacheFormatError(f"cache {path} contradicts its manifest: {problems[0]}{more}; "
                                f"`pipeline verify {path}` lists every problem")
+
+
+def _unlisted_folders(path: Path, manifest: dict) -> list[str]:
+    """Folders where a cache has only its own: a run or a cache written inside it (`--out` into a
+    cache). Files at the top (a Hub card) and hidden folders (the Hub's download cache) are left be."""
+    from pipeline.writer import PARTS_DIR  # here: `pipeline info` and `verify` load no torch before they must
+
+    expected = {"": {"hooks", "tokens", PARTS_DIR}, "hooks": set(manifest["hooks"]),
+                "tokens": set(SPLITS) if manifest["has_tokens"] else set()}
+    expected.update({f"hooks/{h}": set(SPLITS) for h in manifest["hooks"]})
+    problems = []
+    for where, names in expected.items():
+        directory = path / where
+        if not directory.is_dir():
+            continue
+        for entry in sorted(directory.iterdir()):
+            if entry.is_dir() and entry.name not in names and not (where == "" and entry.name.startswith(".")):
+                rel = f"{where}/{entry.name}" if where else entry.name
+                problems.append(f"{rel}/ is a folder the cache does not have (something written inside the "
+                                "cache: move it out)")
+    return problems
 
 
 def _name_gaps(split: str, names: list[str]) -> list[str]:

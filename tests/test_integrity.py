@@ -216,6 +216,17 @@ def test_train_and_sweep_refuse_a_cache_verify_calls_bad_for_its_manifest(tmp_pa
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
+def test_verify_names_folders_written_inside_a_cache(tmp_path):
+    c = tmp_path / "c"
+    id_cache(c, "zarr")
+    for inside in ("topk-d16-k2", "hooks/topk-d16-k2", "hooks/x/inner"):
+        (c / inside).mkdir()
+    text = "\n".join(verify_cache(c)[0])
+    for inside in ("topk-d16-k2", "hooks/topk-d16-k2", "hooks/x/inner"):
+        assert f"{inside}/ is a folder the cache does not have (something written inside the cache: move it out)" \
+            in text, text
+
+
 # ----------------------------------------------------------------- 3. the manifest's schema
 
 

@@ -1,6 +1,7 @@
-"""The folders commands write. Two processes on one folder: `pipeline train` holds its run folder,
-`pipeline sweep` its sweep folder and `pipeline cache` the cache it writes; a second is refused in one line naming the holder,
-a dead holder's lock is taken over with a note, and the lock goes when the command ends."""
+"""The folders commands write. Two processes on one folder: `pipeline train` holds its run folder, `pipeline sweep` its sweep
+folder and `pipeline cache` the cache it writes; a second is refused in one line naming the holder,
+a dead holder's lock is taken over with a note, and the lock goes when the command ends. No
+command writes inside a cache."""
 
 from __future__ import annotations
 
@@ -109,3 +110,20 @@ def test_a_refused_command_leaves_no_folder_it_made_and_a_file_in_the_way_is_one
                                             "is a file; choose another --out"):
         DirLock(tmp_path / "file" / "r", "x").acquire()
 
+
+def test_output_inside_a_cache_is_refused_in_one_line(cache, tmp_path):
+    from cache_writer.run import CacheConfig, run_cache
+    from trainer.sweep import run_sweep
+
+    with pytest.raises(PipelineError, match=rf"^--out {cache} is the cache; a cache's folder holds only its own"):
+        train(cache, cache)
+    inner = cache / "hooks"
+    with pytest.raises(PipelineError, match=rf"^--out {inner} is inside the cache {cache}; .* choose a folder "
+                                            "outside it$"):
+        train(cache, inner)
+    with pytest.raises(PipelineError, match=rf"^--out {inner / 'x' / 'inner'} is inside the cache {cache}"):
+        run_cache(CacheConfig(out=str(inner / "x" / "inner"), tokens=4000), progress=False)
+    with pytest.raises(PipelineError, match=rf"^--out {inner} is inside the cache {cache}"):
+        run_sweep({"base": {"cache": str(cache), "out": str(inner), "d_sae": 32, "wandb": False},
+                   "sweep": {"k": [2, 4]}}, {})
+    assert sorted(p.name for p in inner.iterdir()) == ["x"]  # nothing written

@@ -29,7 +29,7 @@ from pipeline import distributed
 from pipeline.config import check_fields, exclusive_fields, layer, load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
-from pipeline.lock import DirLock
+from pipeline.lock import DirLock, refuse_inside_cache
 from pipeline.verify import refuse_inconsistent
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
@@ -209,6 +209,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     d_in = dict(open_source(cfg0.cache).hooks)
     plan = plan_sweep(spec, overrides, name, d_in)
     base, out = plan.base, Path(plan.base.out)
+    refuse_inside_cache(out)
     if base.ddp:
         raise PipelineError("a sweep spreads its SAEs over the ranks and trains each in one process; "
                             "drop ddp (it is for `pipeline train`)")
