@@ -304,11 +304,30 @@ def _resume_command() -> str:
     return shlex.join(prog + args)
 
 
+RESUMABLE = ("cache", "train", "sweep")
+"""Commands that `--resume` continues."""
+
+
+def _stopped_line(signum: int) -> str:
+    """What a signal outside a training loop's own handling leaves: before a run starts, during its
+    export, in any other command."""
+    import signal
+
+    line = f"stopped ({signal.Signals(signum).name})"
+    if len(sys.argv) > 1 and sys.argv[1] in RESUMABLE:
+        return f"{line}; what was finished is kept; rerun with: {_resume_command()}"
+    return line
+
+
 def main() -> None:
+    import signal
+
+    from pipeline.errors import Stopped, raise_stopped
     from pipeline.malloc import tune_malloc
     from trainer.interrupt import Interrupted
 
     tune_malloc()
+    previous = signal.signal(signal.SIGTERM, raise_stopped)  # a training loop takes it over while it runs
     try:
         app()
     except PipelineError as e:
@@ -317,6 +336,11 @@ def main() -> None:
     except Interrupted as e:
         typer.echo(f"{e}; resume with: {_resume_command()}" if e.checkpoint else str(e), err=True)
         sys.exit(e.exit_code)
+    except Stopped as e:
+        typer.echo(_stopped_line(e.signum), err=True)
+        sys.exit(128 + e.signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,38 @@ def test_a_first_signal_stops_after_the_item_a_second_aborts(monkeypatch):
         stop.end(1, Path("x"), 9)
     assert e.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGINT) == before_int
+
+
+class Unhandled(Exception):
+    """SIGTERM reached the test's own handler: the command line left it unhandled."""
+
+
+@pytest.mark.parametrize("when", ["refuse_inconsistent", "finish_export"])
+def test_sigterm_before_the_loop_or_during_the_export_is_one_line(tmp_path, monkeypatch, capsys, when):
+    """Outside the training loop (its first second, the final export) SIGTERM stops the command where
+    it is: locks are given back and one line says how to continue, exit status 143."""
+    import trainer.run
+    from pipeline.cli import main
+
+    sparse_cache(tmp_path / "c", rows=2000)
+    monkeypatch.setattr(trainer.run, when, lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    argv = ["pipeline", "train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"), "--name", "r",
+            "--d-sae", "32", "--k", "2", "--batch-size", "200", "--tokens", "800", "--no-wandb"]
+    monkeypatch.setattr(sys, "argv", argv)
+
+    def unhandled(signum, frame):
+        raise Unhandled()
+
+    previous = signal.signal(signal.SIGTERM, unhandled)  # the default would end pytest itself
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main gives the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143
+    assert capsys.readouterr().err == f"stopped (SIGTERM); what was finished is kept; rerun with: " \
+                                      f"{shlex.join(argv + ['--resume'])}\n"
+    run = tmp_path / "r" / "r"
+    assert not (run / LOCK_FILE).exists() and run.is_dir() == (when == "finish_export")
+    assert (run / "checkpoint").is_dir() == (when == "finish_export")
