@@ -5,6 +5,7 @@ Each command imports its stage lazily, so `pipeline info` never loads a model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from typing import Any, List, Optional
@@ -68,15 +69,12 @@ def cache(**options) -> None:
               [IMPORT, CONFIG_FILE])
 def train(**options) -> None:
     """Stage 2: train an SAE from a cache; export it in SAELens's format."""
-    import importlib
-
     from pipeline.config import build_config, parse_kwargs
     from trainer.run import TrainConfig, run_train
 
     overrides = dict(options)
     overrides["arch_options"] = parse_kwargs(overrides["arch_options"], "--arch-options")
-    for name in overrides.pop("import_module") or []:
-        importlib.import_module(name)
+    _import(overrides.pop("import_module"))
     config = overrides.pop("config")
     metrics = run_train(build_config(TrainConfig, config, overrides, section="train"))
     ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
@@ -86,6 +84,19 @@ def train(**options) -> None:
 
 SWEEP_OPTIONS = ("cache", "out", "tokens", "batch_size", "expansion_factor", "device", "resident", "precision", "kernels",
                  "resume", "wandb", "skip_bad_shards")
+
+
+def _import(modules: list[str] | None) -> None:
+    """The modules of `--import` (they register architectures); a missing one is one line."""
+    import importlib
+
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            where = "" if e.name == name else f" (it imports {e.name}, which is not installed)"
+            raise PipelineError(f"--import {name}: no module {e.name!r}{where}; give a module on PYTHONPATH "
+                                "or in the current folder, e.g. --import mymodule for mymodule.py") from None
 
 
 def _param(name: str, kind: type, option: Any) -> inspect.Parameter:
@@ -112,13 +123,11 @@ def sweep(**options) -> None:
 
     An option given here overrides the TOML's [base] and every run; the defaults shown apply where neither sets it.
     """
-    import importlib
     from pathlib import Path
 
     from trainer.sweep import load_sweep_spec, run_sweep
 
-    for module in options["import_module"] or []:
-        importlib.import_module(module)
+    _import(options["import_module"])
     config, cache, out = options["config"], options["cache"], options["out"]
     spec = load_sweep_spec(config)
     overrides = {k: options[k] for k in SWEEP_OPTIONS if options[k] is not None}
@@ -186,6 +195,10 @@ def report(
     """Stage 2: a static HTML page to look at an SAE (densities, L0, logit effects, top contexts per latent),
     or at a sweep (runs table, Pareto plots, training curves, links to each run's page)."""
     overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
+    from pipeline.lock import refuse_file_in_way
+
+    if out is not None:  # before minutes of work, not at the end
+        refuse_file_in_way(out)
     from analysis.report import ReportConfig, build_report, parse_latents
     from analysis.sweep_report import SweepReportConfig, build_sweep_report, is_sweep_dir
 
@@ -273,7 +286,8 @@ def push(
             typer.echo(f"commit {i + 1}: {len(commit.files)} files, {commit.bytes / 2**20:,.2f} MiB  {commit.message}")
         typer.echo(plan.card)
         return
-    plan = hub.push(path, repo_id, private=private, revision=revision, config=config, log=typer.echo)
+    with _network("push"):
+        plan = hub.push(path, repo_id, private=private, revision=revision, config=config, log=typer.echo)
     kind = "datasets" if hub.is_cache(path) else ""
     url = f"https://huggingface.co/{kind + '/' if kind else ''}{repo_id}"
     typer.echo(f"pushed {path} to {url}: {len(plan.files)} files sent, {len(plan.skipped)} already there")
@@ -291,7 +305,24 @@ def pull(
     """Download a cache, or some hooks / one split / a shard range of it, checksum-verified."""
     from pipeline.hub import pull_cache
 
-    pull_cache(repo_id, out, hooks=hook or None, split=split, shards=shards, revision=revision, log=typer.echo)
+    with _network("pull"):
+        pull_cache(repo_id, out, hooks=hook or None, split=split, shards=shards, revision=revision, log=typer.echo)
+
+
+@contextlib.contextmanager
+def _network(action: str):
+    """A push or pull: refused at once without a network, one line when the connection breaks."""
+    from pipeline.hub.common import check_reachable, is_network_error
+
+    check_reachable(action)
+    try:
+        yield
+    except Exception as e:
+        if not is_network_error(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"the connection to the Hub failed during the {action} ({first}); rerun the same "
+                            "command to resume: what arrived is kept") from None
 
 
 def _resume_command() -> str:

@@ -16,9 +16,13 @@ T = TypeVar("T")
 
 def load_toml(path: str | Path) -> dict:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 TOML") from None
+    except OSError as e:  # a folder, no permission
+        raise PipelineError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"config file {path} is not valid TOML: {e}") from None
 

@@ -66,13 +66,18 @@ def holds_nothing(path: Path) -> bool:
     return not path.exists() or all(p.name == LOCK_FILE for p in path.iterdir())
 
 
+def refuse_file_in_way(path: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, a folder to write that a file stands in the way of (`--out FILE`)."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise PipelineError(f"cannot make the folder {path}: {blocker} is a file; choose another {option}")
+
+
 def make_dir(path: Path) -> None:
     """`mkdir -p path`, refused in one line where a file stands in its way (`--out FILE`)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
-        raise PipelineError(f"cannot make the folder {path}: {blocker} is a file; choose another --out") from None
+    refuse_file_in_way(path)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 class DirLock:

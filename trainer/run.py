@@ -20,7 +20,7 @@ from pipeline import __version__, distributed
 from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, LoaderState, open_source
-from pipeline.lock import DirLock, refuse_inside_cache
+from pipeline.lock import DirLock, refuse_file_in_way, refuse_inside_cache
 from pipeline.manifest import manifest_hash
 from pipeline.verify import refuse_inconsistent
 from trainer.checkpoint import CHECKPOINT
@@ -431,6 +431,7 @@ def run_train(cfg: TrainConfig) -> dict:
     main = ddp is None or ddp.rank == 0
     refuse_inconsistent(cfg.cache)
     refuse_inside_cache(cfg.out)
+    refuse_file_in_way(cfg.out)
     hooks = cfg.hook if cfg.hook_out is None else [cfg.hook, cfg.hook_out]
     if cfg.hook_out is not None:
         have = open_source(cfg.cache).hooks

@@ -29,7 +29,7 @@ from pipeline import distributed
 from pipeline.config import check_fields, exclusive_fields, layer, load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
-from pipeline.lock import DirLock, refuse_inside_cache
+from pipeline.lock import DirLock, refuse_file_in_way, refuse_inside_cache
 from pipeline.verify import refuse_inconsistent
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
@@ -210,6 +210,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     plan = plan_sweep(spec, overrides, name, d_in)
     base, out = plan.base, Path(plan.base.out)
     refuse_inside_cache(out)
+    refuse_file_in_way(out)
     if base.ddp:
         raise PipelineError("a sweep spreads its SAEs over the ranks and trains each in one process; "
                             "drop ddp (it is for `pipeline train`)")
