@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
 from analysis.inference import LoadedSAE, load_sae, split_chunks
@@ -79,6 +80,10 @@ class ReportConfig:
     also the model itself."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
+
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("n_latents", "contexts", "max_rows", "chunk_rows"),
+                    non_negative=("left", "right", "ce_contexts"))
 
 
 # ------------------------------------------------------------------------------ the streaming pass

@@ -20,20 +20,21 @@ def cache(tmp_path_factory):
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """`cli(*args)` runs `pipeline ARGS` in this process: (exit status, stderr)."""
+    """`cli(*args)` runs `pipeline ARGS` in this process: (exit status, stderr, stdout)."""
     from pipeline.cli import main
 
-    def run(*args: str) -> tuple[int, str]:
+    def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["pipeline", *map(str, args)])
         with pytest.raises(SystemExit) as e:
             main()
-        return e.value.code, capsys.readouterr().err
+        captured = capsys.readouterr()
+        return e.value.code, captured.err, captured.out
 
     return run
 
 
-def one_line(result: tuple[int, str], *fragments: str) -> None:
-    code, err = result
+def one_line(result: tuple[int, str, str], *fragments: str) -> None:
+    code, err, _ = result
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     for fragment in fragments:
@@ -94,3 +95,43 @@ def test_push_and_pull_without_a_network_are_one_line_at_once(cli, cache, tmp_pa
     monkeypatch.setattr(pipeline.hub, "push", broken)
     one_line(cli("push", cache, "org/x"), "the connection to the Hub failed during the push ([Errno 104] Connection "
                                           "reset by peer); rerun the same command to resume")
+
+
+# ------------------------------------------------------------------------------- accepted bad values
+
+
+def test_values_a_run_cannot_use_are_refused(cli, cache, tmp_path):
+    train = ["train", "--cache", cache, "--out", tmp_path, "--no-wandb"]
+    one_line(cli(*train, "--lr", "-1"), "--lr must be a number > 0, got -1.0")
+    one_line(cli(*train, "--lr", "0"), "--lr must be a number > 0, got 0.0")
+    one_line(cli(*train, "--max-grad-norm", "0"), "--max-grad-norm must be a number > 0")
+    one_line(cli(*train, "--l1", "-0.5", "--arch", "standard"), "--l1 must be a number >= 0")
+    one_line(cli(*train, "--eval-every", "30", "--log-every", "20"),
+             "--eval-every 30 must be a multiple of --log-every 20 (evaluations run at logging steps); "
+             "e.g. --eval-every 40")
+    one_line(cli("report", tmp_path, "--cache", cache, "--n-latents", "-1"), "--n-latents must be a number > 0, got -1")
+    one_line(cli("report", tmp_path, "--cache", cache, "--contexts", "0"), "--contexts must be a number > 0, got 0")
+    assert not any(tmp_path.iterdir())
+
+
+def test_checkpoint_every_0_says_what_it_does():
+    from pipeline.cli_options import config_fields
+
+    doc = next(f.doc for f in config_fields("trainer.run", "TrainConfig") if f.name == "checkpoint_every")
+    assert doc == "Steps between resume checkpoints (one is also written at the end; 0: only that one)."
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_fresh(cli, cache, tmp_path):
+    code, err, out = cli("train", "--cache", cache, "--out", tmp_path, "--name", "r", "--d-sae", 32, "--k", 2,
+                         "--batch-size", 200, "--tokens", 400, "--no-wandb", "--resume")
+    assert code == 0, err
+    assert f"--resume: no checkpoint in {tmp_path / 'r'}; starting a fresh run\n" in out
+    toml = tmp_path / "s.toml"
+    toml.write_text('[sweep]\nk = [2, 4]\n')
+    code, err, out = cli("sweep", "--config", toml, "--cache", cache, "--out", tmp_path / "s", "--batch-size", 200,
+                         "--tokens", 400, "--no-wandb", "--resume")
+    assert code == 0, err
+    assert f"--resume: no checkpoint in {tmp_path / 's' / '_sweep'}; starting a fresh run\n" in out
+    code, err, out = cli("train", "--cache", cache, "--out", tmp_path, "--name", "r", "--d-sae", 32, "--k", 2,
+                         "--batch-size", 200, "--tokens", 600, "--no-wandb", "--resume")
+    assert code == 0 and "starting a fresh run" not in out  # a checkpoint to resume: no such line

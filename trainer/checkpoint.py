@@ -64,6 +64,11 @@ def save_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], state: dic
     return final
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a checkpoint that `load_checkpoint` resumes (.old included)."""
+    return any((Path(run_dir) / name / "state.json").is_file() for name in (CHECKPOINT, CHECKPOINT + ".old"))
+
+
 def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: dict) -> dict | None:
     """Restore a checkpoint into each (model, optimizer) of `stacks`; returns its state, or None if
     there is none.

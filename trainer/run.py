@@ -23,7 +23,7 @@ from pipeline.loader import ActivationLoader, LoaderState, open_source
 from pipeline.lock import DirLock, refuse_file_in_way, refuse_inside_cache
 from pipeline.manifest import manifest_hash
 from pipeline.verify import refuse_inconsistent
-from trainer.checkpoint import CHECKPOINT
+from trainer.checkpoint import CHECKPOINT, has_checkpoint
 from trainer.registry import get_architecture
 from trainer.sae_topk import dead_tokens_threshold_for
 from trainer.stack import StackedSAE
@@ -115,7 +115,7 @@ class TrainConfig:
     eval_tokens: int = 65_536
     """Eval-split rows used by the evaluations during training (the final one uses the whole split)."""
     checkpoint_every: int = 200
-    """Steps between resume checkpoints (one is also written at the end)."""
+    """Steps between resume checkpoints (one is also written at the end; 0: only that one)."""
     n_snapshots: int = 0
     """Extra SAEs kept along the run (OUT/<name>/checkpoints/<tokens>/, SAELens format)."""
     snapshot_spacing: str = "log"
@@ -140,9 +140,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_sizes(self, positive=("d_sae", "k", "initial_k", "batch_size", "tokens", "log_every",
-                                     "eval_tokens", "target_l0"),
+                                     "eval_tokens", "target_l0", "lr", "max_grad_norm"),
                     non_negative=("k_anneal_steps", "l1_warmup_steps", "l0_warmup_steps", "lr_warmup_steps",
-                                  "eval_every", "checkpoint_every", "n_snapshots"))
+                                  "eval_every", "checkpoint_every", "n_snapshots", "l1", "l0"))
+        if self.eval_every and isinstance(self.log_every, int) and self.eval_every % self.log_every:
+            fit = max(self.log_every, round(self.eval_every / self.log_every) * self.log_every)
+            raise PipelineError(f"--eval-every {self.eval_every} must be a multiple of --log-every {self.log_every} "
+                                f"(evaluations run at logging steps); e.g. --eval-every {fit}")
 
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
@@ -365,6 +369,13 @@ def warn_if_incomplete(source, cache: str) -> None:
                             "--resume` with the same options finishes it", markup=False, highlight=False)
 
 
+def say_if_fresh(folder: Path) -> None:
+    """One line when --resume finds no checkpoint in `folder`: the run starts from step 0."""
+    if not has_checkpoint(folder):
+        log_console().print(f"--resume: no checkpoint in {folder}; starting a fresh run", markup=False,
+                            highlight=False)
+
+
 def resolved_lr(cfg: TrainConfig) -> float:
     """The run's Adam lr: as given, or the default for its width."""
     return default_lr(cfg.d_sae) if cfg.lr is None else cfg.lr
@@ -465,6 +476,8 @@ def run_train(cfg: TrainConfig) -> dict:
         if (out / CHECKPOINT).exists() and not cfg.resume:
             raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
                                 "or choose another --out or --name")
+        if cfg.resume and main:
+            say_if_fresh(out)
         init_cfg = (init_from(model, cfg.init_from, input_scale=scale, output_scale=out_scale) if cfg.init_from
                     else None)
         model = model.to(device)

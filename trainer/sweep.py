@@ -39,7 +39,7 @@ from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, stack_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
                          export_metadata, finish_export, relevant_field, resolve_target, resolve_width, resolved_lr,
-                         run_config, sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
+                         run_config, say_if_fresh, sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
 from trainer.target_l0 import COEFFICIENTS, final_coefficients
 from trainer.train import LoopConfig, Stack, StackTrainer, fit
 
@@ -259,6 +259,8 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     with DirLock(sweep_dir, "pipeline sweep"):
         if (sweep_dir / CHECKPOINT).exists() and not base.resume:
             raise PipelineError(f"{out} holds a sweep checkpoint; pass --resume to continue it or choose another --out")
+        if base.resume and rank == 0:
+            say_if_fresh(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         parts = {f"s{i}": (s.trainer.model, s.trainer.opt) for i, s in enumerate(stacks)}
         # One flat dict, so a mismatch is named as `<run>.<field>`; runs in stack order (the checkpoint's).
