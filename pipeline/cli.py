@@ -350,8 +350,20 @@ def _stopped_line(signum: int) -> str:
     return line
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one plain line (Python's own format adds file:line, the category and the
+    warning's source line: three lines of which one says something to a user)."""
+    typer.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
     import signal
+    import warnings
+
+    try:  # typer keeps its own copy of click since 0.2x
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
     from pipeline.errors import Stopped, raise_stopped
     from pipeline.malloc import tune_malloc
@@ -359,8 +371,24 @@ def main() -> None:
 
     tune_malloc()
     previous = signal.signal(signal.SIGTERM, raise_stopped)  # a training loop takes it over while it runs
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line
     try:
-        app()
+        # Not standalone: click would draw a usage error in a box of wrapped lines; ours is one line.
+        code = app(standalone_mode=False)
+    except UsageError as e:
+        if isinstance(e, NoArgsIsHelpError):  # bare `pipeline`: the help, as before
+            typer.echo(e.ctx.get_help())
+            sys.exit(0)
+        where = e.ctx.command_path if e.ctx else "pipeline"
+        typer.echo(f"error: {e.format_message().rstrip('.')}; see `{where} --help`", err=True)
+        sys.exit(2)
+    except ClickException as e:  # a file option's open failing, and the like
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # Ctrl-C outside a training loop
+        typer.echo(_stopped_line(signal.SIGINT), err=True)
+        sys.exit(128 + signal.SIGINT)
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -372,6 +400,8 @@ def main() -> None:
         sys.exit(128 + e.signum)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

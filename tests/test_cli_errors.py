@@ -135,3 +135,29 @@ def test_resume_with_nothing_to_resume_says_it_starts_fresh(cli, cache, tmp_path
     code, err, out = cli("train", "--cache", cache, "--out", tmp_path, "--name", "r", "--d-sae", 32, "--k", 2,
                          "--batch-size", 200, "--tokens", 600, "--no-wandb", "--resume")
     assert code == 0 and "starting a fresh run" not in out  # a checkpoint to resume: no such line
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("args,says", [
+    (["train", "--tokens", "abc"], "Invalid value for '--tokens': "),
+    (["train", "--lr", "fast"], "Invalid value for '--lr': "),
+    (["sweep", "--config", "x.toml", "--batch-size", "1.5"], "Invalid value for '--batch-size': "),
+    (["report", "x", "--n-latents", "many"], "Invalid value for '--n-latents': "),
+    (["train", "--nope"], "No such option: --nope"),
+    (["nope"], "No such command 'nope'"),
+    (["info"], "Missing argument 'path'"),
+])
+def test_a_wrong_type_or_unknown_option_is_one_line_not_a_usage_box(cli, args, says):
+    code, err, out = cli(*args)
+    assert code == 2 and out == "", out
+    assert err.count("\n") == 1 and err.startswith(f"error: {says}") and "--help`" in err, err
+    assert not set(err) & set("╭│╰─"), err
+
+
+def test_bare_pipeline_and_help_still_show_the_help(cli):
+    code, err, out = cli()
+    assert code == 0 and "Usage:" in out and "train" in out and err == ""
+    code, err, out = cli("train", "--help")
+    assert code == 0 and "--tokens" in out
