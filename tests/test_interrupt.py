@@ -74,6 +74,8 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_equals_a_straight_one(tmp_path):
 
     more = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
+    said = more.stdout.splitlines()
+    assert any(x.startswith(f"resumed from step {stopped} of 200 (") for x in said[:3]), said[:3]  # before any step
     assert steps(run / "metrics.jsonl") == list(range(5, 201, 5))  # no step twice, none missing
     a = load_file(str(tmp_path / "a" / "topk-d2048-k3" / "sae_weights.safetensors"))
     b = load_file(str(run / "sae_weights.safetensors"))

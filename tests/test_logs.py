@@ -36,6 +36,7 @@ def test_train_and_sweep_logs_in_a_file_fit_100_columns_with_whole_tables_and_qu
                     'tokens = 20000\nlog_every = 10\nlr = 3e-3\n'
                     '[sweep]\narch = ["topk", "standard"]\nk = [3, 6]\nl1 = [0.5, 10.0]\n')
     lines = run_logged([sys.executable, "-m", "pipeline", "sweep", "--config", str(toml)], tmp_path, "sweep")
+    assert lines[0] == "sweep: 20 steps, 20k tokens"  # at once: a short sweep logs its first line at its end
     table = lines[lines.index(next(x for x in lines if x.startswith("sweep summary"))):]
     logs = lines[: len(lines) - len(table)]
     long = [x for x in logs if len(x) > 100 and str(tmp_path) not in x]
@@ -85,3 +86,18 @@ def test_info_in_a_file_prints_whole_tables(tmp_path):
     lines = run_logged([sys.executable, "-m", "pipeline", "info", str(deep)], tmp_path, "info")
     assert any(str(deep) in x for x in lines), lines
     assert not any("…" in x for x in lines), lines
+
+
+def test_a_heartbeat_prints_at_once_then_on_time_even_while_the_work_blocks(capsys):
+    import time
+
+    from pipeline.console import Heartbeat, Status
+
+    status = Status("work: starting")
+    with Heartbeat(status.line, every=0.1) as beat:
+        status.set("work: 1/2 steps")
+        time.sleep(0.55)  # one step that blocks, as a forward pass does
+        beat.beat()  # a line printed by other means: the next comes `every` after it
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "work: starting (0:00 in)"
+    assert 3 <= len(lines) <= 7 and set(lines[1:]) == {"work: 1/2 steps (0:00 in)"}, lines  # every 0.1 s

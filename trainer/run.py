@@ -504,7 +504,7 @@ def run_train(cfg: TrainConfig) -> dict:
             export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
                            input_scale=scale, output_scale=out_scale)
 
-        console = ConsoleLog(cfg.tokens, description=name) if main else None
+        console = ConsoleLog(cfg.tokens, description=name, total_steps=steps) if main else None
         wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out],
                               resume=cfg.resume and (out / CHECKPOINT).exists())
                      if cfg.wandb and main else None)
@@ -520,7 +520,8 @@ def run_train(cfg: TrainConfig) -> dict:
                                eval_every=cfg.eval_every, log=log if main else None, run_dir=out,
                                checkpoint_every=cfg.checkpoint_every, config=identity,
                                snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
-                               snapshot=snapshot if main else None, ddp=ddp)
+                               snapshot=snapshot if main else None, ddp=ddp,
+                               progress=console.progress if console else None)
             if not main:  # rank 0 evaluates and exports the (identical) weights
                 return {**last, "run_dir": str(out)}
             console.close()

@@ -277,7 +277,9 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
             d.mkdir(parents=True, exist_ok=True)
             truncate_metrics(d / "metrics.jsonl", tokens)  # lines past the checkpoint come again
         all_runs = [r for s in stacks for r in s.runs]
-        console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
+        console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs],
+                             total_steps=max(math.ceil(r.tokens / base.batch_size) for r in all_runs))
+        console.progress(max(s.trainer.step for s in stacks), tokens)
         wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs],
                               [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name,
                               resume=bool(resumed)) if base.wandb else None)
@@ -299,7 +301,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
             tokens = fit(stacks, loader, log_every=base.log_every, on_log=on_log, init=not resumed, tokens=tokens,
                          evaluator=(lambda st: evaluate(st.trainer.model, held[st.hook])[0]) if held else None,
                          eval_every=base.eval_every, checkpoint=checkpoint, checkpoint_every=base.checkpoint_every,
-                         checkpoint_path=sweep_dir / CHECKPOINT, max_steps=max_steps)
+                         checkpoint_path=sweep_dir / CHECKPOINT, max_steps=max_steps, after=console.progress)
             console.close()
             rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, evaluate_runs)
             if wandb_log:

@@ -359,7 +359,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
                 checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None,
                 snapshot_steps: Sequence[int] = (), snapshot: Callable[[StackedSAE, int, int], None] | None = None,
-                ddp: "DataParallel | None" = None) -> dict:
+                ddp: "DataParallel | None" = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Train every run of `model` on each batch (`fit` with one stack); returns the last metrics
     (lists per run).
 
@@ -369,7 +369,8 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     then have `state_dict`/`load_state_dict` (as `ActivationLoader`) and training continues exactly
     where it stopped. `max_steps` stops early. `evaluator(model)` runs every `eval_every` steps
     (at a logging step) and its dict joins that line. `snapshot(model, step, tokens)` is called
-    after each step in `snapshot_steps` (exports kept along the way). With `ddp`, every rank calls
+    after each step in `snapshot_steps` (exports kept along the way). `progress(step, tokens)` hears
+    where the loop is, before the first step (a resume's) and after every step. With `ddp`, every rank calls
     this on its part of each global batch (trainer.distributed); rank 0 alone writes the checkpoints,
     and the caller gives the other ranks no log, metrics file, evaluator or snapshot.
 
@@ -387,6 +388,8 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
             batches.load_state_dict(resumed["loader"])
         trainer.load_state(resumed, resumed["tensors"].get(""))
         tokens = resumed["tokens"]
+    if progress is not None:
+        progress(trainer.step, tokens)
     if cfg.metrics_path:  # lines logged after the checkpoint (a kill) are logged again from it
         truncate_metrics(cfg.metrics_path, tokens)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
@@ -412,6 +415,8 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     snapshot_steps = set(snapshot_steps)
 
     def after(step: int, seen: int) -> None:
+        if progress is not None:
+            progress(step, seen)
         if snapshot is not None and step in snapshot_steps:
             snapshot(model, step, seen)
 
