@@ -27,7 +27,9 @@ def test_train_and_sweep_logs_in_a_file_fit_100_columns_with_whole_tables_and_qu
                         "--eval-every", "20", "--out", str(tmp_path / "run")], tmp_path, "train")
     long = [x for x in lines if len(x) > 100 and str(tmp_path) not in x]  # a path is as long as it is
     assert not long, long
-    assert [x.split()[1] for x in lines if x.startswith("step ")] == ["10", "20", "30", "40"]  # one line a step
+    heads = [x for x in lines if x.startswith("step ")]
+    assert [x.split()[1] for x in heads] == ["10/40", "20/40", "30/40", "40/40"]  # one head a step, of the total
+    assert heads[0].split()[2] == "(25%)" and " ETA " in heads[0] and " ETA " not in heads[-1]
     assert sum(x.lstrip().startswith("eval ") for x in lines) == 2  # and one for each evaluation
     assert sum("wandb" in x.lower() for x in lines) <= 1, lines
 
@@ -59,12 +61,14 @@ def test_metric_lines_of_a_large_run_fit_100_columns():
          "explained_variance": [-0.12345] * n, "l0": [1234.56] * n, "dead_fraction": [0.123] * n,
          "dense_fraction": [0.5] * n, "failed": [3]}
     m.update({f"eval_{k}": v for k, v in m.items() if isinstance(v, list) and k != "failed"})
-    lines = metric_lines({k: (v[:1] if isinstance(v, list) and k != "failed" else v) for k, v in m.items()})
-    assert len(lines) == 2 and lines[1].lstrip().startswith("eval")  # one run: its line and its eval line
+    one = metric_lines({k: (v[:1] if isinstance(v, list) and k != "failed" else v) for k, v in m.items()},
+                       total_steps=999_999, total_tokens=4_095_995_904)
+    assert len(one) == 3 and one[2].lstrip().startswith("eval")  # the head, the run's line, its eval line
+    assert one[0] == "step 123456/999999 (12%)   506M tok  1.23M tok/s  ETA 48:28"
     names = ["standard-d16384-l1_10-lr0.0003"] + [f"topk-k{k}" for k in range(1, n)]
-    lines += metric_lines(m, names)
+    lines = one + metric_lines(m, names, total_steps=999_999, total_tokens=4_095_995_904)
     assert max(map(len, lines)) <= 100, [x for x in lines if len(x) > 100]
-    assert "stopped: loss NaN/Inf" in lines[2 + 1 + 2 * 3]
+    assert "stopped: loss NaN/Inf" in lines[3 + 1 + 2 * 3]
 
 
 def test_cache_log_in_a_file_is_whole_lines(tmp_path):

@@ -14,7 +14,7 @@ from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig, TopKSAE
 from trainer.export import export_saelens
 from trainer.train import LoopConfig, lr_factors, run_lengths, train_stack
-from tests.builders import sparse_cache
+from tests.builders import sparse_batches, sparse_cache
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:
@@ -182,6 +182,26 @@ def test_a_run_resumed_off_the_logging_grid_logs_the_fractions_of_a_straight_run
     run("b", max_steps=30)
     assert run("b") == straight
     assert len({m[1][0] for m in straight}) > 1  # the fractions move: the comparison can tell
+
+
+def test_tokens_per_s_is_the_current_speed_not_the_average_since_the_start():
+    """A run that slows down says so at once: each line's tokens/s counts the steps since the last line."""
+    import time
+
+    batches = sparse_batches(20, 100)
+
+    def slow_second_half():
+        for i, b in enumerate(batches):
+            if i >= 10:
+                time.sleep(0.05)
+            yield b
+
+    lines = []
+    train_stack(TopKSAE([TopKConfig(d_in=32, d_sae=64, k=3)]), slow_second_half(),
+                LoopConfig(lr=3e-3, total_steps=20, log_every=10), log=lambda m: lines.append(dict(m)))
+    assert [m["step"] for m in lines] == [10, 20]
+    assert lines[1]["tokens_per_s"] <= 10 * 100 / (10 * 0.05)  # steps 11-20 took >= 0.5 s for 1,000 rows
+    assert lines[0]["tokens_per_s"] > 2 * lines[1]["tokens_per_s"]
 
 
 def test_malloc_tuning_applies_on_glibc(monkeypatch):

@@ -16,7 +16,7 @@ import string
 import time
 from pathlib import Path
 
-from pipeline.console import Heartbeat, log_console
+from pipeline.console import Heartbeat, duration, log_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -41,22 +41,29 @@ def _fields(m: dict, r: int, prefix: str = "") -> str | None:
     return f"mse {mse:#.3g}  EV {ev:.3f}  L0 {l0:.1f}  dead {dead:.1%}  dense {dense:.1%}"
 
 
-def progress_head(step: int, tokens: int, tokens_per_s: float) -> str:
-    """Where a run is: step, tokens and speed."""
-    return f"step {step:>5}  {_short(tokens):>5} tok  {_short(tokens_per_s):>5} tok/s"
+def progress_head(step: int, tokens: int, tokens_per_s: float, total_steps: int | None = None,
+                  total_tokens: int | None = None) -> str:
+    """Where a run is: step of total (percentage), tokens, the current tokens/s and the ETA at that rate."""
+    at = f"step {step:>5}"
+    if total_steps:
+        at += f"/{total_steps} ({step / total_steps:.0%})"
+    head = f"{at}  {_short(tokens):>5} tok  {_short(tokens_per_s):>5} tok/s"
+    if total_tokens and tokens_per_s > 0 and tokens < total_tokens:
+        head += f"  ETA {duration((total_tokens - tokens) / tokens_per_s)}"
+    return head
 
 
-def metric_lines(m: dict, run_names: list[str] | None = None) -> list[str]:
-    """A logging step's console lines: one (step, tokens, speed, metrics) for a single run; a
-    header and one line per run for several; an eval line under a run when `m` has eval metrics.
-    EV is the explained variance; dead and dense are fractions of the latents. Within 100 columns
-    up to 6-digit steps and 30-character run names."""
-    head = progress_head(m["step"], m["tokens"], m.get("tokens_per_s", 0))
+def metric_lines(m: dict, run_names: list[str] | None = None, total_steps: int | None = None,
+                 total_tokens: int | None = None) -> list[str]:
+    """A logging step's console lines: a head (`progress_head`), then a line per run (named when
+    there are several), and an eval line under a run when `m` has eval metrics. EV is the explained
+    variance; dead and dense are fractions of the latents. Within 100 columns up to 6-digit steps
+    and 30-character run names."""
+    lines = [progress_head(m["step"], m["tokens"], m.get("tokens_per_s", 0), total_steps, total_tokens)]
     several = run_names is not None and len(m["mse"]) > 1
     width = max(map(len, run_names)) if several else 0
-    lines = [head] if several else []
     for r in range(len(m["mse"])):
-        lead = f"  {run_names[r]:<{width}}" if several else head
+        lead = f"  {run_names[r]:<{width}}" if several else "  train"
         stopped = r in m.get("failed", [])
         lines.append(f"{lead}  " + ("stopped: loss NaN/Inf, kept at its last good weights" if stopped
                                     else _fields(m, r)))
@@ -108,13 +115,13 @@ class ConsoleLog:
         now = time.perf_counter()
         rate = (tokens - self.window[1]) / max(now - self.window[0], 1e-9)
         self.window = (now, tokens)
-        return progress_head(step, tokens, rate)
+        return progress_head(step, tokens, rate, self.total_steps, self.total_tokens)
 
     def __call__(self, m: dict) -> None:
         self.window = (time.perf_counter(), m["tokens"])
         self.heartbeat.beat()
         self.progress_bar.update(self.task, completed=m["tokens"], rate=f"{m.get('tokens_per_s', 0):,.0f}")
-        for line in metric_lines(m, self.run_names):
+        for line in metric_lines(m, self.run_names, self.total_steps, self.total_tokens):
             self.progress_bar.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:

@@ -300,13 +300,15 @@ def fit(stacks: Sequence[Stack], batches: Iterable, *, log_every: int, on_log: C
     The first batch initialises each stack from the data (`init`, a fresh run). After a step of a
     stack at a logging step (every `log_every`, and the last step of each of its runs) its metrics go
     to `stack.last` (with `evaluator(stack)` every `eval_every` steps), and once per batch with any,
-    `on_log(step, tokens, tokens_per_s)` fans them out (console, JSONL, W&B). When every run of every
+    `on_log(step, tokens, tokens_per_s)` fans them out (console, JSONL, W&B; tokens/s over the steps
+    since the previous line). When every run of every
     stack has diverged (checked at those steps only: a read-back makes the host wait for the GPU),
     `RunDiverged`. `checkpoint(step, tokens)` every `checkpoint_every` steps and at the end (at
     `checkpoint_path`, which Ctrl-C's message names), `after(step, tokens)` after each batch
     (snapshots), `max_steps` stops early. SIGINT/SIGTERM finish the step, checkpoint and stop
     (`signals=False`: data-parallel ranks, which must stop together, leave signals alone)."""
-    t0, start, step = time.perf_counter(), tokens, 0
+    step = 0
+    window = (time.perf_counter(), tokens)  # since the last line: its tokens/s is the current speed, not an average
     stop = StopOnSignal(enabled=signals)
     try:
         for batch in stop.until(batches):
@@ -333,7 +335,9 @@ def fit(stacks: Sequence[Stack], batches: Iterable, *, log_every: int, on_log: C
             tokens += rows * world
             step = max(st.trainer.step for st in stacks)
             if logged:
-                on_log(step, tokens, (tokens - start) / (time.perf_counter() - t0))
+                now = time.perf_counter()
+                on_log(step, tokens, (tokens - window[1]) / (now - window[0]))
+                window = (now, tokens)
                 if all(bool(st.trainer.failed.all()) for st in stacks):
                     raise RunDiverged(f"every run's loss became NaN/Inf by step {step} (lower --lr or check the "
                                       "data); " + (f"the last good checkpoint is in {checkpoint_path.parent}"
