@@ -83,7 +83,7 @@ class EvalConfig:
     pass per batch, the hook zero-ablated at every position as SAEBench ablates."""
 
     def __post_init__(self) -> None:
-        check_sizes(self, positive=("contexts", "batch_size"))
+        check_sizes(self, positive=("contexts", "batch_size", "max_rows"))
 
 
 # ------------------------------------------------------------------------------ model and contexts

@@ -18,7 +18,7 @@ from cache_writer.eval_split import RULE as EVAL_SPLIT_RULE
 from cache_writer.model_adapter import ModelAdapter, load_model
 from cache_writer.text_source import iter_sequences, open_documents
 from pipeline import distributed
-from pipeline.config import check_sizes
+from pipeline.config import check_fraction, check_sizes
 from pipeline.errors import PipelineError
 from pipeline.lock import DirLock, refuse_inside_cache
 from pipeline.manifest import MANIFEST_FILE, read_manifest
@@ -83,8 +83,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         check_sizes(self, positive=("tokens", "context_size", "batch_size", "shard_mb"))
-        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
-            raise PipelineError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction!r}")
+        check_fraction(self.eval_fraction, "--eval-fraction")
 
 
 def default_hook(adapter: ModelAdapter) -> str:

@@ -276,8 +276,13 @@ def push(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what a first push sends (commits, card); send nothing."),
 ) -> None:
     """Upload a cache (dataset repo) or SAEs (model repo, SAELens layout); rerun to resume."""
-    from pipeline import hub
+    from types import SimpleNamespace
 
+    from pipeline import hub
+    from pipeline.config import check_sizes
+
+    check_sizes(SimpleNamespace(max_commit_files=max_commit_files, max_commit_mb=max_commit_mb),
+                positive=("max_commit_files", "max_commit_mb"))
     config = hub.PushConfig(max_commit_files=max_commit_files, max_commit_bytes=int(max_commit_mb * 2**20),
                             verify=verify, overwrite=overwrite)
     if dry_run:

@@ -101,6 +101,12 @@ def parse_kwargs(spec: str | None, option: str = "--model-kwargs") -> dict[str, 
     return out
 
 
+def check_fraction(value: Any, option: str) -> None:
+    """Refuse a fraction outside [0, 1) (a held-out share: 1 would leave nothing to train on)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise PipelineError(f"{option} must be in [0, 1), got {value!r}")
+
+
 def check_sizes(cfg: Any, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:
     """Refuse a config whose sizes cannot be (0 tokens, a negative batch...), naming the option.
     Fields that are None (unset, a default chosen later) pass."""

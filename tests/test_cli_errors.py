@@ -161,3 +161,47 @@ def test_bare_pipeline_and_help_still_show_the_help(cli):
     assert code == 0 and "Usage:" in out and "train" in out and err == ""
     code, err, out = cli("train", "--help")
     assert code == 0 and "--tokens" in out
+
+
+def numeric_options() -> list[tuple[str, list[str], str]]:
+    """(command, its positional arguments as stand-ins, flag) for every int or float option of every command."""
+    import inspect
+    import re
+
+    from pipeline.cli import app
+
+    out = []
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__
+        params = inspect.signature(info.callback).parameters.values()
+        positional = ["x" for p in params if type(p.default).__name__ == "ArgumentInfo"]
+        for p in params:
+            if type(p.default).__name__ != "OptionInfo" or not re.search(r"\b(int|float)\b", str(p.annotation)):
+                continue
+            flags = [d for d in (p.default.param_decls or ()) if d.startswith("--")]
+            out.append((name, positional, flags[0] if flags else "--" + p.name.replace("_", "-")))
+    return out
+
+
+def test_every_numeric_option_of_every_command_refuses_a_word_in_one_line(cli):
+    options = numeric_options()
+    assert {c for c, _, _ in options} >= {"cache", "train", "sweep", "eval", "report", "pretokenize", "push"}
+    assert len(options) >= 40, options  # the walk found them
+    for command, positional, flag in options:
+        code, err, out = cli(command, *positional, flag, "abc")
+        assert code == 2 and err.startswith(f"error: Invalid value for '{flag}'") and err.count("\n") == 1, \
+            (command, flag, err)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["pretokenize", "--out", "OUT", "--context-size", "0"], "--context-size must be a number > 0, got 0"),
+    (["pretokenize", "--out", "OUT", "--max-sequences", "-1"], "--max-sequences must be a number > 0, got -1"),
+    (["pretokenize", "--out", "OUT", "--eval-fraction", "-1"], "--eval-fraction must be in [0, 1), got -1.0"),
+    (["push", "CACHE", "org/x", "--dry-run", "--max-commit-files", "0"], "--max-commit-files must be a number > 0"),
+    (["push", "CACHE", "org/x", "--dry-run", "--max-commit-mb", "-1"], "--max-commit-mb must be a number > 0"),
+    (["eval", "SAE", "--cache", "CACHE", "--max-rows", "-1"], "--max-rows must be a number > 0, got -1"),
+])
+def test_zero_and_negative_sizes_of_the_other_commands_are_one_line(cli, cache, tmp_path, args, says):
+    args = [{"OUT": str(tmp_path / "p"), "CACHE": str(cache), "SAE": str(tmp_path)}.get(a, a) for a in args]
+    one_line(cli(*args), says)
+    assert not (tmp_path / "p").exists()
