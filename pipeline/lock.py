@@ -21,6 +21,8 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import MANIFEST_FILE
 
 LOCK_FILE = ".pipeline.lock"
+TORN_AFTER_S = 5.0
+"""An empty or torn lock file this old is a crash's, not a holder's still being written."""
 
 
 def _alive(pid: int) -> bool:
@@ -42,10 +44,14 @@ def _read(path: Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _stale(holder: dict) -> bool:
-    """A lock whose holder is gone: a dead pid on this host, or a file too torn to name anyone."""
+def _stale(path: Path, holder: dict) -> bool:
+    """A lock whose holder is gone: a dead pid on this host, or a file too torn to name anyone that is
+    not being written this moment (a holder creates it, then writes it)."""
     if not isinstance(holder.get("pid"), int):
-        return True
+        try:
+            return time.time() - path.stat().st_mtime > TORN_AFTER_S
+        except FileNotFoundError:
+            return True
     return holder.get("host") == socket.gethostname() and not _alive(holder["pid"])
 
 
@@ -109,12 +115,13 @@ class DirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read(self.path)
-                if not _stale(holder):
+                if not _stale(self.path, holder):
                     self._remove_created()
+                    who = {k: holder.get(k, "?") for k in ("pid", "host", "since")}
                     raise PipelineError(
                         f"{self.directory} is in use by {holder.get('command', 'another process')} (pid "
-                        f"{holder['pid']} on {holder.get('host', '?')}, since {holder.get('since', '?')}); wait "
-                        f"for it to end or choose another --out (a dead holder's lock: delete {self.path})")
+                        f"{who['pid']} on {who['host']}, since {who['since']}); wait for it to end or choose "
+                        f"another --out (a dead holder's lock: delete {self.path})")
                 self._take_over(holder)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -130,7 +137,7 @@ class DirLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return  # another process took it over first
-        if not _stale(_read(aside)):  # a live holder's lock slipped in between read and rename
+        if not _stale(aside, _read(aside)):  # a live holder's lock slipped in between read and rename
             os.rename(aside, self.path)
             return
         aside.unlink()

@@ -99,6 +99,20 @@ def test_a_sweep_folder_and_a_cache_being_written_are_held_too(cache, tmp_path, 
         run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=4000), progress=False)
 
 
+def test_a_torn_lock_is_a_holder_still_writing_it_until_it_is_old(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    torn = tmp_path / "r" / LOCK_FILE
+    torn.write_text('{"pid": 12')  # a crash mid-write, or a holder between creating and writing it
+    with pytest.raises(PipelineError, match=r"r is in use by another process \(pid \? on \?"):
+        DirLock(tmp_path / "r", "x").acquire()
+    os.utime(torn, (0, 0))  # long ago: a crash's
+    lock = DirLock(tmp_path / "r", "x")
+    lock.acquire()
+    assert "left by an unreadable lock file, which is no longer running" in capsys.readouterr().err
+    lock.release()
+    assert not torn.exists()
+
+
 def test_a_refused_command_leaves_no_folder_it_made_and_a_file_in_the_way_is_one_line(tmp_path, live_pid):
     lock = DirLock(tmp_path / "new" / "run", "x")
     lock.acquire()
