@@ -355,7 +355,8 @@ def _stopped_line(signum: int) -> str:
     return line
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
     """A Python warning as one plain line (Python's own format adds file:line, the category and the
     warning's source line: three lines of which one says something to a user)."""
     typer.echo(f"warning: {message}", err=True)
