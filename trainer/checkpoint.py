@@ -80,13 +80,16 @@ def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: di
         # A kill between save_checkpoint's two renames leaves the previous checkpoint only as .old:
         # named back, so that a resume with no step left to take (no new checkpoint) leaves it right.
         old = Path(run_dir) / (CHECKPOINT + ".old")
-        if not (old / "state.json").is_file():
-            return None
-        if not path.exists():
-            old.rename(path)
-            fsync_dir(Path(run_dir))
-        else:
+        if (old / "state.json").is_file() and not path.exists():
+            try:
+                old.rename(path)
+                fsync_dir(Path(run_dir))
+            except OSError:  # another rank of a data-parallel run named it back first
+                pass
+        if not (path / "state.json").is_file():
             path = old
+            if not (path / "state.json").is_file():
+                return None
     state = json.loads((path / "state.json").read_text())
     for key in sorted(set(config) | set(state.get("config", {}))):
         if key not in ("tokens", "log_every") and config.get(key) != state.get("config", {}).get(key):
