@@ -33,10 +33,11 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from pipeline.console import Heartbeat, Status
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
 from analysis.evaluate_ce import (EvalConfig, evaluate_ce, model_unavailable, output_hook, print_results,
@@ -87,7 +88,8 @@ def _plain_rows(tok: torch.Tensor | None, special: torch.Tensor, n: int, device:
 
 @torch.no_grad()
 def activation_metrics(cache: Cache, sae: LoadedSAE, hook: str, hook_out: str, split: str, special: set[int],
-                       max_rows: int | None, chunk_rows: int, device: str) -> tuple[dict, dict, dict]:
+                       max_rows: int | None, chunk_rows: int, device: str,
+                       progress: Callable[[str], None] | None = None) -> tuple[dict, dict, dict]:
     """(scalar metrics, per-latent `feature_density` and `consistent_activation_heuristic`, counts) of
     the SAE on the split's cached rows whose token is not in `special`, streamed chunk by chunk.
 
@@ -96,10 +98,13 @@ def activation_metrics(cache: Cache, sae: LoadedSAE, hook: str, hook_out: str, s
     hooks = list(dict.fromkeys([hook, hook_out]))
     special_t = torch.tensor(sorted(special), dtype=torch.long, device=device)
     total, n = torch.zeros(sae.d_out, dtype=torch.float64, device=device), 0
+    split_rows = min(sum(s["rows"] for s in cache.shards(split)), max_rows or math.inf)
+    say = progress or (lambda text: None)
     for _, acts, tok in split_chunks(cache, hooks, split, chunk_rows, max_rows):
         x = acts[-1].to(device=device, dtype=torch.float64)[_plain_rows(tok, special_t, len(acts[-1]), device)]
         total += x.sum(0)
         n += len(x)
+        say(f"eval: activation metrics, pass 1 of 2: the mean of {n:,}/{split_rows:,} rows")
     if n == 0:
         raise PipelineError(f"cache {cache.path} has no {split!r} rows of non-special tokens to evaluate on; "
                             "pass --split train")
@@ -120,6 +125,7 @@ def activation_metrics(cache: Cache, sae: LoadedSAE, hook: str, hook_out: str, s
         x = acts[-1].to(device=device, dtype=torch.float32)[keep]
         read += len(acts[0])
         chunks += 1
+        say(f"eval: activation metrics, pass 2 of 2: {read:,}/{split_rows:,} rows ({read / split_rows:.0%})")
         if shard != last_shard:
             count_prompts()
             last_shard = shard
@@ -258,9 +264,11 @@ def _saelens_version() -> str | None:
 
 
 @torch.no_grad()
-def core_eval(cfg: EvalConfig, adapter: Any = None, sae: LoadedSAE | None = None) -> dict:
+def core_eval(cfg: EvalConfig, adapter: Any = None, sae: LoadedSAE | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """SAEBench's core output (a dict shaped as its CoreEvalOutput JSON) for the SAE on the cache;
-    `eval_result_unstructured` holds `pipeline_eval` (`evaluate_ce`'s results) and what differs."""
+    `eval_result_unstructured` holds `pipeline_eval` (`evaluate_ce`'s results) and what differs.
+    `progress` hears how far the passes are."""
     from analysis.report import cache_tokenizer, default_chunk_rows
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -269,10 +277,10 @@ def core_eval(cfg: EvalConfig, adapter: Any = None, sae: LoadedSAE | None = None
     hook = resolve_hook(cache, sae, cfg.hook)
     hook_out = output_hook(cache, sae, hook)
     no_model = None if adapter is not None else model_unavailable(cache, cfg.model)
-    ce = None if no_model else evaluate_ce(replace(cfg, saebench=True), adapter=adapter, sae=sae)
+    ce = None if no_model else evaluate_ce(replace(cfg, saebench=True), adapter=adapter, sae=sae, progress=progress)
     special = special_token_ids(cache, cache_tokenizer(cache))
     scalars, per_latent, counts = activation_metrics(cache, sae, hook, hook_out, cfg.split, special, cfg.max_rows,
-                                                     default_chunk_rows(sae.d_sae), device)
+                                                     default_chunk_rows(sae.d_sae), device, progress)
     per_latent.update(weight_metrics(sae))
     bench = ce.pop("saebench") if ce else None
     metrics = model_metrics(bench)
@@ -353,7 +361,9 @@ def print_core(res: dict) -> None:
 def run_eval(cfg: EvalConfig) -> dict:
     """`pipeline eval`: the core metrics (and, where the cache has a model, CE loss recovered and KL),
     printed; written as SAEBench's core JSON to `cfg.out`."""
-    res = core_eval(cfg)
+    status = Status(f"eval: loading {cfg.sae} and the model of {cfg.cache}")
+    with Heartbeat(status.line):  # minutes of forward passes otherwise print nothing
+        res = core_eval(cfg, progress=status.set)
     if res["eval_result_unstructured"]["pipeline_eval"]:
         print_results(res["eval_result_unstructured"]["pipeline_eval"])
     print_core(res)

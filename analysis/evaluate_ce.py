@@ -83,7 +83,7 @@ class EvalConfig:
     pass per batch, the hook zero-ablated at every position as SAEBench ablates."""
 
     def __post_init__(self) -> None:
-        check_sizes(self, positive=("contexts", "batch_size"))
+        check_sizes(self, positive=("contexts", "batch_size", "max_rows"))
 
 
 # ------------------------------------------------------------------------------ model and contexts
@@ -324,8 +324,10 @@ def ce_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float,
 
 
 @torch.no_grad()
-def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: LoadedSAE | None = None) -> dict:
-    """The numbers `pipeline eval` prints (see the module docstring); `adapter`/`sae` skip loading."""
+def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: LoadedSAE | None = None,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """The numbers `pipeline eval` prints (see the module docstring); `adapter`/`sae` skip loading;
+    `progress` hears how far the forward passes are (for a `pipeline.console.Heartbeat`)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     cache = Cache(cfg.cache)
     sae = sae or load_sae(cfg.sae, device)
@@ -402,6 +404,9 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
                 if replace is not None:
                     bench[f"kl_{name}"] += float(kl[plain].sum())
         n_pred += targets.numel()
+        if progress is not None:
+            done = start + len(tokens)
+            progress(f"eval: CE loss and KL: {done:,}/{len(contexts):,} contexts ({done / len(contexts):.0%})")
         n_spliced += int(mask.sum())
         bench_pred += int(plain[:, :-1].sum())
         bench_pos += int(plain.sum())

@@ -23,11 +23,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from pipeline.config import check_sizes
+from pipeline.console import Heartbeat, Status
 from pipeline.errors import PipelineError
 from pipeline.reader import Cache
 from analysis.inference import LoadedSAE, load_sae, split_chunks
@@ -79,6 +81,10 @@ class ReportConfig:
     also the model itself."""
     device: str = "auto"
     """auto, cpu, cuda, ..."""
+
+    def __post_init__(self) -> None:
+        check_sizes(self, positive=("n_latents", "contexts", "max_rows", "chunk_rows"),
+                    non_negative=("left", "right", "ce_contexts"))
 
 
 # ------------------------------------------------------------------------------ the streaming pass
@@ -143,12 +149,15 @@ def default_chunk_rows(d_sae: int) -> int:
 
 
 def stream_stats(cache: Cache, sae: LoadedSAE, hook: str, split: str, k: int, chunk_rows: int,
-                 max_rows: int | None, device: str) -> LatentStats:
-    """One pass over the split's shards, in disk order."""
+                 max_rows: int | None, device: str, progress: Callable[[str], None] | None = None) -> LatentStats:
+    """One pass over the split's shards, in disk order; `progress` hears the rows read."""
     st = new_stats(sae.d_sae, k, device)
+    rows = min(sum(s["rows"] for s in cache.shards(split)), max_rows or math.inf)
     for _, (acts,), tok in split_chunks(cache, [hook], split, chunk_rows, max_rows):
         seq_pos = tok[:, 1:].to(device)
         update_stats(st, sae.encode(acts.to(device=device, dtype=torch.float32)), seq_pos[:, 0], seq_pos[:, 1])
+        if progress is not None:
+            progress(f"report: the pass over {split}: {st.rows:,}/{rows:,} rows ({st.rows / rows:.0%})")
     return st
 
 
@@ -444,9 +453,17 @@ def parse_latents(spec: str | None) -> list[int] | None:
         raise PipelineError(f"--latents {spec!r} is not a comma-separated list of latent ids") from None
 
 
-@torch.no_grad()
 def build_report(cfg: ReportConfig, sae: LoadedSAE | None = None, extra: dict[str, str] | None = None) -> Path:
-    """Write OUT/index.html; returns its path. `extra` adds rows to the summary (e.g. CE results)."""
+    """Write OUT/index.html; returns its path. `extra` adds rows to the summary (e.g. CE results).
+    Says what it does at once and then at least every 10 s (a pass over a large split takes minutes)."""
+    status = Status(f"report: loading {cfg.sae}")
+    with Heartbeat(status.line):
+        return _build_report(cfg, sae, extra, status.set)
+
+
+@torch.no_grad()
+def _build_report(cfg: ReportConfig, sae: LoadedSAE | None, extra: dict[str, str] | None,
+                  say: Callable[[str], None]) -> Path:
     from analysis.evaluate_ce import resolve_hook
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -459,8 +476,9 @@ def build_report(cfg: ReportConfig, sae: LoadedSAE | None = None, extra: dict[st
     hook = resolve_hook(cache, sae, cfg.hook)
     # 3x the contexts shown: room to keep only each sequence's best one (best_per_sequence).
     st = stream_stats(cache, sae, hook, cfg.split, 3 * cfg.contexts,
-                      cfg.chunk_rows or default_chunk_rows(sae.d_sae), cfg.max_rows, device)
+                      cfg.chunk_rows or default_chunk_rows(sae.d_sae), cfg.max_rows, device, say)
     chosen = choose_latents(st, cfg)
+    say(f"report: top contexts and logit effects of {len(chosen)} latents")
     top = [best_per_sequence(*(t[:, latent].cpu().numpy() for t in (st.top_vals, st.top_seq, st.top_pos)),
                              cfg.contexts) for latent in chosen]
     table = SequenceTable(cache, cfg.split)

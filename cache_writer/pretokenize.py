@@ -10,9 +10,11 @@ from __future__ import annotations
 import itertools
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 from cache_writer.text_source import iter_sequences, open_documents
+from pipeline.config import check_fraction, check_sizes
 from pipeline.errors import PipelineError
 
 
@@ -44,6 +46,9 @@ def pretokenize(out: str, dataset: str | None, dataset_split: str, column: str |
                 context_size: int, eval_fraction: float, max_sequences: int | None) -> int:
     import datasets
 
+    check_sizes(SimpleNamespace(context_size=context_size, max_sequences=max_sequences),
+                positive=("context_size", "max_sequences"))
+    check_fraction(eval_fraction, "--eval-fraction")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise PipelineError(f"{out} is not empty; choose a new directory for --out")
     if open_documents(dataset, column, dataset_split).pretokenized:

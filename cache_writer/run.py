@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from cache_writer.eval_split import RULE as EVAL_SPLIT_RULE
 from cache_writer.model_adapter import ModelAdapter, load_model
 from cache_writer.text_source import iter_sequences, open_documents
 from pipeline import distributed
-from pipeline.config import check_sizes
+from pipeline.config import check_fraction, check_sizes
 from pipeline.errors import PipelineError
+from pipeline.lock import DirLock, refuse_inside_cache
 from pipeline.manifest import MANIFEST_FILE, read_manifest
 from pipeline.transfer import to_device
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
@@ -81,8 +83,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         check_sizes(self, positive=("tokens", "context_size", "batch_size", "shard_mb"))
-        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
-            raise PipelineError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction!r}")
+        check_fraction(self.eval_fraction, "--eval-fraction")
 
 
 def default_hook(adapter: ModelAdapter) -> str:
@@ -140,6 +141,7 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
     # they are committed (a resumed run resumes the upload: what the Hub has is skipped).
     out = Path(os.environ.get("SAE_PIPELINE_HUB_STAGING", "caches/hub")) / repo.replace("/", "--") if repo \
         else Path(cfg.out)
+    refuse_inside_cache(out, itself=False)  # the cache itself: --resume extends it
     n_target = math.ceil(cfg.tokens / cfg.context_size)
     if cfg.eval_fraction > 0 and n_target < 2:
         raise PipelineError(
@@ -147,121 +149,124 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
             f"an eval split; cache at least {2 * cfg.context_size} tokens, or pass --eval-fraction 0"
         )
     world, rank = distributed.init(cfg.device), distributed.rank()
-    done_already = distributed.agree(_complete, out, n_target) if cfg.resume else None
-    if done_already is not None:
-        return done_already
-    if world > 1:
-        from pipeline.assemble import assemble, prepare
+    # Rank 0 holds the folder for every rank of a torchrun: they start and stop together.
+    with DirLock(out, "pipeline cache") if rank == 0 else nullcontext():
+        done_already = distributed.agree(_complete, out, n_target) if cfg.resume else None
+        if done_already is not None:
+            return done_already
+        if world > 1:
+            from pipeline.assemble import assemble, prepare
 
-        distributed.agree(prepare, out, world, cfg.resume, cfg.overwrite)
-    uploader = None  # created before the model loads: a missing token fails fast
-    if repo and world == 1:
-        from pipeline.hub import HubUploader
+            distributed.agree(prepare, out, world, cfg.resume, cfg.overwrite)
+        uploader = None  # created before the model loads: a missing token fails fast
+        if repo and world == 1:
+            from pipeline.hub import HubUploader
 
-        print(f"writing to {out} and uploading each committed shard to the Hub dataset {repo}")
-        uploader = HubUploader(out, repo)
-    device = distributed.device_for(cfg.device)
-    if adapter is None:
-        adapter = load_model(cfg.model, device=device, dtype=cfg.model_dtype, model_kwargs=cfg.model_kwargs,
-                             trust_remote_code=cfg.trust_remote_code)
-    hooks = list(cfg.hooks) or [default_hook(adapter)]
-    adapter.check_hooks(hooks)
-    if adapter.n_ctx is not None and cfg.context_size > adapter.n_ctx:
-        raise PipelineError(
-            f"--context-size {cfg.context_size} is above model {adapter.name}'s context of {adapter.n_ctx}; "
-            f"use --context-size {adapter.n_ctx} or less"
+            print(f"writing to {out} and uploading each committed shard to the Hub dataset {repo}")
+            uploader = HubUploader(out, repo)
+        device = distributed.device_for(cfg.device)
+        if adapter is None:
+            adapter = load_model(cfg.model, device=device, dtype=cfg.model_dtype, model_kwargs=cfg.model_kwargs,
+                                 trust_remote_code=cfg.trust_remote_code)
+        hooks = list(cfg.hooks) or [default_hook(adapter)]
+        adapter.check_hooks(hooks)
+        if adapter.n_ctx is not None and cfg.context_size > adapter.n_ctx:
+            raise PipelineError(
+                f"--context-size {cfg.context_size} is above model {adapter.name}'s context of {adapter.n_ctx}; "
+                f"use --context-size {adapter.n_ctx} or less"
+            )
+        tokenizer = load_tokenizer(cfg, adapter)
+        bos, sep, special = special_ids(tokenizer)
+        source = open_documents(cfg.dataset, cfg.column, cfg.dataset_split)
+        dims = adapter.hook_dims(hooks)
+        pos_slice = parse_positions(cfg.positions, cfg.context_size)
+        source_config = {
+            "model": {k: adapter.info.get(k) for k in ("name", "config_hash", "dtype", "kwargs", "weights_xxh3_64")},
+            "dataset": {k: source.provenance.get(k) for k in ("name", "split", "revision")},
+            "column": source.column, "tokenizer": getattr(tokenizer, "name_or_path", getattr(tokenizer, "name", None)),
+            "context_size": cfg.context_size, "batch_size": cfg.batch_size, "eval_fraction": cfg.eval_fraction,
+            "exclude_special_tokens": cfg.exclude_special_tokens, "positions": cfg.positions,
+            "packing": {"bos_token_id": bos, "separator_token_id": sep, "rule": "SAELens concat_and_batch_sequences"},
+            "eval_split": EVAL_SPLIT_RULE,
+        }
+        provenance = {
+            "model": adapter.info, "tokenizer": source_config["tokenizer"], "dataset": source.provenance,
+            "context_size": cfg.context_size, "packing": source_config["packing"],
+            "command": command or " ".join(sys.argv), "cache_config": {k: v for k, v in asdict(cfg).items()},
+        }
+        writer = CacheWriter(
+            out, dims,
+            WriterConfig(format=cfg.format, dtype=cfg.dtype, compression=cfg.compression, shard_mb=cfg.shard_mb,
+                         shuffle=cfg.shuffle, seed=cfg.seed),
+            source_config=source_config, provenance=provenance, has_tokens=True,
+            resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size // world,
+            part=(rank, world) if world > 1 else None, on_commit=uploader.on_commit if uploader else None,
         )
-    tokenizer = load_tokenizer(cfg, adapter)
-    bos, sep, special = special_ids(tokenizer)
-    source = open_documents(cfg.dataset, cfg.column, cfg.dataset_split)
-    dims = adapter.hook_dims(hooks)
-    pos_slice = parse_positions(cfg.positions, cfg.context_size)
-    source_config = {
-        "model": {k: adapter.info.get(k) for k in ("name", "config_hash", "dtype", "kwargs", "weights_xxh3_64")},
-        "dataset": {k: source.provenance.get(k) for k in ("name", "split", "revision")},
-        "column": source.column, "tokenizer": getattr(tokenizer, "name_or_path", getattr(tokenizer, "name", None)),
-        "context_size": cfg.context_size, "batch_size": cfg.batch_size, "eval_fraction": cfg.eval_fraction,
-        "exclude_special_tokens": cfg.exclude_special_tokens, "positions": cfg.positions,
-        "packing": {"bos_token_id": bos, "separator_token_id": sep, "rule": "SAELens concat_and_batch_sequences"},
-        "eval_split": EVAL_SPLIT_RULE,
-    }
-    provenance = {
-        "model": adapter.info, "tokenizer": source_config["tokenizer"], "dataset": source.provenance,
-        "context_size": cfg.context_size, "packing": source_config["packing"],
-        "command": command or " ".join(sys.argv), "cache_config": {k: v for k, v in asdict(cfg).items()},
-    }
-    writer = CacheWriter(
-        out, dims,
-        WriterConfig(format=cfg.format, dtype=cfg.dtype, compression=cfg.compression, shard_mb=cfg.shard_mb,
-                     shuffle=cfg.shuffle, seed=cfg.seed),
-        source_config=source_config, provenance=provenance, has_tokens=True,
-        resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size // world,
-        part=(rank, world) if world > 1 else None, on_commit=uploader.on_commit if uploader else None,
-    )
-    sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
-    done = writer.resume_units
-    # Where this rank starts in the source: one process right after what it committed; rank r of W
-    # at its next own batch (its k-th batch is the source's batch r + k * W).
-    at = done if world == 1 else (rank + math.ceil(done / cfg.batch_size) * world) * cfg.batch_size
-    sequences = itertools.islice(sequences, at, None)
-    if world > 1:
-        distributed.barrier()  # every rank has dropped what it will redo: list what is left
-        if rank == 0:
-            assemble(out, world, complete=False, batch_size=cfg.batch_size)
-    special_ids_np = np.array(sorted(special), dtype=np.int64) if cfg.exclude_special_tokens else None
-    bar = _progress_bar(n_target * cfg.context_size // world, done * cfg.context_size, progress and rank == 0)
-    clock = {"tokenize": 0.0, "forward": 0.0}
-    try:
-        while at < n_target:
-            t0 = time.perf_counter()
-            batch = list(itertools.islice(sequences, min(cfg.batch_size, n_target - at)))
-            if not batch:
-                if rank == 0:
-                    print(f"the dataset ended after {at * cfg.context_size:,} tokens (asked for {cfg.tokens:,})")
-                break
-            mine = world == 1 or (at // cfg.batch_size) % world == rank
-            at += len(batch)
-            if not mine:  # another rank's batch: tokenized here too, to know where the next one starts
-                continue
-            splits = [s for s, _ in batch]
-            tokens = np.array([t for _, t in batch], dtype=np.int64)
-            t1 = time.perf_counter()
-            blocks = _blocks(tokens, splits, adapter.run(torch.from_numpy(tokens), hooks), pos_slice, special_ids_np)
-            t2 = time.perf_counter()
-            writer.put(blocks)
-            clock["tokenize"] += t1 - t0
-            clock["forward"] += t2 - t1
-            done += len(batch)
-            bar.update(len(batch) * cfg.context_size)
-    except KeyboardInterrupt:
-        writer.abort()
+        sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
+        done = writer.resume_units
+        # Where this rank starts in the source: one process right after what it committed; rank r of W
+        # at its next own batch (its k-th batch is the source's batch r + k * W).
+        at = done if world == 1 else (rank + math.ceil(done / cfg.batch_size) * world) * cfg.batch_size
+        sequences = itertools.islice(sequences, at, None)
+        if world > 1:
+            distributed.barrier()  # every rank has dropped what it will redo: list what is left
+            if rank == 0:
+                assemble(out, world, complete=False, batch_size=cfg.batch_size)
+        special_ids_np = np.array(sorted(special), dtype=np.int64) if cfg.exclude_special_tokens else None
+        bar = _progress_bar(n_target * cfg.context_size // world, done * cfg.context_size, progress and rank == 0)
+        clock = {"tokenize": 0.0, "forward": 0.0}
+        try:
+            while at < n_target:
+                t0 = time.perf_counter()
+                batch = list(itertools.islice(sequences, min(cfg.batch_size, n_target - at)))
+                if not batch:
+                    if rank == 0:
+                        print(f"the dataset ended after {at * cfg.context_size:,} tokens (asked for {cfg.tokens:,})")
+                    break
+                mine = world == 1 or (at // cfg.batch_size) % world == rank
+                at += len(batch)
+                if not mine:  # another rank's batch: tokenized here too, to know where the next one starts
+                    continue
+                splits = [s for s, _ in batch]
+                tokens = np.array([t for _, t in batch], dtype=np.int64)
+                t1 = time.perf_counter()
+                acts = adapter.run(torch.from_numpy(tokens), hooks)
+                blocks = _blocks(tokens, splits, acts, pos_slice, special_ids_np)
+                t2 = time.perf_counter()
+                writer.put(blocks)
+                clock["tokenize"] += t1 - t0
+                clock["forward"] += t2 - t1
+                done += len(batch)
+                bar.update(len(batch) * cfg.context_size)
+        except KeyboardInterrupt:
+            writer.abort()
+            bar.close()
+            m = read_manifest(writer.manifest_dir)
+            raise PipelineError(
+                f"interrupted: {sum(len(s['shards']) for s in m['splits'].values())} committed shards in {out} are "
+                "intact; rerun with --resume to continue"
+            ) from None
+        except BaseException:
+            writer.abort()
+            bar.close()
+            raise
         bar.close()
-        m = read_manifest(writer.manifest_dir)
-        raise PipelineError(
-            f"interrupted: {sum(len(s['shards']) for s in m['splits'].values())} committed shards in {out} are "
-            "intact; rerun with --resume to continue"
-        ) from None
-    except BaseException:
-        writer.abort()
-        bar.close()
-        raise
-    bar.close()
-    manifest = writer.close(complete=True)
-    if uploader is not None:
-        uploader.close()
-    if world > 1:
-        distributed.barrier()  # every rank's part is complete
-        manifest = distributed.agree(assemble, out, world, True, cfg.batch_size)
-        if repo and rank == 0:
-            from pipeline.hub import push_cache
+        manifest = writer.close(complete=True)
+        if uploader is not None:
+            uploader.close()
+        if world > 1:
+            distributed.barrier()  # every rank's part is complete
+            manifest = distributed.agree(assemble, out, world, True, cfg.batch_size)
+            if repo and rank == 0:
+                from pipeline.hub import push_cache
 
-            push_cache(out, repo)
-    if cfg.eval_fraction > 0 and manifest["splits"]["eval"]["rows"] == 0 and rank == 0:
-        print("the cache has no eval rows: the dataset ended before it filled a sequence for each split; "
-              "use a larger dataset, or --eval-fraction 0")
-    if timings is not None:
-        timings.update(clock, **writer.seconds)
-    return manifest
+                push_cache(out, repo)
+        if cfg.eval_fraction > 0 and manifest["splits"]["eval"]["rows"] == 0 and rank == 0:
+            print("the cache has no eval rows: the dataset ended before it filled a sequence for each split; "
+                  "use a larger dataset, or --eval-fraction 0")
+        if timings is not None:
+            timings.update(clock, **writer.seconds)
+        return manifest
 
 
 def _complete(out: Path, n_target: int) -> dict | None:

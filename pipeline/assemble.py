@@ -30,6 +30,7 @@ from pipeline.manifest import (
     MANIFEST_FILE, SPLITS, atomic_write_bytes, empty_stats, fsync_dir, read_manifest, write_manifest,
 )
 from pipeline.integrity import file_checksum
+from pipeline.lock import holds_nothing
 from pipeline.stats import merge_stats
 from pipeline.writer import PARTS_DIR, TOKEN_COLUMNS, part_dir, table_templates
 
@@ -61,7 +62,7 @@ def prepare(path: str | Path, world_size: int, resume: bool, overwrite: bool) ->
     elif ours:
         raise PipelineError(f"{path} already holds a cache; pass --resume to continue or extend it, "
                             "or --overwrite to replace it")
-    elif path.exists() and any(path.iterdir()):
+    elif not holds_nothing(path):
         raise PipelineError(f"{path} is not empty and holds no cache; choose a new or empty directory for --out")
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(parts / WORLD_FILE, json.dumps({"world_size": world_size}).encode())

@@ -5,6 +5,7 @@ Each command imports its stage lazily, so `pipeline info` never loads a model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from typing import Any, List, Optional
@@ -68,15 +69,12 @@ def cache(**options) -> None:
               [IMPORT, CONFIG_FILE])
 def train(**options) -> None:
     """Stage 2: train an SAE from a cache; export it in SAELens's format."""
-    import importlib
-
     from pipeline.config import build_config, parse_kwargs
     from trainer.run import TrainConfig, run_train
 
     overrides = dict(options)
     overrides["arch_options"] = parse_kwargs(overrides["arch_options"], "--arch-options")
-    for name in overrides.pop("import_module") or []:
-        importlib.import_module(name)
+    _import(overrides.pop("import_module"))
     config = overrides.pop("config")
     metrics = run_train(build_config(TrainConfig, config, overrides, section="train"))
     ev = metrics.get("eval_explained_variance", metrics.get("explained_variance"))
@@ -86,6 +84,19 @@ def train(**options) -> None:
 
 SWEEP_OPTIONS = ("cache", "out", "tokens", "batch_size", "expansion_factor", "device", "resident", "precision", "kernels",
                  "resume", "wandb", "skip_bad_shards")
+
+
+def _import(modules: list[str] | None) -> None:
+    """The modules of `--import` (they register architectures); a missing one is one line."""
+    import importlib
+
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            where = "" if e.name == name else f" (it imports {e.name}, which is not installed)"
+            raise PipelineError(f"--import {name}: no module {e.name!r}{where}; give a module on PYTHONPATH "
+                                "or in the current folder, e.g. --import mymodule for mymodule.py") from None
 
 
 def _param(name: str, kind: type, option: Any) -> inspect.Parameter:
@@ -112,13 +123,11 @@ def sweep(**options) -> None:
 
     An option given here overrides the TOML's [base] and every run; the defaults shown apply where neither sets it.
     """
-    import importlib
     from pathlib import Path
 
     from trainer.sweep import load_sweep_spec, run_sweep
 
-    for module in options["import_module"] or []:
-        importlib.import_module(module)
+    _import(options["import_module"])
     config, cache, out = options["config"], options["cache"], options["out"]
     spec = load_sweep_spec(config)
     overrides = {k: options[k] for k in SWEEP_OPTIONS if options[k] is not None}
@@ -186,6 +195,10 @@ def report(
     """Stage 2: a static HTML page to look at an SAE (densities, L0, logit effects, top contexts per latent),
     or at a sweep (runs table, Pareto plots, training curves, links to each run's page)."""
     overrides = {k: v for k, v in dict(locals()).items() if v is not None}  # first, before any import
+    from pipeline.lock import refuse_file_in_way
+
+    if out is not None:  # before minutes of work, not at the end
+        refuse_file_in_way(out)
     from analysis.report import ReportConfig, build_report, parse_latents
     from analysis.sweep_report import SweepReportConfig, build_sweep_report, is_sweep_dir
 
@@ -263,8 +276,13 @@ def push(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what a first push sends (commits, card); send nothing."),
 ) -> None:
     """Upload a cache (dataset repo) or SAEs (model repo, SAELens layout); rerun to resume."""
-    from pipeline import hub
+    from types import SimpleNamespace
 
+    from pipeline import hub
+    from pipeline.config import check_sizes
+
+    check_sizes(SimpleNamespace(max_commit_files=max_commit_files, max_commit_mb=max_commit_mb),
+                positive=("max_commit_files", "max_commit_mb"))
     config = hub.PushConfig(max_commit_files=max_commit_files, max_commit_bytes=int(max_commit_mb * 2**20),
                             verify=verify, overwrite=overwrite)
     if dry_run:
@@ -273,7 +291,8 @@ def push(
             typer.echo(f"commit {i + 1}: {len(commit.files)} files, {commit.bytes / 2**20:,.2f} MiB  {commit.message}")
         typer.echo(plan.card)
         return
-    plan = hub.push(path, repo_id, private=private, revision=revision, config=config, log=typer.echo)
+    with _network("push"):
+        plan = hub.push(path, repo_id, private=private, revision=revision, config=config, log=typer.echo)
     kind = "datasets" if hub.is_cache(path) else ""
     url = f"https://huggingface.co/{kind + '/' if kind else ''}{repo_id}"
     typer.echo(f"pushed {path} to {url}: {len(plan.files)} files sent, {len(plan.skipped)} already there")
@@ -291,7 +310,24 @@ def pull(
     """Download a cache, or some hooks / one split / a shard range of it, checksum-verified."""
     from pipeline.hub import pull_cache
 
-    pull_cache(repo_id, out, hooks=hook or None, split=split, shards=shards, revision=revision, log=typer.echo)
+    with _network("pull"):
+        pull_cache(repo_id, out, hooks=hook or None, split=split, shards=shards, revision=revision, log=typer.echo)
+
+
+@contextlib.contextmanager
+def _network(action: str):
+    """A push or pull: refused at once without a network, one line when the connection breaks."""
+    from pipeline.hub.common import check_reachable, is_network_error
+
+    check_reachable(action)
+    try:
+        yield
+    except Exception as e:
+        if not is_network_error(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"the connection to the Hub failed during the {action} ({first}); rerun the same "
+                            "command to resume: what arrived is kept") from None
 
 
 def _resume_command() -> str:
@@ -304,19 +340,74 @@ def _resume_command() -> str:
     return shlex.join(prog + args)
 
 
+RESUMABLE = ("cache", "train", "sweep")
+"""Commands that `--resume` continues."""
+
+
+def _stopped_line(signum: int) -> str:
+    """What a signal outside a training loop's own handling leaves: before a run starts, during its
+    export, in any other command."""
+    import signal
+
+    line = f"stopped ({signal.Signals(signum).name})"
+    if len(sys.argv) > 1 and sys.argv[1] in RESUMABLE:
+        return f"{line}; what was finished is kept; rerun with: {_resume_command()}"
+    return line
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A Python warning as one plain line (Python's own format adds file:line, the category and the
+    warning's source line: three lines of which one says something to a user)."""
+    typer.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
+    import signal
+    import warnings
+
+    try:  # typer keeps its own copy of click since 0.2x
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    from pipeline.errors import Stopped, raise_stopped
     from pipeline.malloc import tune_malloc
     from trainer.interrupt import Interrupted
 
     tune_malloc()
+    previous = signal.signal(signal.SIGTERM, raise_stopped)  # a training loop takes it over while it runs
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line
     try:
-        app()
+        # Not standalone: click would draw a usage error in a box of wrapped lines; ours is one line.
+        code = app(standalone_mode=False)
+    except UsageError as e:
+        if isinstance(e, NoArgsIsHelpError):  # bare `pipeline`: the help, as before
+            typer.echo(e.ctx.get_help())
+            sys.exit(0)
+        where = e.ctx.command_path if e.ctx else "pipeline"
+        typer.echo(f"error: {e.format_message().rstrip('.')}; see `{where} --help`", err=True)
+        sys.exit(2)
+    except ClickException as e:  # a file option's open failing, and the like
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # Ctrl-C outside a training loop
+        typer.echo(_stopped_line(signal.SIGINT), err=True)
+        sys.exit(128 + signal.SIGINT)
     except PipelineError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except Interrupted as e:
         typer.echo(f"{e}; resume with: {_resume_command()}" if e.checkpoint else str(e), err=True)
         sys.exit(e.exit_code)
+    except Stopped as e:
+        typer.echo(_stopped_line(e.signum), err=True)
+        sys.exit(128 + e.signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ T = TypeVar("T")
 
 def load_toml(path: str | Path) -> dict:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 TOML") from None
+    except OSError as e:  # a folder, no permission
+        raise PipelineError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -95,6 +99,12 @@ def parse_kwargs(spec: str | None, option: str = "--model-kwargs") -> dict[str, 
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def check_fraction(value: Any, option: str) -> None:
+    """Refuse a fraction outside [0, 1) (a held-out share: 1 would leave nothing to train on)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise PipelineError(f"{option} must be in [0, 1), got {value!r}")
 
 
 def check_sizes(cfg: Any, positive: Iterable[str] = (), non_negative: Iterable[str] = ()) -> None:

@@ -11,3 +11,18 @@ class CacheFormatError(PipelineError):
 
 class CacheWriteError(PipelineError):
     """Writing a cache failed; committed shards are intact."""
+
+
+class Stopped(BaseException):
+    """SIGTERM outside a training loop's own handling (before it starts, during the export): raised
+    where the process is, so cleanup (`finally`, locks) runs and the command line says so in one
+    line. A BaseException, as KeyboardInterrupt: `except Exception` must not swallow it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)
+
+
+def raise_stopped(signum: int, frame) -> None:
+    """A signal handler: stop the command where it is (`Stopped`)."""
+    raise Stopped(signum)

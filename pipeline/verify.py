@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backends import files_of_entry, shard_entry_name
-from pipeline.errors import PipelineError
+from pipeline.errors import CacheFormatError, PipelineError
 from pipeline.integrity import VerifiedRecord, check_file
-from pipeline.manifest import SPLITS, read_manifest
+from pipeline.manifest import MANIFEST_FILE, SPLITS, read_manifest
 
 INDEX_FILES = ("state.json", "dataset_info.json")  # an Arrow table's `datasets` index, not a shard
 SHARD_NAME = re.compile(r"^(?P<prefix>.*)shard-(?P<index>\d+)$")
@@ -35,12 +35,27 @@ def verify_cache(path: str | Path) -> tuple[list[str], dict]:
 
 
 def manifest_problems(path: Path, manifest: dict, bad: set[tuple[str, str]] = frozenset()) -> list[str]:
-    """What the manifest claims that it or the directory contradicts: gaps in shard names, shard
-    files it does not list (in a complete cache), totals and statistics that do not add up, token
-    rows outside their shard's contexts. Shards in `bad` (failed checksums) are not read. A partial
-    pull is a range of shards with the full cache's statistics: names and statistics are not checked."""
+    """What the manifest claims that it or the directory contradicts (`consistency_problems`), and
+    token rows outside their shard's contexts. Shards in `bad` (failed checksums) are not read."""
     from pipeline.reader import Cache
 
+    problems = consistency_problems(path, manifest)
+    cache = Cache(path)
+    for split in SPLITS:
+        offset = 0
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+            start = shard.get("sequence_offset", offset)
+            offset += shard["sequences"]
+            if (split, shard["name"]) not in bad:
+                problems += _shard_content(cache, split, i, shard, start)
+    return problems
+
+
+def consistency_problems(path: Path, manifest: dict) -> list[str]:
+    """What the manifest and the directory listing say against each other, with no shard read: gaps
+    in shard names, files and folders the manifest does not list (in a complete cache), totals and
+    statistics that do not add up. A partial pull is a range of shards with the full cache's
+    statistics: names and statistics are not checked."""
     problems = []
     partial = bool(manifest.get("partial"))
     for split in SPLITS:
@@ -55,6 +70,8 @@ def manifest_problems(path: Path, manifest: dict, bad: set[tuple[str, str]] = fr
             problems += _name_gaps(split, [s["name"] for s in shards])
         if manifest["complete"] and not partial:  # a pull leaves out (and may keep) shards that failed
             problems += _unlisted_files(path, manifest, split)
+    if manifest["complete"] and not partial:
+        problems += _unlisted_folders(path, manifest)
     if not partial:
         rows = manifest["splits"]["train"]["rows"]
         for hook, h in manifest["hooks"].items():
@@ -65,14 +82,40 @@ def manifest_problems(path: Path, manifest: dict, bad: set[tuple[str, str]] = fr
             if stats.get("sum") is not None and len(stats["sum"]) != h["shape"][0]:
                 problems.append(f"hook {hook}: statistics sum has {len(stats['sum'])} values, "
                                 f"rows have {h['shape'][0]}")
-    cache = Cache(path)
-    for split in SPLITS:
-        offset = 0
-        for i, shard in enumerate(manifest["splits"][split]["shards"]):
-            start = shard.get("sequence_offset", offset)
-            offset += shard["sequences"]
-            if (split, shard["name"]) not in bad:
-                problems += _shard_content(cache, split, i, shard, start)
+    return problems
+
+
+def refuse_inconsistent(path: str | Path) -> None:
+    """Refuse to train on a cache of ours whose manifest contradicts itself or its directory (a
+    shard dropped from it, edited counts): the cheap part of `pipeline verify`, no shard read."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        return  # not a cache of ours (a SAELens cache): the loader knows what to do
+    problems = consistency_problems(path, read_manifest(path))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CacheFormatError(f"cache {path} contradicts its manifest: {problems[0]}{more}; "
+                               f"`pipeline verify {path}` lists every problem")
+
+
+def _unlisted_folders(path: Path, manifest: dict) -> list[str]:
+    """Folders where a cache has only its own: a run or a cache written inside it (`--out` into a
+    cache). Files at the top (a Hub card) and hidden folders (the Hub's download cache) are left be."""
+    from pipeline.writer import PARTS_DIR  # here: `pipeline info` and `verify` load no torch before they must
+
+    expected = {"": {"hooks", "tokens", PARTS_DIR}, "hooks": set(manifest["hooks"]),
+                "tokens": set(SPLITS) if manifest["has_tokens"] else set()}
+    expected.update({f"hooks/{h}": set(SPLITS) for h in manifest["hooks"]})
+    problems = []
+    for where, names in expected.items():
+        directory = path / where
+        if not directory.is_dir():
+            continue
+        for entry in sorted(directory.iterdir()):
+            if entry.is_dir() and entry.name not in names and not (where == "" and entry.name.startswith(".")):
+                rel = f"{where}/{entry.name}" if where else entry.name
+                problems.append(f"{rel}/ is a folder the cache does not have (something written inside the "
+                                "cache: move it out)")
     return problems
 
 

@@ -34,6 +34,7 @@ from pipeline.backends import (
 from pipeline.config import check_sizes
 from pipeline.errors import CacheWriteError, PipelineError
 from pipeline.integrity import file_checksum
+from pipeline.lock import holds_nothing
 from pipeline.manifest import (
     DTYPES, MANIFEST_FILE, SPLITS, config_differences, fsync_dir, new_manifest, read_manifest,
     write_manifest,
@@ -258,7 +259,7 @@ class CacheWriter:
                     f"{path} already holds a cache ({rows} rows); pass --resume to continue or extend it, "
                     "or --overwrite to replace it"
                 )
-        elif path.exists() and any(path.iterdir()):
+        elif not holds_nothing(path):
             raise PipelineError(
                 f"{path} is not empty and holds no cache; choose a new or empty directory for --out"
             )

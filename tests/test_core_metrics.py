@@ -214,6 +214,18 @@ def test_json_has_saebench_core_schema(caches, sae_dir, tmp_path):
     assert all(isinstance(v, (int, float)) for v in _flat(res).values())
 
 
+def test_eval_says_how_far_its_passes_are(caches, sae_dir, capsys):
+    """`pipeline eval` ran for minutes without a line: a heartbeat prints what `progress` last heard."""
+    heard = []
+    core_eval(EvalConfig(sae=str(sae_dir), cache=str(caches["plain"]), contexts=4, batch_size=2, device="cpu",
+                         max_rows=500), progress=heard.append)
+    assert heard[:2] == ["eval: CE loss and KL: 2/4 contexts (50%)", "eval: CE loss and KL: 4/4 contexts (100%)"]
+    assert heard[-1] == "eval: activation metrics, pass 2 of 2: 500/500 rows (100%)"
+    run_eval(EvalConfig(sae=str(sae_dir), cache=str(caches["plain"]), contexts=2, device="cpu", max_rows=500))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"eval: loading {sae_dir} and the model of {caches['plain']} (0:00 in)"
+
+
 def test_special_token_rows_are_left_out_as_saebench_masks_them(caches, sae_dir):
     """A cache that stores BOS rows gives the same activation metrics (BOS rows left out), and the
     same clean and everywhere-ablated CE (its contexts are the same)."""

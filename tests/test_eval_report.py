@@ -204,6 +204,21 @@ def test_report_html_has_histograms_and_context_tables(report, trained, cache, t
     assert page.read_text().index('id="latent-7"') < page.read_text().index('id="latent-3"')
 
 
+def test_report_says_what_it_does_as_it_goes(trained, cache, tmp_path, capsys):
+    from analysis.inference import load_sae
+    from analysis.report import stream_stats
+    from pipeline.reader import Cache
+
+    heard = []
+    stream_stats(Cache(cache), load_sae(trained, "cpu"), HOOK, "eval", 4, 128, 300, "cpu",
+                 heard.append)
+    assert heard == ["report: the pass over eval: 128/300 rows (43%)", "report: the pass over eval: 256/300 rows (85%)",
+                     "report: the pass over eval: 300/300 rows (100%)"]
+    build_report(ReportConfig(sae=str(trained), cache=str(cache), out=str(tmp_path), n_latents=2, contexts=2,
+                              max_rows=300))
+    assert capsys.readouterr().out.splitlines()[0] == f"report: loading {trained} (0:00 in)"
+
+
 def test_report_opens_in_headless_chromium(report, tmp_path):
     browser = chromium()
     if browser is None:

@@ -143,7 +143,11 @@ def test_cli_train_one_line_on_a_corrupt_shard(tmp_path):
     assert out.stderr.startswith("error: shard train/shard-00000") and "pipeline verify" in out.stderr
     out = cli(*args, "--skip-bad-shards")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "skipping shard train/shard-00000" in out.stderr and "exported to" in out.stdout
+    assert "exported to" in out.stdout
+    # One plain line, not Python's warnings format (file:line, category, the source line).
+    skips = [line for line in out.stderr.splitlines() if "skipping shard" in line]
+    assert len(skips) == 1 and skips[0].startswith("warning: skipping shard train/shard-00000 of "), out.stderr
+    assert "BadShardWarning" not in out.stderr and "warnings.warn" not in out.stderr
 
 
 # ----------------------------------------------------------------- 2. verify checks the manifest too
@@ -172,6 +176,59 @@ def test_verify_checks_the_manifest_against_itself_and_the_directory(tmp_path, f
     m["splits"]["eval"]["rows"] += 5
     (c / "manifest.json").write_text(json.dumps(m))
     assert any(p.startswith("split eval: its shards hold") for p in verify_cache(c)[0])
+
+
+def edit_manifest(cache: Path, edit) -> None:
+    m = json.loads((cache / "manifest.json").read_text())
+    edit(m)
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+def drop_last_shard(m: dict) -> None:
+    train = m["splits"]["train"]
+    gone = train["shards"].pop()  # the totals edited to match: only the directory tells
+    train["rows"] -= gone["rows"]
+    train["sequences"] -= gone["sequences"]
+    for hook in m["hooks"].values():
+        hook["stats"]["count"] -= gone["rows"]
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (drop_last_shard, r"hooks/x/train/shard-00005 is on disk but not in the manifest"),
+    (lambda m: m["hooks"]["x"]["stats"].update(count=m["hooks"]["x"]["stats"]["count"] + 1),
+     r"hook x: statistics count 2,?401 rows, the train split has 2,400"),
+    (lambda m: m["splits"]["train"]["shards"][1].update(sequences=7),
+     r"split train: its shards hold 7 sequences, the manifest's total says 0"),
+])
+def test_train_and_sweep_refuse_a_cache_verify_calls_bad_for_its_manifest(tmp_path, edit, problem):
+    """Cheap checks only (no shard is read): a run never trains on a cache whose manifest lost a
+    shard or whose counts were edited, and says how to see every problem."""
+    from trainer.run import TrainConfig, run_train
+    from trainer.sweep import run_sweep
+
+    c = tmp_path / "c"
+    id_cache(c, "zarr")
+    edit_manifest(c, edit)
+    assert verify_cache(c)[0]
+    where = rf"cache {c} contradicts its manifest: {problem}.*; `pipeline verify {c}` lists every problem$"
+    with pytest.raises(CacheFormatError, match=where):
+        run_train(TrainConfig(cache=str(c), out=str(tmp_path / "r"), d_sae=16, k=2, batch_size=100, tokens=200,
+                              wandb=False))
+    with pytest.raises(CacheFormatError, match=where):
+        run_sweep({"base": {"cache": str(c), "out": str(tmp_path / "s"), "d_sae": 16, "batch_size": 100,
+                            "tokens": 200, "wandb": False}, "sweep": {"k": [2, 4]}}, {})
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_verify_names_folders_written_inside_a_cache(tmp_path):
+    c = tmp_path / "c"
+    id_cache(c, "zarr")
+    for inside in ("topk-d16-k2", "hooks/topk-d16-k2", "hooks/x/inner"):
+        (c / inside).mkdir()
+    text = "\n".join(verify_cache(c)[0])
+    for inside in ("topk-d16-k2", "hooks/topk-d16-k2", "hooks/x/inner"):
+        assert f"{inside}/ is a folder the cache does not have (something written inside the cache: move it out)" \
+            in text, text
 
 
 # ----------------------------------------------------------------- 3. the manifest's schema

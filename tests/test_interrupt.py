@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.lock import LOCK_FILE
 from tests.cli import ROOT, cli_env
 from trainer import interrupt
 from trainer.interrupt import Interrupted, StopOnSignal
@@ -69,9 +70,12 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_equals_a_straight_one(tmp_path):
     command = resume_command(err)
     assert command == base + ["--out", str(tmp_path / "b"), "--resume"]
     assert max(steps(run / "metrics.jsonl")) <= stopped
+    assert not (run / LOCK_FILE).exists()  # given back on the way out
 
     more = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
+    said = more.stdout.splitlines()
+    assert any(x.startswith(f"resumed from step {stopped} of 200 (") for x in said[:3]), said[:3]  # before any step
     assert steps(run / "metrics.jsonl") == list(range(5, 201, 5))  # no step twice, none missing
     a = load_file(str(tmp_path / "a" / "topk-d2048-k3" / "sae_weights.safetensors"))
     b = load_file(str(run / "sae_weights.safetensors"))
@@ -92,6 +96,7 @@ def test_sigterm_stops_a_sweep_with_a_checkpoint_and_it_resumes(tmp_path):
                                         cli_env(tmp_path))
     assert code == 143, err[-2000:]
     assert "interrupted (SIGTERM) after step " in err and f"checkpoint in {tmp_path / 's' / '_sweep' / 'checkpoint'}" in err
+    assert not (tmp_path / "s" / "_sweep" / LOCK_FILE).exists()
     more = subprocess.run(resume_command(err), cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
@@ -148,3 +153,38 @@ def test_a_first_signal_stops_after_the_item_a_second_aborts(monkeypatch):
         stop.end(1, Path("x"), 9)
     assert e.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGINT) == before_int
+
+
+class Unhandled(Exception):
+    """SIGTERM reached the test's own handler: the command line left it unhandled."""
+
+
+@pytest.mark.parametrize("when", ["refuse_inconsistent", "finish_export"])
+def test_sigterm_before_the_loop_or_during_the_export_is_one_line(tmp_path, monkeypatch, capsys, when):
+    """Outside the training loop (its first second, the final export) SIGTERM stops the command where
+    it is: locks are given back and one line says how to continue, exit status 143."""
+    import trainer.run
+    from pipeline.cli import main
+
+    sparse_cache(tmp_path / "c", rows=2000)
+    monkeypatch.setattr(trainer.run, when, lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    argv = ["pipeline", "train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"), "--name", "r",
+            "--d-sae", "32", "--k", "2", "--batch-size", "200", "--tokens", "800", "--no-wandb"]
+    monkeypatch.setattr(sys, "argv", argv)
+
+    def unhandled(signum, frame):
+        raise Unhandled()
+
+    previous = signal.signal(signal.SIGTERM, unhandled)  # the default would end pytest itself
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main gives the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143
+    assert capsys.readouterr().err == f"stopped (SIGTERM); what was finished is kept; rerun with: " \
+                                      f"{shlex.join(argv + ['--resume'])}\n"
+    run = tmp_path / "r" / "r"
+    assert not (run / LOCK_FILE).exists() and run.is_dir() == (when == "finish_export")
+    assert (run / "checkpoint").is_dir() == (when == "finish_export")

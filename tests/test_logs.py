@@ -27,7 +27,9 @@ def test_train_and_sweep_logs_in_a_file_fit_100_columns_with_whole_tables_and_qu
                         "--eval-every", "20", "--out", str(tmp_path / "run")], tmp_path, "train")
     long = [x for x in lines if len(x) > 100 and str(tmp_path) not in x]  # a path is as long as it is
     assert not long, long
-    assert [x.split()[1] for x in lines if x.startswith("step ")] == ["10", "20", "30", "40"]  # one line a step
+    heads = [x for x in lines if x.startswith("step ")]
+    assert [x.split()[1] for x in heads] == ["10/40", "20/40", "30/40", "40/40"]  # one head a step, of the total
+    assert heads[0].split()[2] == "(25%)" and " ETA " in heads[0] and " ETA " not in heads[-1]
     assert sum(x.lstrip().startswith("eval ") for x in lines) == 2  # and one for each evaluation
     assert sum("wandb" in x.lower() for x in lines) <= 1, lines
 
@@ -36,6 +38,7 @@ def test_train_and_sweep_logs_in_a_file_fit_100_columns_with_whole_tables_and_qu
                     'tokens = 20000\nlog_every = 10\nlr = 3e-3\n'
                     '[sweep]\narch = ["topk", "standard"]\nk = [3, 6]\nl1 = [0.5, 10.0]\n')
     lines = run_logged([sys.executable, "-m", "pipeline", "sweep", "--config", str(toml)], tmp_path, "sweep")
+    assert lines[0] == "sweep: 20 steps, 20k tokens"  # at once: a short sweep logs its first line at its end
     table = lines[lines.index(next(x for x in lines if x.startswith("sweep summary"))):]
     logs = lines[: len(lines) - len(table)]
     long = [x for x in logs if len(x) > 100 and str(tmp_path) not in x]
@@ -58,12 +61,14 @@ def test_metric_lines_of_a_large_run_fit_100_columns():
          "explained_variance": [-0.12345] * n, "l0": [1234.56] * n, "dead_fraction": [0.123] * n,
          "dense_fraction": [0.5] * n, "failed": [3]}
     m.update({f"eval_{k}": v for k, v in m.items() if isinstance(v, list) and k != "failed"})
-    lines = metric_lines({k: (v[:1] if isinstance(v, list) and k != "failed" else v) for k, v in m.items()})
-    assert len(lines) == 2 and lines[1].lstrip().startswith("eval")  # one run: its line and its eval line
+    one = metric_lines({k: (v[:1] if isinstance(v, list) and k != "failed" else v) for k, v in m.items()},
+                       total_steps=999_999, total_tokens=4_095_995_904)
+    assert len(one) == 3 and one[2].lstrip().startswith("eval")  # the head, the run's line, its eval line
+    assert one[0] == "step 123456/999999 (12%)   506M tok  1.23M tok/s  ETA 48:28"
     names = ["standard-d16384-l1_10-lr0.0003"] + [f"topk-k{k}" for k in range(1, n)]
-    lines += metric_lines(m, names)
+    lines = one + metric_lines(m, names, total_steps=999_999, total_tokens=4_095_995_904)
     assert max(map(len, lines)) <= 100, [x for x in lines if len(x) > 100]
-    assert "stopped: loss NaN/Inf" in lines[2 + 1 + 2 * 3]
+    assert "stopped: loss NaN/Inf" in lines[3 + 1 + 2 * 3]
 
 
 def test_cache_log_in_a_file_is_whole_lines(tmp_path):
@@ -85,3 +90,18 @@ def test_info_in_a_file_prints_whole_tables(tmp_path):
     lines = run_logged([sys.executable, "-m", "pipeline", "info", str(deep)], tmp_path, "info")
     assert any(str(deep) in x for x in lines), lines
     assert not any("…" in x for x in lines), lines
+
+
+def test_a_heartbeat_prints_at_once_then_on_time_even_while_the_work_blocks(capsys):
+    import time
+
+    from pipeline.console import Heartbeat, Status
+
+    status = Status("work: starting")
+    with Heartbeat(status.line, every=0.1) as beat:
+        status.set("work: 1/2 steps")
+        time.sleep(0.55)  # one step that blocks, as a forward pass does
+        beat.beat()  # a line printed by other means: the next comes `every` after it
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "work: starting (0:00 in)"
+    assert 3 <= len(lines) <= 7 and set(lines[1:]) == {"work: 1/2 steps (0:00 in)"}, lines  # every 0.1 s

@@ -1,5 +1,5 @@
-"""The commands of the README and of the guides in docs/ run as written (on small sizes), and `make
-train` works on a fresh clone."""
+"""The commands of the README and of the guides in docs/ run as written (on small sizes), their
+python blocks too, and `make train` works on a fresh clone."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.config import build_config
+from tests.builders import sparse_cache
 from tests.cli import ROOT, cli_env
 from trainer.run import TrainConfig
 
@@ -102,6 +104,38 @@ def test_every_readme_command_runs(tmp_path):
     assert not failed, "README commands that fail:\n" + "\n".join(failed)
     assert (tmp_path / "runs" / "default" / "topk-d1024-k32" / "cfg.json").is_file()
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "eval.json").is_file()
+
+
+# What a ```python block of the docs leaves to the reader, given here (block text -> name and stand-in).
+STAND_INS = {
+    "my_blocks()": ("my_blocks", lambda: [torch.rand(1000, 64) for _ in range(3)]),  # CACHING.md: your activations
+}
+# ```python blocks this test does not run, each with why (a fragment of the block -> the reason).
+PYTHON_SKIP: dict[str, str] = {}
+DOCS = ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(page, code) of every ```python block of the README and of docs/*.md."""
+    return [(page, block) for page in DOCS for block in re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)]
+
+
+def test_every_python_block_of_the_docs_runs(tmp_path, monkeypatch):
+    """As written, from a folder holding the cache they read (a small one at caches/default)."""
+    sparse_cache(tmp_path / "caches" / "default", rows=8192, d=32)
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    assert len(blocks) >= 3, blocks  # the extraction found them
+    used = {f for f in PYTHON_SKIP if any(f in code for _, code in blocks)}
+    assert used == set(PYTHON_SKIP), f"PYTHON_SKIP entries that match no block: {set(PYTHON_SKIP) - used}"
+    for page, code in blocks:
+        if any(f in code for f in PYTHON_SKIP):
+            continue
+        scope = {name: value for fragment, (name, value) in STAND_INS.items() if fragment in code}
+        try:
+            exec(compile(code, page, "exec"), scope)
+        except Exception as e:
+            pytest.fail(f"the python block of {page} fails as written: {type(e).__name__}: {e}\n{code}")
 
 
 def make_dry_run(target: str, **variables: str) -> str:

@@ -138,6 +138,7 @@ def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_one(tmp
         model.W_dec.zero_()
     state = load_checkpoint(tmp_path / "run", {"": (model, trainer.opt)}, {})
     assert state["step"] == 7 and torch.equal(model.W_dec, saved)
+    assert ckpt.is_dir() and not ckpt.with_name(ckpt.name + ".old").exists()  # named back
     shutil.rmtree(tmp_path / "run")
     assert load_checkpoint(tmp_path / "run", {"": (model, trainer.opt)}, {}) is None
 

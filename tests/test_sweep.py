@@ -99,7 +99,7 @@ def test_sweep_resume_equals_straight_sweep(cache, tmp_path):
     from safetensors.torch import load_file
 
     run_sweep(spec(cache, tmp_path / "a"), {}, name="t")
-    run_sweep(spec(cache, tmp_path / "b"), {}, name="t", max_steps=20)
+    run_sweep(spec(cache, tmp_path / "b"), {}, name="t", max_steps=25)  # off the logging grid
     with pytest.raises(PipelineError, match="holds a sweep checkpoint; pass --resume"):
         run_sweep(spec(cache, tmp_path / "b"), {}, name="t")
     run_sweep(spec(cache, tmp_path / "b", resume=True), {}, name="t")
@@ -107,6 +107,18 @@ def test_sweep_resume_equals_straight_sweep(cache, tmp_path):
         a = load_file(str(tmp_path / "a" / run / "sae_weights.safetensors"))
         b = load_file(str(tmp_path / "b" / run / "sae_weights.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), run
+        # The firing window under way at the checkpoint is in it: the same dead/dense fractions.
+        assert window_fractions(tmp_path / "a" / run) == window_fractions(tmp_path / "b" / run), run
+    # A kill between the checkpoint's renames, then a resume with no step left: named back.
+    ckpt = tmp_path / "b" / "_sweep" / "checkpoint"
+    ckpt.rename(ckpt.with_name("checkpoint.old"))
+    run_sweep(spec(cache, tmp_path / "b", resume=True), {}, name="t")
+    assert (ckpt / "state.json").is_file() and not ckpt.with_name("checkpoint.old").exists()
+
+
+def window_fractions(run_dir) -> list[tuple]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(m["step"], m["dead_fraction"], m["dense_fraction"]) for m in lines]
 
 
 def test_memory_refusal_names_how_many_runs_fit(cache, tmp_path):

@@ -14,7 +14,7 @@ from trainer.sae_standard import StandardConfig, StandardSAE
 from trainer.sae_topk import TopKConfig, TopKSAE
 from trainer.export import export_saelens
 from trainer.train import LoopConfig, lr_factors, run_lengths, train_stack
-from tests.builders import sparse_cache
+from tests.builders import sparse_batches, sparse_cache
 
 
 def lr_factor(step: int, cfg: LoopConfig) -> float:
@@ -161,6 +161,47 @@ def test_stopped_and_resumed_run_equals_straight_run(tmp_path, arch):
     assert sa.get("target_l0") == sb.get("target_l0") and ("target_l0" in sa) == (arch == "standard-target")
     with pytest.raises(Exception, match=r"checkpoint in .* is from another config \(lr: checkpoint 0.003, now 0.01\)"):
         train_stack(make(), loader(), loop, log=None, run_dir=tmp_path / "b", config={"arch": arch, "lr": 1e-2})
+
+
+def test_a_run_resumed_off_the_logging_grid_logs_the_fractions_of_a_straight_run(tmp_path):
+    """The dead/dense fractions of a logging window count the steps before a checkpoint taken in the
+    middle of it (Ctrl-C stops anywhere): the window's counts are part of the checkpoint."""
+    sparse_cache(tmp_path / "c", rows=4000)
+
+    def run(name: str, **kw) -> list[tuple]:
+        (tmp_path / name).mkdir(exist_ok=True)
+        metrics = tmp_path / name / "metrics.jsonl"
+        loop = LoopConfig(lr=3e-3, total_steps=60, log_every=20, metrics_path=str(metrics))
+        loader = ActivationLoader(tmp_path / "c", batch_size=64, tokens=64 * 60, seed=1)
+        train_stack(TopKSAE([TopKConfig(d_in=32, d_sae=256, k=2)]), loader, loop, log=None, run_dir=tmp_path / name,
+                    **kw)
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return [(m["step"], m["dead_fraction"], m["dense_fraction"]) for m in lines]
+
+    straight = run("a")
+    run("b", max_steps=30)
+    assert run("b") == straight
+    assert len({m[1][0] for m in straight}) > 1  # the fractions move: the comparison can tell
+
+
+def test_tokens_per_s_is_the_current_speed_not_the_average_since_the_start():
+    """A run that slows down says so at once: each line's tokens/s counts the steps since the last line."""
+    import time
+
+    batches = sparse_batches(20, 100)
+
+    def slow_second_half():
+        for i, b in enumerate(batches):
+            if i >= 10:
+                time.sleep(0.05)
+            yield b
+
+    lines = []
+    train_stack(TopKSAE([TopKConfig(d_in=32, d_sae=64, k=3)]), slow_second_half(),
+                LoopConfig(lr=3e-3, total_steps=20, log_every=10), log=lambda m: lines.append(dict(m)))
+    assert [m["step"] for m in lines] == [10, 20]
+    assert lines[1]["tokens_per_s"] <= 10 * 100 / (10 * 0.05)  # steps 11-20 took >= 0.5 s for 1,000 rows
+    assert lines[0]["tokens_per_s"] > 2 * lines[1]["tokens_per_s"]
 
 
 def test_malloc_tuning_applies_on_glibc(monkeypatch):

@@ -20,12 +20,13 @@ from pipeline.files import save_safetensors
 from pipeline.manifest import fsync_dir
 
 CHECKPOINT = "checkpoint"
+LOOP_TENSORS = "loop.safetensors"
 
 
-def _flat(stacks: Mapping[str, tuple], which: int) -> dict[str, torch.Tensor]:
-    """One state dict for every stack, keys prefixed with the stack's name ("" for none)."""
+def _flat(named: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One dict of tensors for every stack, keys prefixed with the stack's name ("" for none)."""
     return {(f"{name}.{k}" if name else k): v.detach().to("cpu").contiguous()
-            for name, parts in stacks.items() for k, v in parts[which].state_dict().items()}
+            for name, part in named.items() for k, v in part.items()}
 
 
 def _split(flat: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -35,16 +36,20 @@ def _split(flat: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
-def save_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], state: dict) -> Path:
+def save_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], state: dict,
+                    tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
     """Write `run_dir/checkpoint` atomically: `stacks` maps a name to (model, optimizer) — several
     stacks (a sweep) share one checkpoint, so they always resume from the same step; `state` is
-    JSON (step, tokens, loader state, config)."""
+    JSON (step, tokens, loader state, config); `tensors` maps a stack's name to the loop's own
+    tensors (its logging window's firing counts), which `load_checkpoint` returns as state["tensors"]."""
     run_dir = Path(run_dir)
     final, tmp = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_safetensors(_flat(stacks, 0), str(tmp / "model.safetensors"))
-    save_safetensors(_flat(stacks, 1), str(tmp / "optimizer.safetensors"))
+    save_safetensors(_flat({n: m.state_dict() for n, (m, _) in stacks.items()}), str(tmp / "model.safetensors"))
+    save_safetensors(_flat({n: o.state_dict() for n, (_, o) in stacks.items()}), str(tmp / "optimizer.safetensors"))
+    if tensors:
+        save_safetensors(_flat(tensors), str(tmp / LOOP_TENSORS))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -59,6 +64,11 @@ def save_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], state: dic
     return final
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a checkpoint that `load_checkpoint` resumes (.old included)."""
+    return any((Path(run_dir) / name / "state.json").is_file() for name in (CHECKPOINT, CHECKPOINT + ".old"))
+
+
 def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: dict) -> dict | None:
     """Restore a checkpoint into each (model, optimizer) of `stacks`; returns its state, or None if
     there is none.
@@ -67,10 +77,19 @@ def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: di
     """
     path = Path(run_dir) / CHECKPOINT
     if not (path / "state.json").is_file():
-        # A kill between save_checkpoint's two renames leaves the previous checkpoint only as .old.
-        path = Path(run_dir) / (CHECKPOINT + ".old")
+        # A kill between save_checkpoint's two renames leaves the previous checkpoint only as .old:
+        # named back, so that a resume with no step left to take (no new checkpoint) leaves it right.
+        old = Path(run_dir) / (CHECKPOINT + ".old")
+        if (old / "state.json").is_file() and not path.exists():
+            try:
+                old.rename(path)
+                fsync_dir(Path(run_dir))
+            except OSError:  # another rank of a data-parallel run named it back first
+                pass
         if not (path / "state.json").is_file():
-            return None
+            path = old
+            if not (path / "state.json").is_file():
+                return None
     state = json.loads((path / "state.json").read_text())
     for key in sorted(set(config) | set(state.get("config", {}))):
         if key not in ("tokens", "log_every") and config.get(key) != state.get("config", {}).get(key):
@@ -84,6 +103,8 @@ def load_checkpoint(run_dir: str | Path, stacks: Mapping[str, tuple], config: di
         device = next(model.parameters()).device
         model.load_state_dict({k: v.to(device) for k, v in _split(models, name).items()})
         opt.load_state_dict({k: v.to(device) for k, v in _split(opts, name).items()})
+    loop = load_file(str(path / LOOP_TENSORS)) if (path / LOOP_TENSORS).is_file() else {}
+    state["tensors"] = {name: _split(loop, name) for name in stacks}  # empty from a checkpoint before them
     return state
 
 

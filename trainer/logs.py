@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import time
 from pathlib import Path
 
-from pipeline.console import log_console
+from pipeline.console import Heartbeat, duration, log_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -40,17 +41,29 @@ def _fields(m: dict, r: int, prefix: str = "") -> str | None:
     return f"mse {mse:#.3g}  EV {ev:.3f}  L0 {l0:.1f}  dead {dead:.1%}  dense {dense:.1%}"
 
 
-def metric_lines(m: dict, run_names: list[str] | None = None) -> list[str]:
-    """A logging step's console lines: one (step, tokens, speed, metrics) for a single run; a
-    header and one line per run for several; an eval line under a run when `m` has eval metrics.
-    EV is the explained variance; dead and dense are fractions of the latents. Within 100 columns
-    up to 6-digit steps and 30-character run names."""
-    head = f"step {m['step']:>5}  {_short(m['tokens']):>5} tok  {_short(m.get('tokens_per_s', 0)):>5} tok/s"
+def progress_head(step: int, tokens: int, tokens_per_s: float, total_steps: int | None = None,
+                  total_tokens: int | None = None) -> str:
+    """Where a run is: step of total (percentage), tokens, the current tokens/s and the ETA at that rate."""
+    at = f"step {step:>5}"
+    if total_steps:
+        at += f"/{total_steps} ({step / total_steps:.0%})"
+    head = f"{at}  {_short(tokens):>5} tok  {_short(tokens_per_s):>5} tok/s"
+    if total_tokens and tokens_per_s > 0 and tokens < total_tokens:
+        head += f"  ETA {duration((total_tokens - tokens) / tokens_per_s)}"
+    return head
+
+
+def metric_lines(m: dict, run_names: list[str] | None = None, total_steps: int | None = None,
+                 total_tokens: int | None = None) -> list[str]:
+    """A logging step's console lines: a head (`progress_head`), then a line per run (named when
+    there are several), and an eval line under a run when `m` has eval metrics. EV is the explained
+    variance; dead and dense are fractions of the latents. Within 100 columns up to 6-digit steps
+    and 30-character run names."""
+    lines = [progress_head(m["step"], m["tokens"], m.get("tokens_per_s", 0), total_steps, total_tokens)]
     several = run_names is not None and len(m["mse"]) > 1
     width = max(map(len, run_names)) if several else 0
-    lines = [head] if several else []
     for r in range(len(m["mse"])):
-        lead = f"  {run_names[r]:<{width}}" if several else head
+        lead = f"  {run_names[r]:<{width}}" if several else "  train"
         stopped = r in m.get("failed", [])
         lines.append(f"{lead}  " + ("stopped: loss NaN/Inf, kept at its last good weights" if stopped
                                     else _fields(m, r)))
@@ -61,27 +74,60 @@ def metric_lines(m: dict, run_names: list[str] | None = None) -> list[str]:
 
 
 class ConsoleLog:
-    """A progress bar over the run's tokens (with tokens/s; on a terminal only) and the lines of each
-    logging step."""
+    """A progress bar over the run's tokens (with tokens/s; on a terminal only), the lines of each
+    logging step, and between them (off a terminal, where there is no bar) a progress line at least
+    every `every` seconds from what `progress(step, tokens)` last heard: a first line at once, and on
+    a resume the step it resumed from."""
 
-    def __init__(self, total_tokens: int, description: str = "train", run_names: list[str] | None = None):
+    def __init__(self, total_tokens: int, description: str = "train", run_names: list[str] | None = None,
+                 total_steps: int | None = None, every: float = 10.0):
         self.console = log_console()
-        self.run_names = run_names
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
-                                 console=self.console, transient=True)
-        self.task = self.progress.add_task(description, total=total_tokens, rate="-")
+        self.run_names, self.total_tokens, self.total_steps = run_names, total_tokens, total_steps
+        self.progress_bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(),
+                                     console=self.console, transient=True)
+        self.task = self.progress_bar.add_task(description, total=total_tokens, rate="-")
+        self.at: tuple[int, int] | None = None  # (step, tokens) the loop last reported
+        self.window = (time.perf_counter(), 0)  # (time, tokens) of the last line: its rate is the current one
+        steps = f"{total_steps:,} steps, " if total_steps else ""
+        self.heartbeat = Heartbeat(self._line, every, self.console)
+        self.console.print(f"{description}: {steps}{_short(total_tokens)} tokens", markup=False, highlight=False,
+                           soft_wrap=True)
         if self.console.is_terminal:  # in a file it would only add blank lines
-            self.progress.start()
+            self.progress_bar.start()
+        else:
+            self.heartbeat.__enter__()
+
+    def progress(self, step: int, tokens: int) -> None:
+        """Where the loop is (every step; nothing printed here). The first call of a resumed run says so."""
+        if self.at is None:
+            self.window = (time.perf_counter(), tokens)
+            if step:
+                of = f" of {self.total_steps:,}" if self.total_steps else ""
+                self.console.print(f"resumed from step {step:,}{of} ({_short(tokens)} tokens)", markup=False,
+                                   highlight=False, soft_wrap=True)
+        self.at = (step, tokens)
+
+    def _line(self) -> str | None:
+        if self.at is None:
+            return None
+        step, tokens = self.at
+        now = time.perf_counter()
+        rate = (tokens - self.window[1]) / max(now - self.window[0], 1e-9)
+        self.window = (now, tokens)
+        return progress_head(step, tokens, rate, self.total_steps, self.total_tokens)
 
     def __call__(self, m: dict) -> None:
-        self.progress.update(self.task, completed=m["tokens"], rate=f"{m.get('tokens_per_s', 0):,.0f}")
-        for line in metric_lines(m, self.run_names):
-            self.progress.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        self.window = (time.perf_counter(), m["tokens"])
+        self.heartbeat.beat()
+        self.progress_bar.update(self.task, completed=m["tokens"], rate=f"{m.get('tokens_per_s', 0):,.0f}")
+        for line in metric_lines(m, self.run_names, self.total_steps, self.total_tokens):
+            self.progress_bar.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
-        if self.progress.live.is_started:
-            self.progress.stop()
+        self.heartbeat.close()
+        if self.progress_bar.live.is_started:
+            self.progress_bar.stop()
 
 
 def wandb_mode() -> str:

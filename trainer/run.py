@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from pipeline import __version__, distributed
 from pipeline.config import check_sizes
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, LoaderState, open_source
+from pipeline.lock import DirLock, refuse_file_in_way, refuse_inside_cache
 from pipeline.manifest import manifest_hash
-from trainer.checkpoint import CHECKPOINT
+from pipeline.verify import refuse_inconsistent
+from trainer.checkpoint import CHECKPOINT, has_checkpoint
 from trainer.registry import get_architecture
 from trainer.sae_topk import dead_tokens_threshold_for
 from trainer.stack import StackedSAE
@@ -112,7 +115,7 @@ class TrainConfig:
     eval_tokens: int = 65_536
     """Eval-split rows used by the evaluations during training (the final one uses the whole split)."""
     checkpoint_every: int = 200
-    """Steps between resume checkpoints (one is also written at the end)."""
+    """Steps between resume checkpoints (one is also written at the end; 0: only that one)."""
     n_snapshots: int = 0
     """Extra SAEs kept along the run (OUT/<name>/checkpoints/<tokens>/, SAELens format)."""
     snapshot_spacing: str = "log"
@@ -137,9 +140,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_sizes(self, positive=("d_sae", "k", "initial_k", "batch_size", "tokens", "log_every",
-                                     "eval_tokens", "target_l0"),
+                                     "eval_tokens", "target_l0", "lr", "max_grad_norm"),
                     non_negative=("k_anneal_steps", "l1_warmup_steps", "l0_warmup_steps", "lr_warmup_steps",
-                                  "eval_every", "checkpoint_every", "n_snapshots"))
+                                  "eval_every", "checkpoint_every", "n_snapshots", "l1", "l0"))
+        if self.eval_every and isinstance(self.log_every, int) and self.eval_every % self.log_every:
+            fit = max(self.log_every, round(self.eval_every / self.log_every) * self.log_every)
+            raise PipelineError(f"--eval-every {self.eval_every} must be a multiple of --log-every {self.log_every} "
+                                f"(evaluations run at logging steps); e.g. --eval-every {fit}")
 
     def run_name(self) -> str:
         """The run's folder and W&B name: architecture, d_sae and its sparsity knob."""
@@ -362,6 +369,13 @@ def warn_if_incomplete(source, cache: str) -> None:
                             "--resume` with the same options finishes it", markup=False, highlight=False)
 
 
+def say_if_fresh(folder: Path) -> None:
+    """One line when --resume finds no checkpoint in `folder`: the run starts from step 0."""
+    if not has_checkpoint(folder):
+        log_console().print(f"--resume: no checkpoint in {folder}; starting a fresh run", markup=False,
+                            highlight=False)
+
+
 def resolved_lr(cfg: TrainConfig) -> float:
     """The run's Adam lr: as given, or the default for its width."""
     return default_lr(cfg.d_sae) if cfg.lr is None else cfg.lr
@@ -442,6 +456,9 @@ def run_train(cfg: TrainConfig) -> dict:
     device = distributed.device_for(cfg.device)
     ddp = data_parallel(cfg.ddp, world)  # None for one process
     main = ddp is None or ddp.rank == 0
+    refuse_inconsistent(cfg.cache)
+    refuse_inside_cache(cfg.out)
+    refuse_file_in_way(cfg.out)
     hooks = cfg.hook if cfg.hook_out is None else [cfg.hook, cfg.hook_out]
     if cfg.hook_out is not None:
         have = open_source(cfg.cache).hooks
@@ -470,69 +487,74 @@ def run_train(cfg: TrainConfig) -> dict:
     model = build_model(cfg, d_in, train.source.hooks[cfg.hook_out] if cfg.hook_out else None)
     name = cfg.run_name()
     out = Path(cfg.out) / name
-    if (out / CHECKPOINT).exists() and not cfg.resume:
-        raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
-                            "or choose another --out or --name")
-    init_cfg = init_from(model, cfg.init_from, input_scale=scale, output_scale=out_scale) if cfg.init_from else None
-    model = model.to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    steps = math.ceil(cfg.tokens / cfg.batch_size)
-    # A loaded SAE keeps its weights: no b_dec or scale init from the data.
-    loop = LoopConfig(lr=resolved_lr(cfg), lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay,
-                      total_steps=steps, max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
-                      b_dec_init="keep" if init_cfg else cfg.b_dec_init,
-                      init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
-                      kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None,
-                      target_l0=controlled_target(cfg))
-    identity = weight_identity(cfg)
-    has_eval = bool(train.source.shards("eval"))
-    evaluator = None
-    if cfg.eval_every and has_eval and main:
-        held = SplitRows(cfg, io_hooks, device, io_scales, cfg.eval_tokens, resident="auto", budget=budget)
-        evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
-    metadata = export_metadata(cfg, train.source, hook, name)
-    if cfg.hook_out:
-        metadata["hook_name_out"] = cfg.hook_out
+    with DirLock(out, "pipeline train") if main else nullcontext():
+        if (out / CHECKPOINT).exists() and not cfg.resume:
+            raise PipelineError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it "
+                                "or choose another --out or --name")
+        if cfg.resume and main:
+            say_if_fresh(out)
+        init_cfg = (init_from(model, cfg.init_from, input_scale=scale, output_scale=out_scale) if cfg.init_from
+                    else None)
+        model = model.to(device)
+        out.mkdir(parents=True, exist_ok=True)
+        steps = math.ceil(cfg.tokens / cfg.batch_size)
+        # A loaded SAE keeps its weights: no b_dec or scale init from the data.
+        loop = LoopConfig(lr=resolved_lr(cfg), lr_warmup_steps=cfg.lr_warmup_steps, lr_decay=cfg.lr_decay,
+                          total_steps=steps, max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
+                          b_dec_init="keep" if init_cfg else cfg.b_dec_init,
+                          init_scale_search=cfg.init_scale_search and not init_cfg, precision=cfg.precision,
+                          kernels=cfg.kernels, metrics_path=str(out / "metrics.jsonl") if main else None,
+                          target_l0=controlled_target(cfg))
+        identity = weight_identity(cfg)
+        has_eval = bool(train.source.shards("eval"))
+        evaluator = None
+        if cfg.eval_every and has_eval and main:
+            held = SplitRows(cfg, io_hooks, device, io_scales, cfg.eval_tokens, resident="auto", budget=budget)
+            evaluator = lambda m: evaluate(m, held)[0]  # noqa: E731
+        metadata = export_metadata(cfg, train.source, hook, name)
+        if cfg.hook_out:
+            metadata["hook_name_out"] = cfg.hook_out
 
-    def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
-        export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
-                       input_scale=scale, output_scale=out_scale)
+        def snapshot(m: StackedSAE, step: int, tokens: int) -> None:
+            export_saelens(m, 0, out / "checkpoints" / str(tokens), {**metadata, "step": step, "tokens": tokens},
+                           input_scale=scale, output_scale=out_scale)
 
-    console = ConsoleLog(cfg.tokens, description=name) if main else None
-    wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out],
-                          resume=cfg.resume and (out / CHECKPOINT).exists())
-                 if cfg.wandb and main else None)
+        console = ConsoleLog(cfg.tokens, description=name, total_steps=steps) if main else None
+        wandb_log = (WandbLog(cfg.wandb_project, [name], [wandb_config(cfg, train.source, hook)], [out],
+                              resume=cfg.resume and (out / CHECKPOINT).exists())
+                     if cfg.wandb and main else None)
 
-    def log(m: dict) -> None:
-        console(m)
-        if wandb_log:
-            wandb_log(m)
+        def log(m: dict) -> None:
+            console(m)
+            if wandb_log:
+                wandb_log(m)
 
-    try:
-        batches = train if cfg.hook_out is None else PairedBatches(train, hook, cfg.hook_out)
-        last = train_stack(model, RankBatches(batches) if ddp else batches, loop, evaluator=evaluator,
-                           eval_every=cfg.eval_every, log=log if main else None, run_dir=out,
-                           checkpoint_every=cfg.checkpoint_every, config=identity,
-                           snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
-                           snapshot=snapshot if main else None, ddp=ddp)
-        if not main:  # rank 0 evaluates and exports the (identical) weights
-            return {**last, "run_dir": str(out)}
-        console.close()
-        calibrate(model, cfg, hook, device, scale)
-        metrics = dict(last)
-        density = None
-        if has_eval:
-            eval_metrics, density = evaluate(model, SplitRows(cfg, io_hooks, device, io_scales, None))
-            metrics.update(eval_metrics)
-        metrics["run_dir"] = str(out)
-        finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)
-                                                for k, v in metrics.items()}, density, scale, out_scale)
-        if wandb_log:
-            wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
-                                if k != "failed"}])
-    finally:
-        if console:
+        try:
+            batches = train if cfg.hook_out is None else PairedBatches(train, hook, cfg.hook_out)
+            last = train_stack(model, RankBatches(batches) if ddp else batches, loop, evaluator=evaluator,
+                               eval_every=cfg.eval_every, log=log if main else None, run_dir=out,
+                               checkpoint_every=cfg.checkpoint_every, config=identity,
+                               snapshot_steps=snapshot_steps(steps, cfg.n_snapshots, cfg.snapshot_spacing),
+                               snapshot=snapshot if main else None, ddp=ddp,
+                               progress=console.progress if console else None)
+            if not main:  # rank 0 evaluates and exports the (identical) weights
+                return {**last, "run_dir": str(out)}
             console.close()
-        if wandb_log:
-            wandb_log.close()
-    return metrics
+            calibrate(model, cfg, hook, device, scale)
+            metrics = dict(last)
+            density = None
+            if has_eval:
+                eval_metrics, density = evaluate(model, SplitRows(cfg, io_hooks, device, io_scales, None))
+                metrics.update(eval_metrics)
+            metrics["run_dir"] = str(out)
+            finish_export(model, 0, out, metadata, {k: (v[0] if isinstance(v, list) and k != "failed" and v else v)
+                                                    for k, v in metrics.items()}, density, scale, out_scale)
+            if wandb_log:
+                wandb_log.summary([{k: (v[0] if isinstance(v, list) and v else v) for k, v in metrics.items()
+                                    if k != "failed"}])
+        finally:
+            if console:
+                console.close()
+            if wandb_log:
+                wandb_log.close()
+        return metrics

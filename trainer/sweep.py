@@ -29,6 +29,8 @@ from pipeline import distributed
 from pipeline.config import check_fields, exclusive_fields, layer, load_toml
 from pipeline.errors import PipelineError
 from pipeline.loader import ActivationLoader, open_source
+from pipeline.lock import DirLock, refuse_file_in_way, refuse_inside_cache
+from pipeline.verify import refuse_inconsistent
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.distributed import spread_stacks
 from pipeline.console import log_console
@@ -37,7 +39,7 @@ from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, size, stack_bytes, stacks_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
                          export_metadata, finish_export, relevant_field, resolve_target, resolve_width, resolved_lr,
-                         run_config, sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
+                         run_config, say_if_fresh, sparsity_knob, wandb_config, warn_if_incomplete, weight_identity)
 from trainer.target_l0 import COEFFICIENTS, final_coefficients
 from trainer.train import LoopConfig, Stack, StackTrainer, fit
 
@@ -199,9 +201,12 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     # whole cache (the batches a single process would see); rank 0 writes the summary of all.
     world, rank = distributed.init(cfg0.device), distributed.rank()
     device = torch.device(distributed.device_for(cfg0.device))
+    refuse_inconsistent(cfg0.cache)
     d_in = dict(open_source(cfg0.cache).hooks)
     plan = plan_sweep(spec, overrides, name, d_in)
     base, out = plan.base, Path(plan.base.out)
+    refuse_inside_cache(out)
+    refuse_file_in_way(out)
     if base.ddp:
         raise PipelineError("a sweep spreads its SAEs over the ranks and trains each in one process; "
                             "drop ddp (it is for `pipeline train`)")
@@ -247,55 +252,61 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                     init_from(s.trainer.model, r.init_from, run=j, input_scale=loader.scale[s.hook])
 
     sweep_dir = out / "_sweep" if world == 1 else out / "_sweep" / f"rank-{rank:05d}-of-{world:05d}"
-    if (sweep_dir / CHECKPOINT).exists() and not base.resume:
-        raise PipelineError(f"{out} holds a sweep checkpoint; pass --resume to continue it or choose another --out")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    parts = {f"s{i}": (s.trainer.model, s.trainer.opt) for i, s in enumerate(stacks)}
-    # One flat dict, so a mismatch is named as `<run>.<field>`; runs in stack order (the checkpoint's).
-    identity = {f"{r.name}.{k}": v for s in stacks for r in s.runs for k, v in weight_identity(r).items()}
-    resumed = load_checkpoint(sweep_dir, parts, identity)
-    tokens = 0
-    if resumed:
-        loader.load_state_dict(resumed["loader"])
-        for i, s in enumerate(stacks):
-            s.trainer.load_state(resumed["stacks"][i])
-        tokens = resumed["tokens"]
-    run_dirs = [out / r.name for s in stacks for r in s.runs]
-    for d in run_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(d / "metrics.jsonl", tokens)  # lines past the checkpoint come again
-    all_runs = [r for s in stacks for r in s.runs]
-    console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs])
-    wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs],
-                          [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name,
-                          resume=bool(resumed)) if base.wandb else None)
+    with DirLock(sweep_dir, "pipeline sweep"):
+        if (sweep_dir / CHECKPOINT).exists() and not base.resume:
+            raise PipelineError(f"{out} holds a sweep checkpoint; pass --resume to continue it or choose another --out")
+        if base.resume and rank == 0:
+            say_if_fresh(sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        parts = {f"s{i}": (s.trainer.model, s.trainer.opt) for i, s in enumerate(stacks)}
+        # One flat dict, so a mismatch is named as `<run>.<field>`; runs in stack order (the checkpoint's).
+        identity = {f"{r.name}.{k}": v for s in stacks for r in s.runs for k, v in weight_identity(r).items()}
+        resumed = load_checkpoint(sweep_dir, parts, identity)
+        tokens = 0
+        if resumed:
+            loader.load_state_dict(resumed["loader"])
+            for i, s in enumerate(stacks):
+                s.trainer.load_state(resumed["stacks"][i], resumed["tensors"].get(f"s{i}"))
+            tokens = resumed["tokens"]
+        run_dirs = [out / r.name for s in stacks for r in s.runs]
+        for d in run_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(d / "metrics.jsonl", tokens)  # lines past the checkpoint come again
+        all_runs = [r for s in stacks for r in s.runs]
+        console = ConsoleLog(max(r.tokens for r in all_runs), description=name, run_names=[r.name for r in all_runs],
+                             total_steps=max(math.ceil(r.tokens / base.batch_size) for r in all_runs))
+        console.progress(max(s.trainer.step for s in stacks), tokens)
+        wandb_log = (WandbLog(base.wandb_project, [r.name for r in all_runs],
+                              [wandb_config(r, loader.source, r.hook) for r in all_runs], run_dirs, group=name,
+                              resume=bool(resumed)) if base.wandb else None)
 
-    def checkpoint(step: int, seen: int) -> None:
-        save_checkpoint(sweep_dir, parts, {"step": step, "tokens": seen, "loader": loader.state_dict(),
-                                           "config": identity, "stacks": [s.trainer.state() for s in stacks]})
+        def checkpoint(step: int, seen: int) -> None:
+            save_checkpoint(sweep_dir, parts, {"step": step, "tokens": seen, "loader": loader.state_dict(),
+                                               "config": identity, "stacks": [s.trainer.state() for s in stacks]},
+                            {f"s{i}": s.trainer.tensors() for i, s in enumerate(stacks)})
 
-    held = ({h: SplitRows(base, h, device, loader.scale[h], base.eval_tokens, resident="auto",
-                          budget=budget // len(hooks)) for h in hooks}
-            if base.eval_every and loader.source.shards("eval") else None)
-    start_tokens = tokens
+        held = ({h: SplitRows(base, h, device, loader.scale[h], base.eval_tokens, resident="auto",
+                              budget=budget // len(hooks)) for h in hooks}
+                if base.eval_every and loader.source.shards("eval") else None)
+        start_tokens = tokens
 
-    def on_log(step: int, seen: int, tokens_per_s: float) -> None:
-        _log_runs({"step": step, "tokens": seen, "tokens_per_s": tokens_per_s}, stacks, out, console, wandb_log)
+        def on_log(step: int, seen: int, tokens_per_s: float) -> None:
+            _log_runs({"step": step, "tokens": seen, "tokens_per_s": tokens_per_s}, stacks, out, console, wandb_log)
 
-    try:
-        tokens = fit(stacks, loader, log_every=base.log_every, on_log=on_log, init=not resumed, tokens=tokens,
-                     evaluator=(lambda st: evaluate(st.trainer.model, held[st.hook])[0]) if held else None,
-                     eval_every=base.eval_every, checkpoint=checkpoint, checkpoint_every=base.checkpoint_every,
-                     checkpoint_path=sweep_dir / CHECKPOINT, max_steps=max_steps)
-        console.close()
-        rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, evaluate_runs)
-        if wandb_log:
-            wandb_log.summary([r for r in rows if r["status"] != "refused"])
-    finally:
-        console.close()
-        if wandb_log:
-            wandb_log.close()
-    return rows
+        try:
+            tokens = fit(stacks, loader, log_every=base.log_every, on_log=on_log, init=not resumed, tokens=tokens,
+                         evaluator=(lambda st: evaluate(st.trainer.model, held[st.hook])[0]) if held else None,
+                         eval_every=base.eval_every, checkpoint=checkpoint, checkpoint_every=base.checkpoint_every,
+                         checkpoint_path=sweep_dir / CHECKPOINT, max_steps=max_steps, after=console.progress)
+            console.close()
+            rows = _finish(stacks, base, hooks, device, loader, out, name, tokens - start_tokens, plan, evaluate_runs)
+            if wandb_log:
+                wandb_log.summary([r for r in rows if r["status"] != "refused"])
+        finally:
+            console.close()
+            if wandb_log:
+                wandb_log.close()
+        return rows
 
 
 @dataclass

@@ -249,13 +249,22 @@ class StackTrainer:
 
     def state(self) -> dict:
         """JSON part of a checkpoint (the tensors are the model's and optimizer's state dicts)."""
-        state = {"step": self.step, "failed": self.failed.nonzero().flatten().tolist()}
+        state = {"step": self.step, "failed": self.failed.nonzero().flatten().tolist(),
+                 "window_tokens": self.window_tokens}
         if self.controller is not None:
             state["target_l0"] = self.controller.state_dict()
         return state
 
-    def load_state(self, state: dict) -> None:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor part of a checkpoint: the firing counts of the logging window under way, so that a
+        run resumed off the logging grid logs the dead and dense fractions an unbroken run does."""
+        return {"fired": self.fired}
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.step = state["step"]
+        self.window_tokens = state.get("window_tokens", 0)
+        if tensors and "fired" in tensors:
+            self.fired.copy_(tensors["fired"])
         self.step_t.fill_(float(self.step))
         self.failed.zero_()
         if state.get("failed"):
@@ -292,13 +301,15 @@ def fit(stacks: Sequence[Stack], batches: Iterable, *, log_every: int, on_log: C
     The first batch initialises each stack from the data (`init`, a fresh run). After a step of a
     stack at a logging step (every `log_every`, and the last step of each of its runs) its metrics go
     to `stack.last` (with `evaluator(stack)` every `eval_every` steps), and once per batch with any,
-    `on_log(step, tokens, tokens_per_s)` fans them out (console, JSONL, W&B). When every run of every
+    `on_log(step, tokens, tokens_per_s)` fans them out (console, JSONL, W&B; tokens/s over the steps
+    since the previous line). When every run of every
     stack has diverged (checked at those steps only: a read-back makes the host wait for the GPU),
     `RunDiverged`. `checkpoint(step, tokens)` every `checkpoint_every` steps and at the end (at
     `checkpoint_path`, which Ctrl-C's message names), `after(step, tokens)` after each batch
     (snapshots), `max_steps` stops early. SIGINT/SIGTERM finish the step, checkpoint and stop
     (`signals=False`: data-parallel ranks, which must stop together, leave signals alone)."""
-    t0, start, step = time.perf_counter(), tokens, 0
+    step = 0
+    window = (time.perf_counter(), tokens)  # since the last line: its tokens/s is the current speed, not an average
     stop = StopOnSignal(enabled=signals)
     try:
         for batch in stop.until(batches):
@@ -325,7 +336,9 @@ def fit(stacks: Sequence[Stack], batches: Iterable, *, log_every: int, on_log: C
             tokens += rows * world
             step = max(st.trainer.step for st in stacks)
             if logged:
-                on_log(step, tokens, (tokens - start) / (time.perf_counter() - t0))
+                now = time.perf_counter()
+                on_log(step, tokens, (tokens - window[1]) / (now - window[0]))
+                window = (now, tokens)
                 if all(bool(st.trainer.failed.all()) for st in stacks):
                     raise RunDiverged(f"every run's loss became NaN/Inf by step {step} (lower --lr or check the "
                                       "data); " + (f"the last good checkpoint is in {checkpoint_path.parent}"
@@ -351,7 +364,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
                 log: Callable[[dict], None] | None = print, run_dir: str | Path | None = None,
                 checkpoint_every: int = 0, max_steps: int | None = None, config: dict | None = None,
                 snapshot_steps: Sequence[int] = (), snapshot: Callable[[StackedSAE, int, int], None] | None = None,
-                ddp: "DataParallel | None" = None) -> dict:
+                ddp: "DataParallel | None" = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Train every run of `model` on each batch (`fit` with one stack); returns the last metrics
     (lists per run).
 
@@ -361,7 +374,8 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     then have `state_dict`/`load_state_dict` (as `ActivationLoader`) and training continues exactly
     where it stopped. `max_steps` stops early. `evaluator(model)` runs every `eval_every` steps
     (at a logging step) and its dict joins that line. `snapshot(model, step, tokens)` is called
-    after each step in `snapshot_steps` (exports kept along the way). With `ddp`, every rank calls
+    after each step in `snapshot_steps` (exports kept along the way). `progress(step, tokens)` hears
+    where the loop is, before the first step (a resume's) and after every step. With `ddp`, every rank calls
     this on its part of each global batch (trainer.distributed); rank 0 alone writes the checkpoints,
     and the caller gives the other ranks no log, metrics file, evaluator or snapshot.
 
@@ -377,8 +391,10 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     if resumed:
         if "loader" in resumed:
             batches.load_state_dict(resumed["loader"])
-        trainer.load_state(resumed)
+        trainer.load_state(resumed, resumed["tensors"].get(""))
         tokens = resumed["tokens"]
+    if progress is not None:
+        progress(trainer.step, tokens)
     if cfg.metrics_path:  # lines logged after the checkpoint (a kill) are logged again from it
         truncate_metrics(cfg.metrics_path, tokens)
     metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
@@ -396,7 +412,7 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
         if hasattr(batches, "state_dict"):
             state["loader"] = batches.state_dict()  # with ddp, a collective: every rank comes here
         if ddp is None or ddp.rank == 0:
-            save_checkpoint(run_dir, {"": (model, trainer.opt)}, state)
+            save_checkpoint(run_dir, {"": (model, trainer.opt)}, state, {"": trainer.tensors()})
         if ddp is not None:
             # Nobody reads the run folder (a resume, the next command) before rank 0 has written it.
             distributed.barrier()
@@ -404,6 +420,8 @@ def train_stack(model: StackedSAE, batches: Iterable[torch.Tensor], cfg: LoopCon
     snapshot_steps = set(snapshot_steps)
 
     def after(step: int, seen: int) -> None:
+        if progress is not None:
+            progress(step, seen)
         if snapshot is not None and step in snapshot_steps:
             snapshot(model, step, seen)
 

@@ -120,3 +120,34 @@ def parse_shards(spec: str | None) -> slice:
     except ValueError:
         raise PipelineError(f"bad shard range {spec!r}; use START:STOP (e.g. 0:10), :STOP, START: or one "
                             "index") from None
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def check_reachable(action: str) -> None:
+    """Refuse at once when the Hub's host cannot be reached at all (no network, no DNS): huggingface_hub
+    would retry with backoff for half a minute, then end in a traceback or a long message. Offline
+    mode and proxies (which a direct connection says nothing about) are left to huggingface_hub."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+    except OSError as e:
+        raise PipelineError(f"cannot reach the Hub at {constants.ENDPOINT} to {action} ({e.strerror or e}); "
+                            "check the network (or HF_ENDPOINT) and rerun") from None
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A connection that failed or broke (DNS, refused, reset, timed out), whichever HTTP client
+    huggingface_hub uses (httpx's TransportError, requests' ConnectionError)."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ in ("TransportError", "ConnectionError", "Timeout") for c in type(e).__mro__)
