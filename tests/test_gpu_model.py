@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.step_trace import MetaAutocast, StepTracer
+from trainer.step_trace import MetaAutocast, StepTracer, assume_dead, replay_step
+from trainer.train import LoopConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,24 @@ def test_train_refuses_a_run_that_cannot_fit_with_the_numbers(tmp_path):
                                             r"but [0-9.]+ GiB is free; lower --d-sae or --batch-size"):
         run_train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "r"), d_sae=100_000_000, k=4,
                               batch_size=256, tokens=2560, wandb=False))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_auxk_adds_no_op_without_dead_latents(arch):
+    """The replayed step with no latent near dead dispatches exactly the ops of the same step with AuxK
+    switched off (its dead window past any run); with 10% dead, AuxK's ops come on top, no host sync."""
+    mod = gpu_model()
+    shape = mod.SHAPES["small"]
+
+    def ops(dead: float, window: int | None = None) -> list[str]:
+        model = mod.build(arch, shape)
+        if window is not None:
+            model = type(model)([dataclasses.replace(c, dead_tokens_threshold=window) for c in model.cfgs])
+            model = model.to("meta")
+        trace = replay_step(model, LoopConfig(lr=1e-3, total_steps=1000), shape.batch, "bf16", assume_dead(dead))
+        assert trace.syncs == []
+        return [o.name for o in trace.ops]
+
+    none_dead, auxk_off, some_dead = ops(0.0), ops(0.0, 10**12), ops(0.1)
+    assert none_dead == auxk_off
+    assert len(some_dead) > len(none_dead) and some_dead.count("bmm") > none_dead.count("bmm")
