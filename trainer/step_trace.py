@@ -59,7 +59,7 @@ class OpRecord:
     launches: int = 1
     """Kernels launched."""
     phase: str = ""
-    """The step's phase the op ran in (`Trace.phase`): forward, backward, optimizer, ..."""
+    """The step's phase the op ran in: forward, backward (autograd's), update (what follows the backward)."""
 
 
 Cost = Callable[[tuple, dict, Any], OpRecord]
