@@ -153,3 +153,18 @@ def test_chunks_fit_the_cache_on_cpu_and_are_large_on_a_gpu():
     assert CHUNKS.rows(row, torch.device("cpu"), cpu_bytes=1 << 25) == 2048
     # On a GPU each chunk costs kernel launches, not cache misses: d_sae 32768 is 2 chunks, not 256.
     assert CHUNKS.rows(row, torch.device("cuda")) == (1 << 28) // row == 16384
+
+
+def test_row_dots_take_the_same_values_in_both_forms():
+    """The sparse backward's gathered-row dot products: the CPU's multiply-and-sum and the GPU's batch of
+    small products (forced here on the CPU) agree."""
+    from trainer.kernels.sparse import _dot_rows
+
+    g = torch.Generator().manual_seed(0)
+    picked = torch.randn(7, 5, 12, generator=g, dtype=torch.float64)
+    rows = torch.randn(7, 12, 1, generator=g, dtype=torch.float64)
+    expected = (picked * rows.transpose(1, 2)).sum(dim=-1, keepdim=True)
+    for batched in (False, True):
+        out = torch.empty(7, 5, 1, dtype=torch.float64)
+        _dot_rows(picked.clone(), rows, out, batched=batched)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

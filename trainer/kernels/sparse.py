@@ -93,9 +93,19 @@ def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, c
     for start in range(0, N, step):
         stop = min(N, start + step)
         picked = table.index_select(0, codes[start:stop].reshape(-1)).view(stop - start, k, -1)
-        # Multiply-and-sum rather than bmm: a batch of (k x d) @ (d x 1) products is 3x slower.
-        torch.sum(picked.mul_(rows[start:stop].unsqueeze(1)), dim=-1, out=out[start:stop])
+        _dot_rows(picked, rows[start:stop].unsqueeze(-1), out[start:stop].unsqueeze(-1))
     return out
+
+
+def _dot_rows(picked: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, batched: bool | None = None) -> None:
+    """`out (n, k, 1)` = `picked (n, k, d)` @ `rows (n, d, 1)`. On a CPU as a multiply and a sum (a batch
+    of (k x d) @ (d x 1) products is 3x slower there; `picked` is overwritten); elsewhere as that batch of
+    products, which reads the gathered rows once where the multiply and the sum pass over them three
+    times (BENCHMARKS.md "GPU cost model"). `batched` forces one form (None: by device)."""
+    if not (picked.device.type != "cpu" if batched is None else batched):
+        torch.sum(picked.mul_(rows.transpose(1, 2)), dim=-1, keepdim=True, out=out)
+    else:
+        torch.bmm(picked, rows.to(picked.dtype), out=out)
 
 
 def sparse_encoder_grads(needs: tuple[bool, ...], x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, B: int,
@@ -473,7 +483,7 @@ def _entry_dot(table: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, bag
     for a in range(0, codes.numel(), step):
         b = min(codes.numel(), a + step)
         picked = table.index_select(0, codes[a:b])
-        torch.sum(picked.mul_(rows.index_select(0, bags[a:b])), dim=-1, out=out[a:b])
+        _dot_rows(picked.unsqueeze(1), rows.index_select(0, bags[a:b]).unsqueeze(-1), out[a:b].view(-1, 1, 1))
     return out
 
 
