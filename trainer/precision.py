@@ -42,6 +42,17 @@ def autocast_enabled(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device_type`, or None when it is off."""
+    if not autocast_enabled(device_type):
+        return None
+    if device_type == "meta":
+        from trainer.step_trace import MetaAutocast
+
+        return MetaAutocast.dtypes[-1]
+    return torch.get_autocast_dtype(device_type)
+
+
 @contextlib.contextmanager
 def compute_precision(precision: str, device: torch.device | str) -> Iterator[None]:
     """The context a training step (forward and backward) runs in for `precision` on `device`:

@@ -302,6 +302,8 @@ class MetaAutocast(TorchFunctionMode):
 
     active = 0
     """How many are entered (`trainer.precision.autocast_enabled` on the meta device)."""
+    dtypes: list[torch.dtype] = []
+    """Their dtypes, innermost last (`trainer.precision.autocast_dtype`)."""
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -310,10 +312,12 @@ class MetaAutocast(TorchFunctionMode):
 
     def __enter__(self) -> "MetaAutocast":
         MetaAutocast.active += 1
+        MetaAutocast.dtypes.append(self.dtype)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> Any:
         MetaAutocast.active -= 1
+        MetaAutocast.dtypes.pop()
         self._cache.clear()
         return super().__exit__(*exc)
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from trainer.kernels.chunks import CHUNKS, Chunks, counts
+from trainer.precision import autocast_dtype
 
 
 # -- fixed k per token ---------------------------------------------------------------------------
@@ -139,27 +140,36 @@ def sparse_encoder_grads(needs: tuple[bool, ...], x: torch.Tensor, W_enc: torch.
     return (None, None, grad_x, grad_W, grad_b_enc if need_b_enc else None, grad_b_dec if need_b_dec else None)
 
 
+def _gather_table(W_dec: torch.Tensor) -> torch.Tensor:
+    """W_dec as (R * S, d) rows to gather from, in autocast's dtype when it is on (one cast a step; every
+    gather and dot over the rows then moves half the bytes), else as it is."""
+    dtype = autocast_dtype(W_dec.device.type) or W_dec.dtype
+    return W_dec.reshape(-1, W_dec.shape[-1]).to(dtype)
+
+
 class _SparseDecode(Function):
     @staticmethod
     def forward(ctx: Any, idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, chunks: Chunks) -> torch.Tensor:
         R, B, k = idx.shape
         _, S, d = W_dec.shape
         codes = _flat_codes(idx, S)
-        ctx.save_for_backward(codes, vals, W_dec)
-        ctx.chunks = chunks
-        return _bag_sum(codes, vals.reshape(R * B, k), W_dec.reshape(R * S, d)).view(R, B, d)
+        table = _gather_table(W_dec)
+        ctx.save_for_backward(codes, vals, table)
+        ctx.chunks, ctx.W_shape = chunks, W_dec.shape
+        return _bag_sum(codes, vals.reshape(R * B, k).to(table.dtype), table).view(R, B, d)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
-        codes, vals, W_dec = ctx.saved_tensors
-        R, S, d = W_dec.shape
+        codes, vals, table = ctx.saved_tensors
+        R, S, d = ctx.W_shape
         B, k = vals.shape[1], vals.shape[2]
         grad_rows = grad_out.reshape(R * B, d)
         grad_vals = grad_W = None
         if ctx.needs_input_grad[1]:
-            grad_vals = _rowwise_dot(codes, W_dec.reshape(R * S, d), grad_rows, ctx.chunks).view(R, B, k)
-        if ctx.needs_input_grad[2]:
-            grad_W = _transposed_bag_sum(codes, vals.reshape(R * B, k), grad_rows, R * S).view(R, S, d)
+            dots = _rowwise_dot(codes, table, grad_rows.to(table.dtype), ctx.chunks)
+            grad_vals = dots.view(R, B, k).to(vals.dtype)
+        if ctx.needs_input_grad[2]:  # in the weights' dtype: each latent sums many rows
+            grad_W = _transposed_bag_sum(codes, vals.reshape(R * B, k), grad_rows.to(vals.dtype), R * S).view(R, S, d)
         return None, grad_vals, grad_W, None
 
 
@@ -168,8 +178,9 @@ def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, ch
 
     Equals `dense(vals) @ W_dec` for the dense (R, B, d_sae) latents that hold `vals` at `idx`
     (ids distinct within a row), in O(B * k * d_in) forward and backward. `idx (R, B, k)` long,
-    `vals (R, B, k)`, `W_dec (R, d_sae, d_in)`; differentiable in vals and W_dec. Computes in W_dec's
-    dtype (bf16 activations from autocast are cast up: a gather needs no matrix unit)."""
+    `vals (R, B, k)`, `W_dec (R, d_sae, d_in)`; differentiable in vals and W_dec. The gathers compute
+    in autocast's dtype when it is on (as a matmul would; embedding_bag accumulates in float32), W_dec's
+    gradient in W_dec's dtype."""
     return _SparseDecode.apply(idx, vals.to(W_dec.dtype), W_dec, chunks)
 
 
@@ -499,22 +510,22 @@ class _SegmentDecode(Function):
     @staticmethod
     def forward(ctx: Any, vals: torch.Tensor, W_dec: torch.Tensor, codes: BatchCodes, bags: torch.Tensor,
                 bag_starts: torch.Tensor, bags_by_code: torch.Tensor, chunks: Chunks) -> torch.Tensor:
-        R, S, d = W_dec.shape
-        ctx.codes, ctx.chunks = codes, chunks
-        ctx.save_for_backward(vals, W_dec, bags, bags_by_code)
-        return F.embedding_bag(codes.code, W_dec.reshape(R * S, d), bag_starts, per_sample_weights=vals, mode="sum")
+        table = _gather_table(W_dec)
+        ctx.codes, ctx.chunks, ctx.W_shape = codes, chunks, W_dec.shape
+        ctx.save_for_backward(vals, table, bags, bags_by_code)
+        return F.embedding_bag(codes.code, table, bag_starts, per_sample_weights=vals.to(table.dtype), mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        vals, W_dec, bags, bags_by_code = ctx.saved_tensors
+        vals, table, bags, bags_by_code = ctx.saved_tensors
         codes: BatchCodes = ctx.codes
-        R, S, d = W_dec.shape
+        R, S, d = ctx.W_shape
         grad = grad.contiguous()
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_vals = _entry_dot(W_dec.reshape(R * S, d), codes.code, grad, bags, ctx.chunks)
-        if ctx.needs_input_grad[1]:
-            grad_W = _per_code_sum(codes, bags_by_code, vals, grad).view(R, S, d)
+            grad_vals = _entry_dot(table, codes.code, grad.to(table.dtype), bags, ctx.chunks).to(vals.dtype)
+        if ctx.needs_input_grad[1]:  # in the weights' dtype: each latent sums many rows
+            grad_W = _per_code_sum(codes, bags_by_code, vals, grad.to(vals.dtype)).view(R, S, d)
         return grad_vals, grad_W, None, None, None, None, None
 
 
