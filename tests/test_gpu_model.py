@@ -142,3 +142,17 @@ def test_auxk_adds_no_op_without_dead_latents(arch):
     none_dead, auxk_off, some_dead = ops(0.0), ops(0.0, 10**12), ops(0.1)
     assert none_dead == auxk_off
     assert len(some_dead) > len(none_dead) and some_dead.count("bmm") > none_dead.count("bmm")
+
+
+def test_the_host_view_of_dead_latents_survives_a_move_but_not_a_write():
+    """A new stack skips AuxK without reading the device, also after .to(); a write to the counts (a
+    load, a test) makes the view unknown until the next step's counts arrive."""
+    from trainer.sae_topk import TopKConfig, TopKSAE
+
+    model = TopKSAE([TopKConfig(d_in=8, d_sae=64, k=2, dead_tokens_threshold=100)]).to(torch.float64)
+    assert model.dead_bound() == 0
+    with torch.no_grad():
+        model.tokens_since_fired[:, :5] = 1000
+    assert model.dead_bound() is None  # unknown: AuxK would take every latent as a candidate
+    model.after_step({"fired": torch.zeros(1, 64, dtype=torch.float64)}, 10)
+    assert model.dead_bound() == 5  # the CPU's view is never late: the exact count

@@ -251,6 +251,16 @@ class TopKSAE(StackedSAE):
         near = [(since >= window - m * n_tokens).sum(dim=1) for m in MARGIN_STEPS]
         self._dead_view.push(torch.stack([since.amax(dim=1), *near]), self._tokens)
 
+    def _apply(self, fn, recurse: bool = True):
+        written = self.tokens_since_fired._version != self._counted_version  # since the last count
+        module = super()._apply(fn, recurse)
+        # A move or cast (.to(device), .double()) keeps the counts: the host's view still holds, unless
+        # they were written before it.
+        if written:
+            self._dead_view.forget()
+        self._counted_version = self.tokens_since_fired._version
+        return module
+
     def dead_counts_changed(self) -> None:
         """Call after setting `tokens_since_fired` other than by training (a load does): the host's
         view of the dead latents is then unknown until the next step's counts arrive (such a write
