@@ -175,3 +175,12 @@ def test_bf16_trains_to_fp32_quality(arch):
     ev16, l0_16 = quality(arch, "bf16")
     assert abs(ev16 - ev32) <= 0.005, (ev32, ev16)
     assert abs(l0_16 - l0_32) <= 0.02 * l0_32, (l0_32, l0_16)
+
+
+def test_fused_auxk_keeping_every_dead_candidate_equals_plain():
+    """aux_k at least the dead candidates: the fused AuxK keeps every positive one without a selection."""
+    model = with_dead_latents(TopKSAE([TopKConfig(d_in=16, d_sae=48, k=3, aux_k=48, seed=s, dead_tokens_threshold=100)
+                                       for s in range(2)]).double())
+    batches = [b.double() for b in sparse_batches(3, 48, d=16, n_feat=32)]
+    model.init_b_dec(batches[0])
+    assert_fused_equals_plain(model, batches)

@@ -353,11 +353,14 @@ class TopKSAE(StackedSAE):
                 # Past a run's dead latents the values are -inf (never kept): with one aux_k for every
                 # run, nothing else needs cutting, so the order is not needed either.
                 ordered = not self._aux_k_uniform
-                top, j = dead_pre.topk(A, dim=-1, sorted=ordered)
-                chosen = top > 0  # the ReLU
-                if ordered:
-                    chosen &= torch.arange(A, device=top.device) < torch.minimum(self.aux_k, n_dead).view(R, 1, 1)
-                keep = torch.zeros_like(dead_pre, dtype=torch.bool).scatter_(-1, j, chosen)
+                if A == n and not ordered:  # every candidate may be kept: nothing to select
+                    keep = dead_pre > 0  # the ReLU (past the dead ones: -inf)
+                else:
+                    top, j = dead_pre.topk(A, dim=-1, sorted=ordered)
+                    chosen = top > 0  # the ReLU
+                    if ordered:
+                        chosen &= torch.arange(A, device=top.device) < torch.minimum(self.aux_k, n_dead).view(R, 1, 1)
+                    keep = torch.zeros_like(dead_pre, dtype=torch.bool).scatter_(-1, j, chosen)
                 values = dead_pre.masked_fill(~keep, 0.0)
             acts = given_pre_acts(values, x, dead.W_enc, dead.b_enc, self.input_bias) * keep
             e_hat = torch.bmm(acts, dead.W_dec)
