@@ -147,8 +147,9 @@ class FusedWeights(NamedTuple):
 
 
 def bucket(n: int, limit: int) -> int:
-    """`n` rounded up to a multiple of 64 (fewer distinct shapes for the allocator), at most `limit`."""
-    return min(limit, max(64, -(-n // 64) * 64))
+    """`n` rounded up to a multiple of 16 (fewer distinct shapes for the allocator, aligned for the
+    matrix units), at most `limit`."""
+    return min(limit, max(16, -(-n // 16) * 16))
 
 
 @register_architecture("topk")
