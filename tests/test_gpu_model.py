@@ -145,14 +145,18 @@ def test_auxk_adds_no_op_without_dead_latents(arch):
 
 
 def test_the_host_view_of_dead_latents_survives_a_move_but_not_a_write():
-    """A new stack skips AuxK without reading the device, also after .to(); a write to the counts (a
-    load, a test) makes the view unknown until the next step's counts arrive."""
+    """A new stack skips AuxK without reading the device, also after .to(); after a write to the counts
+    (a load, a test) the host reads them again once (a CPU at once), so a resumed run decides as an
+    unbroken one."""
     from trainer.sae_topk import TopKConfig, TopKSAE
 
     model = TopKSAE([TopKConfig(d_in=8, d_sae=64, k=2, dead_tokens_threshold=100)]).to(torch.float64)
     assert model.dead_bound() == 0
     with torch.no_grad():
         model.tokens_since_fired[:, :5] = 1000
-    assert model.dead_bound() is None  # unknown: AuxK would take every latent as a candidate
+    assert model.dead_bound() == 5  # read again: the exact count
     model.after_step({"fired": torch.zeros(1, 64, dtype=torch.float64)}, 10)
     assert model.dead_bound() == 5  # the CPU's view is never late: the exact count
+    with torch.no_grad():
+        model.tokens_since_fired[:, 5:9] = 1000
+    assert model.dead_bound() == 9

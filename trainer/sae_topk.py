@@ -248,8 +248,12 @@ class TopKSAE(StackedSAE):
         if self.tokens_since_fired._version != self._counted_version + 2:
             self._dead_view.forget()  # written since the last count: earlier views no longer hold
         self._counted_version = self.tokens_since_fired._version
+        self._push_counts()
+
+    def _push_counts(self) -> None:
+        """Send the host this stack's dead-latent counts as they are now (`_dead_view`)."""
         since, window = self.tokens_since_fired, self.dead_tokens_threshold.unsqueeze(1)
-        near = [(since >= window - m * n_tokens).sum(dim=1) for m in MARGIN_STEPS]
+        near = [(since >= window - m * self._step_tokens).sum(dim=1) for m in MARGIN_STEPS]
         self._dead_view.push(torch.stack([since.amax(dim=1), *near]), self._tokens)
 
     def _apply(self, fn, recurse: bool = True):
@@ -276,8 +280,11 @@ class TopKSAE(StackedSAE):
             self.dead_counts_changed()
         for seen in (self._dead_view.latest(), None):
             if seen is None:
-                # The host ran more than MARGIN_STEPS[-1] steps ahead of the device (or nothing came
-                # back yet): wait for the newest count, the one sync this takes, and only then.
+                # Nothing known (a load, a write to the counts: send them now), or the host ran more
+                # than MARGIN_STEPS[-1] steps ahead of the device: wait for the newest count, the one
+                # sync this takes, and only then. A resumed run then decides as the unbroken one did.
+                if self._dead_view.latest() is None:
+                    self._push_counts()
                 seen = self._dead_view.wait()
                 if seen is None:
                     return None
