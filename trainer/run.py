@@ -438,12 +438,11 @@ def finish_export(model: StackedSAE, run: int, out: Path, metadata: dict, metric
 def plan_memory(cfg: TrainConfig, source, device: str) -> int:
     """The bytes this run needs on `device` (trainer.memory: its real step replayed at its sizes);
     refuses it in one line when the device has not that much free."""
-    hook = cfg.hook or (next(iter(source.hooks)) if len(source.hooks) == 1 else max(source.hooks, key=source.hooks.get))
-    d_in = source.hooks.get(hook, max(source.hooks.values()))
+    d_in = source.hooks.get(cfg.hook) or max(source.hooks.values())  # no --hook yet: the widest, an upper plan
     d_out = source.hooks.get(cfg.hook_out) if cfg.hook_out else None
-    resolved = resolve_target(resolve_width(cfg, d_in))
-    held, peak = stack_bytes(resolved.arch, [run_config(resolved, d_in, d_out)], cfg.batch_size, cfg.precision, device,
-                             cfg.kernels)
+    resolved = resolve_width(cfg, d_in)
+    _, peak = stack_bytes(resolved.arch, [run_config(resolved, d_in, d_out)], cfg.batch_size, cfg.precision, device,
+                          cfg.kernels)
     free = available_bytes(torch.device(device))
     if peak > free:
         raise PipelineError(f"this run needs about {size(peak)} on {device} (d_sae {resolved.d_sae}, batch "
