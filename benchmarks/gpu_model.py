@@ -90,9 +90,10 @@ def op_seconds(op, gpu: GPU, precision: str) -> float:
 
 
 def moved_bytes(op, gpu: GPU) -> int:
-    """HBM bytes of an op: what it streams, plus its gathered rows (a table that fits in L2 is read
-    from HBM at most once)."""
-    gathered = min(op.gathered, op.table) if op.table and op.table <= gpu.l2_bytes else op.gathered
+    """HBM bytes of an op: what it streams, plus its gathered rows (a table, or each part of one used
+    in turn, that fits in L2 is read from HBM at most once)."""
+    fits = op.table and op.table // op.table_parts <= gpu.l2_bytes
+    gathered = min(op.gathered, op.table) if fits else op.gathered
     return op.read + op.written + gathered
 
 

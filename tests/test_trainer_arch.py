@@ -32,19 +32,16 @@ def train(sae: nn.Module, data: list[torch.Tensor], lr, max_grad_norm) -> list[d
     """The step a training loop takes: forward, sum of per-run losses, backward, decoder
     constraint (TopK), per-run Adam, dead-latent bookkeeping. Returns the per-step outputs."""
     sae.init_b_dec(data[0])
-    opt = StackedAdam(dict(sae.named_parameters()), lr=lr, max_grad_norm=max_grad_norm)
+    opt = StackedAdam(dict(sae.named_parameters()), lr=lr, max_grad_norm=max_grad_norm,
+                      unit_rows="W_dec" if sae.unit_norm_decoder else None)
     outs = []
     for step, x in enumerate(data):
         if hasattr(sae, "on_step"):
             sae.on_step(step, None)
         out = sae(x)
         out["loss"].sum().backward()
-        if sae.unit_norm_decoder:
-            remove_parallel_grad(sae.W_dec)
         opt.step()
         opt.zero_grad()
-        if sae.unit_norm_decoder:
-            normalize_decoder(sae.W_dec.data)
         if hasattr(sae, "after_step"):
             sae.after_step(out, x.shape[0])
         outs.append({k: v.detach() for k, v in out.items() if v.dim() == 1})

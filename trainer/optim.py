@@ -9,12 +9,16 @@ safetensors.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from trainer.kernels import adam_tail
+
+TAILS = ("auto", "triton", "torch")
 
 
 def _per_run(value: float | Sequence[float] | torch.Tensor, R: int, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -37,12 +41,19 @@ class StackedAdam:
     `params`: the parameters (a mapping name -> parameter, e.g. `dict(model.named_parameters())`,
     gives readable state names), each shaped (R, ...). `lr` and `max_grad_norm` are per run: a
     number (every run) or R numbers; `max_grad_norm=None` (or inf for a run) means no clipping.
-    Change `self.lr` in place for a schedule (it is an (R,) tensor)."""
+    Change `self.lr` in place for a schedule (it is an (R,) tensor).
+
+    `unit_rows`: the name of a decoder (R, d_sae, d_in) whose rows are kept at unit norm: its gradient's
+    component along each row is removed before the step (and from the clipping norm), and the rows are
+    renormalized after it. `tail`: how the step runs: `torch` (torch's fused Adam and the constraint's
+    passes, trainer.optim), `triton` (trainer.kernels.adam_tail: one pass per parameter), or `auto`
+    (triton on a GPU that has it, and on the meta device, where a replay takes CUDA's path)."""
 
     def __init__(self, params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter],
                  lr: float | Sequence[float] | torch.Tensor,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 max_grad_norm: float | Sequence[float] | torch.Tensor | None = None):
+                 max_grad_norm: float | Sequence[float] | torch.Tensor | None = None,
+                 unit_rows: str | None = None, tail: str = "auto"):
         named = dict(params) if isinstance(params, Mapping) else {str(i): p for i, p in enumerate(params)}
         if not named:
             raise PipelineError("StackedAdam got no parameters")
@@ -53,6 +64,15 @@ class StackedAdam:
             if p.dim() == 0 or p.shape[0] != R:
                 raise PipelineError(f"parameter {name} has shape {tuple(p.shape)}; every parameter of a "
                                     f"stack must have the run dimension ({R}) first")
+        if unit_rows is not None and (unit_rows not in named or named[unit_rows].dim() != 3):
+            raise PipelineError(f"unit_rows {unit_rows!r} names no (R, d_sae, d_in) parameter of this stack")
+        if tail not in TAILS:
+            raise PipelineError(f"unknown optimizer tail {tail!r}; use one of {', '.join(TAILS)}")
+        self.unit_rows = unit_rows
+        if tail == "auto":
+            tail = "triton" if first.device.type == "meta" or (first.device.type == "cuda" and adam_tail.available()) \
+                else "torch"
+        self.tail = tail
         self.lr = _per_run(lr, R, "lr", first)
         self.max_grad_norm = None if max_grad_norm is None else _per_run(max_grad_norm, R, "max_grad_norm", first)
         self.beta1, self.beta2 = betas
@@ -72,36 +92,33 @@ class StackedAdam:
     def grad_norm(self) -> torch.Tensor:
         """Per-run gradient norm (R,) over all parameters (missing gradients count as 0): one
         reduction pass per parameter, no squared copy."""
-        norms = [torch.linalg.vector_norm(p.grad, dim=tuple(range(1, p.dim())),
-                                          dtype=torch.promote_types(p.grad.dtype, torch.float32)).float()
-                 for p in self.params.values() if p.grad is not None]
-        if not norms:
-            return torch.zeros(self.n_runs, dtype=torch.float32, device=self.lr.device)
-        return torch.linalg.vector_norm(torch.stack(norms), dim=0)
+        squares = [_run_norm(p.grad).square() for p in self.params.values() if p.grad is not None]
+        return _total_norm(squares, self.lr)
 
     @torch.no_grad()
     def step(self, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """Clip each run's gradient to its max_grad_norm, then take one Adam step; runs where `skip`
-        (R,) bool is True are left exactly as they are (parameters and moments; their gradients may
-        hold NaNs). Returns the per-run gradient norm (R,) before clipping, for logging.
-
-        One fused pass per run over its slices of every parameter (`torch._fused_adam_`: reads
-        parameter, gradient and moments once, writes them once), with the run's lr and its clipping
-        as the kernel's gradient scale, both device tensors: no host sync, no clipped copy."""
-        norm = self.grad_norm()
-        scale = None
-        if self.max_grad_norm is not None:
-            # As torch.nn.utils.clip_grad_norm_: the gradient times coef = max_norm / (norm + 1e-6)
-            # when above; the kernel divides by its scale, 1 / coef.
-            scale = 1 / (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        """Clip each run's gradient to its max_grad_norm, then take one Adam step (with the decoder
+        constraint of `unit_rows`); runs where `skip` (R,) bool is True are left exactly as they are
+        (parameters and moments; their gradients may hold NaNs). Returns the per-run gradient norm (R,)
+        before clipping (after the constraint's projection), for logging. No host sync either way."""
         self.step_count += 1
         self._t += 1
+        if self.tail == "triton":
+            return self._triton_step(skip)
+        unit = self.params[self.unit_rows] if self.unit_rows is not None else None
+        if unit is not None:
+            remove_parallel_grad(unit)
+        norm = self.grad_norm()
+        scale = self._clip_scale(norm)
         self._steps.fill_(self._t)
         named = [(n, p) for n, p in self.params.items() if p.grad is not None]
         skipped = None if skip is None else skip.to(torch.float32)  # the kernel's found_inf: 1 skips the call
         for r in range(self.n_runs):
-            # The kernel walks memory linearly: every tensor as its dense view (a latent-major W_enc's
-            # run is a transposed view; its gradient and moments share its strides).
+            # One fused pass per run over its slices of every parameter (`torch._fused_adam_`: reads
+            # parameter, gradient and moments once, writes them once), with the run's lr and its clipping
+            # as the kernel's gradient scale, both device tensors. The kernel walks memory linearly: every
+            # tensor as its dense view (a latent-major W_enc's run is a transposed view; its gradient and
+            # moments share its strides).
             def run(t: torch.Tensor) -> torch.Tensor:
                 return _dense(t[r])
             torch._fused_adam_([run(p) for _, p in named], [run(p.grad) for _, p in named],
@@ -110,6 +127,39 @@ class StackedAdam:
                                weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
                                grad_scale=None if scale is None else scale[r],
                                found_inf=None if skipped is None else skipped[r])
+        if unit is not None:
+            normalize_decoder(unit)
+        return norm
+
+    def _clip_scale(self, norm: torch.Tensor) -> torch.Tensor | None:
+        """What each run's gradient is divided by (None: no clipping): as torch.nn.utils.clip_grad_norm_,
+        the gradient times coef = max_norm / (norm + 1e-6) when above, so 1 / coef."""
+        if self.max_grad_norm is None:
+            return None
+        return (1 / (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)).float()
+
+    def _triton_step(self, skip: torch.Tensor | None) -> torch.Tensor:
+        """`step` as trainer.kernels.adam_tail's passes: the decoder's row statistics (its share of the
+        norm, without writing the projected gradient), the other gradients' norms, then one pass per
+        parameter."""
+        named = [(n, p) for n, p in self.params.items() if p.grad is not None]
+        squares, coef = [], None
+        for name, p in named:
+            if name == self.unit_rows:
+                coef, sq = adam_tail.decoder_row_stats(p.detach(), _dense_like(p.grad, p), adam_tail.NORM_EPS)
+                squares.append(sq.sum(dim=1))
+            else:
+                squares.append(_run_norm(p.grad).square())
+        norm = _total_norm(squares, self.lr)
+        scale = self._clip_scale(norm)
+        scale = torch.ones_like(self.lr) if scale is None else scale
+        skipped = torch.zeros_like(self.lr) if skip is None else skip.to(torch.float32)
+        t = self._t
+        bc1, bc2_sqrt = 1 - self.beta1 ** t, math.sqrt(1 - self.beta2 ** t)
+        for name, p in named:
+            adam_tail.adam_(_dense(p.detach()), _dense_like(p.grad, p), _dense(self.exp_avg[name]),
+                            _dense(self.exp_avg_sq[name]), self.lr, scale, skipped,
+                            coef if name == self.unit_rows else None, self.beta1, self.beta2, self.eps, bc1, bc2_sqrt)
         return norm
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -144,11 +194,34 @@ class StackedAdam:
                 self.exp_avg_sq[name].copy_(sd[f"exp_avg_sq.{name}"])
 
 
+def _run_norm(grad: torch.Tensor) -> torch.Tensor:
+    """(R,) norms of each run's slice: one reduction pass, no squared copy, at least float32."""
+    return torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.dim())),
+                                    dtype=torch.promote_types(grad.dtype, torch.float32))
+
+
+def _total_norm(squares: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per run, the norm over every parameter from their squared norms (none: zeros)."""
+    if not squares:
+        return torch.zeros_like(like)
+    return torch.stack(torch.broadcast_tensors(*squares)).sum(dim=0).sqrt()
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """`t` with its dimensions ordered by stride, largest first: contiguous when `t` is a permuted
     view of contiguous memory (an elementwise kernel then sees its elements in memory order)."""
-    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    return t.permute(order)
+    return t.permute(_stride_order(t))
+
+
+def _stride_order(t: torch.Tensor) -> list[int]:
+    # The run dimension stays first (stable sort): each run's slice is then one contiguous block.
+    return sorted(range(t.dim()), key=lambda i: -t.stride(i))
+
+
+def _dense_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` (shaped as `like`) in `like`'s dense order, contiguous: a view when its strides match (a
+    gradient autograd made in the parameter's layout), else a copy."""
+    return t.permute(_stride_order(like)).contiguous()
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ What a replay can and cannot see:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+
+# Define the custom ops whose costs are registered below.
+import trainer.kernels.adam_tail  # noqa: F401
+import trainer.kernels.gather_dot  # noqa: F401
+import trainer.kernels.sparse  # noqa: F401
 
 aten = torch.ops.aten
 
@@ -56,6 +62,9 @@ class OpRecord:
     """Bytes of the rows a gather picks (a row picked twice counts twice)."""
     table: int = 0
     """Bytes of the table those rows come from (0 when `gathered` is 0)."""
+    table_parts: int = 1
+    """The table is used in this many equal parts one after another (a stack's runs, its entries grouped
+    by run): a part that fits in L2 is read from HBM once."""
     launches: int = 1
     """Kernels launched."""
     phase: str = ""
@@ -140,6 +149,14 @@ def _embedding_bag_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
                           out[0] if isinstance(out, tuple) else out)
 
 
+def _bag_sum_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
+    # trainer.kernels.sparse.bag_sum: an embedding_bag over `runs` runs' rows, one run's at a time.
+    table, codes, offsets, weights, runs = args
+    row = table.shape[1] * table.element_size()
+    return dataclasses.replace(_gather_record(table, codes.numel() * row, [codes, offsets, weights], out),
+                               table_parts=max(runs, 1))
+
+
 register_cost(aten._embedding_bag)(_embedding_bag_cost)
 register_cost(aten._embedding_bag_forward_only)(_embedding_bag_cost)
 
@@ -190,6 +207,34 @@ register_cost(aten._fused_adam_)(_fused_adam_cost)
 # The tensor-lr overload has no meta kernel in torch: an in-place update has nothing to compute there.
 _META = torch.library.Library("aten", "IMPL")
 _META.impl("_fused_adam_.tensor_lr", lambda *args, **kwargs: None, "Meta")
+
+
+def _decoder_row_stats_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
+    W, G = args[:2]
+    return OpRecord("", read=nbytes(W) + nbytes(G), written=sum(nbytes(t) for t in _tensors(out)))
+
+
+def _adam_tail_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
+    # trainer.kernels.adam_tail.adam_: parameter, gradient and moments read once, the three states
+    # written once, plus the small per-run and per-row vectors.
+    param, grad, exp_avg, exp_avg_sq, *small = _tensors(args)
+    states = nbytes(param) + nbytes(exp_avg) + nbytes(exp_avg_sq)
+    return OpRecord("", read=states + nbytes(grad) + sum(nbytes(t) for t in small), written=states)
+
+
+def _gather_dot_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
+    # trainer.kernels.gather_dot: each picked table row read once (the L2 rule over one run's slice of
+    # the table, as the entries come grouped by run), the token rows and indices streamed, one output.
+    table, ia, rows, ib, k, runs = args
+    return OpRecord("", read=nbytes(rows) + nbytes(ia) + nbytes(ib), written=nbytes(out),
+                    gathered=ia.numel() * table.shape[1] * table.element_size(), table=nbytes(table),
+                    table_parts=max(runs, 1))
+
+
+register_cost(torch.ops.sae.gather_dot)(_gather_dot_cost)
+register_cost(torch.ops.sae.bag_sum)(_bag_sum_cost)
+register_cost(torch.ops.sae.decoder_row_stats)(_decoder_row_stats_cost)
+register_cost(torch.ops.sae.adam_)(_adam_tail_cost)
 
 
 def default_cost(func: Any, args: tuple, kwargs: dict, out: Any) -> OpRecord:

@@ -24,7 +24,7 @@ from pipeline.errors import PipelineError
 from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.init import search_init_scale_
 from trainer.interrupt import StopOnSignal
-from trainer.optim import StackedAdam, normalize_decoder, remove_parallel_grad
+from trainer.optim import StackedAdam
 from trainer.precision import compute_precision, resolve_precision
 from trainer.stack import KERNELS, StackedSAE
 from trainer.target_l0 import make_controller
@@ -142,7 +142,9 @@ class StackTrainer:
         lr = default_lr(d_sae) if cfg.lr is None else cfg.lr
         if isinstance(lr, (list, tuple)):
             lr = [default_lr(d_sae) if v is None else v for v in lr]
-        self.opt = StackedAdam(dict(model.named_parameters()), lr=lr, max_grad_norm=cfg.max_grad_norm)
+        self.unit_norm = getattr(model, "unit_norm_decoder", False)
+        self.opt = StackedAdam(dict(model.named_parameters()), lr=lr, max_grad_norm=cfg.max_grad_norm,
+                               unit_rows="W_dec" if self.unit_norm else None)
         self.base_lr = self.opt.lr.clone()
         device = model.W_dec.device
         self.run_steps = list(run_steps) if run_steps is not None else [cfg.total_steps] * R
@@ -154,7 +156,6 @@ class StackTrainer:
         self.failed = torch.zeros(R, dtype=torch.bool, device=device)
         self.fired = torch.zeros(R, d_sae, device=device)
         self.window_tokens = 0
-        self.unit_norm = getattr(model, "unit_norm_decoder", False)
         self.on_step, self.after_step = getattr(model, "on_step", None), getattr(model, "after_step", None)
         if cfg.kernels not in KERNELS:
             raise PipelineError(f"unknown kernels {cfg.kernels!r}; use one of {', '.join(KERNELS)}")
@@ -209,13 +210,10 @@ class StackTrainer:
         torch.where(frozen, torch.zeros_like(out["loss"]), out["loss"]).sum().backward()
         if self.ddp is not None:
             self.ddp.average_grads(opt.params.values())  # before clipping: the global batch's gradient
-        if self.unit_norm:
-            remove_parallel_grad(model.W_dec)
         # Frozen runs are skipped inside the optimizer's pass (their gradients may be NaN: a zero loss
-        # through NaN weights), so no pass zeroes their gradients first.
+        # through NaN weights), so no pass zeroes their gradients first. A unit-norm decoder's constraint
+        # is part of the step (its gradient's parallel part removed, its rows renormalized).
         opt.step(skip=frozen)
-        if self.unit_norm:
-            normalize_decoder(model.W_dec)
         seen, rows = (out, batch.shape[0]) if self.ddp is None else self.ddp.global_out(out, batch.shape[0])
         if self.after_step is not None:
             self.after_step(seen, rows)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from trainer.kernels import gather_dot
 from trainer.kernels.chunks import CHUNKS, Chunks, counts
 from trainer.precision import autocast_dtype
 
@@ -65,13 +66,29 @@ def _flat_codes(idx: torch.Tensor, n_latents: int) -> torch.Tensor:
     return (idx + offsets).view(R * B, k)
 
 
-def _bag_sum(codes: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("sae::bag_sum", mutates_args=())
+def bag_sum(table: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor | None, weights: torch.Tensor,
+            runs: int) -> torch.Tensor:
+    """`F.embedding_bag(codes, table, offsets, per_sample_weights=weights, mode="sum")`: every weighted
+    row sum of this module. `runs`: the table holds that many runs' rows and the bags come grouped by
+    run, each reading its own run's rows, so one run's rows are in use at a time: the cost model
+    (trainer/step_trace.py) applies its L2 rule to a run's share of the table."""
+    return F.embedding_bag(codes, table, offsets, per_sample_weights=weights, mode="sum")
+
+
+@bag_sum.register_fake
+def _(table: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor | None, weights: torch.Tensor,
+      runs: int) -> torch.Tensor:
+    return table.new_empty(codes.shape[0] if offsets is None else offsets.numel(), table.shape[1])
+
+
+def _bag_sum(codes: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, runs: int) -> torch.Tensor:
     """(N, d): row n is sum_s weights[n, s] * table[codes[n, s]]."""
-    return F.embedding_bag(codes, table, per_sample_weights=weights, mode="sum")
+    return bag_sum(table, codes, None, weights, runs)
 
 
 def _transposed_bag_sum(codes: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
-                        n_out: int) -> torch.Tensor:
+                        n_out: int, runs: int) -> torch.Tensor:
     """(n_out, d): row j is sum over (n, s) with codes[n, s] == j of weights[n, s] * rows[n].
 
     The transpose of `_bag_sum`: a stable sort groups the entries by code, and `embedding_bag`
@@ -81,13 +98,16 @@ def _transposed_bag_sum(codes: torch.Tensor, weights: torch.Tensor, rows: torch.
     order = torch.argsort(flat, stable=True)
     per_code = counts(flat, n_out)
     starts = per_code.cumsum(0).sub_(per_code)
-    return F.embedding_bag(order.div(k, rounding_mode="floor"), rows, starts,
-                           per_sample_weights=weights.reshape(-1)[order], mode="sum")
+    return bag_sum(rows, order.div(k, rounding_mode="floor"), starts, weights.reshape(-1)[order], runs)
 
 
-def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, chunks: Chunks) -> torch.Tensor:
-    """(N, k): entry (n, s) is table[codes[n, s]] . rows[n]."""
+def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, chunks: Chunks,
+                 runs: int = 1) -> torch.Tensor:
+    """(N, k): entry (n, s) is table[codes[n, s]] . rows[n] (`table` holds `runs` runs' rows, the
+    codes grouped by run). On a GPU one fused kernel (trainer/kernels/gather_dot.py)."""
     N, k = codes.shape
+    if gather_dot.use_triton(table.device):
+        return gather_dot.gather_dot(table, codes.reshape(-1), rows.contiguous(), None, k, runs).view(N, k)
     out = rows.new_empty(N, k)
     row_bytes = k * table.shape[1] * table.element_size()  # a row of the gathered temporary
     step = chunks.rows(row_bytes, rows.device, chunks.gather_rows * row_bytes)
@@ -156,7 +176,7 @@ class _SparseDecode(Function):
         table = _gather_table(W_dec)
         ctx.save_for_backward(codes, vals, table)
         ctx.chunks, ctx.W_shape = chunks, W_dec.shape
-        return _bag_sum(codes, vals.reshape(R * B, k).to(table.dtype), table).view(R, B, d)
+        return _bag_sum(codes, vals.reshape(R * B, k).to(table.dtype), table, R).view(R, B, d)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
@@ -166,10 +186,11 @@ class _SparseDecode(Function):
         grad_rows = grad_out.reshape(R * B, d)
         grad_vals = grad_W = None
         if ctx.needs_input_grad[1]:
-            dots = _rowwise_dot(codes, table, grad_rows.to(table.dtype), ctx.chunks)
+            dots = _rowwise_dot(codes, table, grad_rows.to(table.dtype), ctx.chunks, R)
             grad_vals = dots.view(R, B, k).to(vals.dtype)
         if ctx.needs_input_grad[2]:  # in the weights' dtype: each latent sums many rows
-            grad_W = _transposed_bag_sum(codes, vals.reshape(R * B, k), grad_rows.to(vals.dtype), R * S).view(R, S, d)
+            grad_W = _transposed_bag_sum(codes, vals.reshape(R * B, k), grad_rows.to(vals.dtype), R * S,
+                                         R).view(R, S, d)
         return None, grad_vals, grad_W, None
 
 
@@ -199,8 +220,8 @@ class _SparsePreActs(Function):
         codes = _flat_codes(idx, S)
         grad_flat = grad.reshape(R * B, k)
         return sparse_encoder_grads(ctx.needs_input_grad[2:6], x, W_enc, b_dec, B,
-                                    lambda rows: _transposed_bag_sum(codes, grad_flat, rows, R * S),
-                                    lambda table: _bag_sum(codes, grad_flat, table))
+                                    lambda rows: _transposed_bag_sum(codes, grad_flat, rows, R * S, R),
+                                    lambda table: _bag_sum(codes, grad_flat, table, R))
 
 
 def sparse_pre_acts(selected: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
@@ -486,8 +507,11 @@ class BatchTopKSelector:
 # -- sparse kernels over variable-length bags ----------------------------------------------------
 
 def _entry_dot(table: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor,
-               chunks: Chunks) -> torch.Tensor:
-    """(nnz,): entry e is table[codes[e]] . rows[bags[e]], gathered chunk by chunk in cache."""
+               chunks: Chunks, runs: int = 1) -> torch.Tensor:
+    """(nnz,): entry e is table[codes[e]] . rows[bags[e]], gathered chunk by chunk in cache (on a GPU
+    in one fused kernel; `runs` as `_rowwise_dot`)."""
+    if gather_dot.use_triton(table.device):
+        return gather_dot.gather_dot(table, codes, rows.contiguous(), bags, 0, runs)
     out = rows.new_empty(codes.numel())
     row_bytes = 2 * rows.shape[1] * rows.element_size()  # a row of each temporary
     step = chunks.rows(row_bytes, rows.device, chunks.gather_entries * row_bytes)
@@ -502,8 +526,7 @@ def _per_code_sum(codes: BatchCodes, bags_by_code: torch.Tensor, weights: torch.
                   rows: torch.Tensor) -> torch.Tensor:
     """(R * S, d): row j is sum over entries e of code j of weights[e] * rows[bag of e] (the
     transpose of a bag sum), in the latent-grouped order: `embedding_bag`, no scatter."""
-    return F.embedding_bag(bags_by_code, rows, codes.code_starts,
-                           per_sample_weights=weights.index_select(0, codes.order), mode="sum")
+    return bag_sum(rows, bags_by_code, codes.code_starts, weights.index_select(0, codes.order), codes.shape[0])
 
 
 class _SegmentDecode(Function):
@@ -513,7 +536,7 @@ class _SegmentDecode(Function):
         table = _gather_table(W_dec)
         ctx.codes, ctx.chunks, ctx.W_shape = codes, chunks, W_dec.shape
         ctx.save_for_backward(vals, table, bags, bags_by_code)
-        return F.embedding_bag(codes.code, table, bag_starts, per_sample_weights=vals.to(table.dtype), mode="sum")
+        return bag_sum(table, codes.code, bag_starts, vals.to(table.dtype), codes.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
@@ -523,7 +546,7 @@ class _SegmentDecode(Function):
         grad = grad.contiguous()
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_vals = _entry_dot(table, codes.code, grad.to(table.dtype), bags, ctx.chunks).to(vals.dtype)
+            grad_vals = _entry_dot(table, codes.code, grad.to(table.dtype), bags, ctx.chunks, R).to(vals.dtype)
         if ctx.needs_input_grad[1]:  # in the weights' dtype: each latent sums many rows
             grad_W = _per_code_sum(codes, bags_by_code, vals, grad.to(vals.dtype)).view(R, S, d)
         return grad_vals, grad_W, None, None, None, None, None
@@ -561,8 +584,8 @@ class _SegmentPreActs(Function):
         grad = grad.contiguous()
         return sparse_encoder_grads(ctx.needs_input_grad[2:6], x, W_enc, b_dec, codes.shape[1],
                                     lambda rows: _per_code_sum(codes, codes.token_by_code, grad, rows),
-                                    lambda table: F.embedding_bag(codes.code, table, codes.token_starts,
-                                                                  per_sample_weights=grad, mode="sum"))
+                                    lambda table: bag_sum(table, codes.code, codes.token_starts, grad,
+                                                          codes.shape[0]))
 
 
 def segment_pre_acts(codes: BatchCodes, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,

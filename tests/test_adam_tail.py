@@ -1,0 +1,109 @@
+"""The Triton optimizer tail (trainer/kernels/adam_tail.py) equals the plain one (torch's fused Adam,
+`remove_parallel_grad`, `normalize_decoder`) in float64, run in Triton's interpreter on the CPU. The
+clipping norm is float32 in both (as logged), so the two differ by its rounding: rtol 1e-6, where a
+wrong term of Adam or of the constraint is off by 1e-3 or more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.kernels import adam_tail
+from trainer.optim import StackedAdam
+
+pytestmark = pytest.mark.skipif(not adam_tail.available(), reason="triton is not installed (pip install triton)")
+
+
+def stack_params(seed: int, R: int = 3, S: int = 12, d: int = 10) -> dict[str, nn.Parameter]:
+    """A stack's parameters in the layouts a real one has: a unit-row decoder, a latent-major encoder
+    seen transposed (R, d, S), biases."""
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(R, S, d, generator=g, dtype=torch.float64)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    W_enc = torch.randn(R, S, d, generator=g, dtype=torch.float64).transpose(1, 2)
+    return {"W_enc": nn.Parameter(W_enc), "b_enc": nn.Parameter(torch.randn(R, S, generator=g, dtype=torch.float64)),
+            "W_dec": nn.Parameter(W_dec), "b_dec": nn.Parameter(torch.randn(R, d, generator=g, dtype=torch.float64))}
+
+
+def set_grads(params: dict[str, nn.Parameter], step: int, nan_run: int | None = None) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params.values():
+        grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * (3.0 if step % 2 else 0.05)
+        if p.stride() != p.contiguous().stride():  # autograd makes W_enc's gradient in its own layout
+            grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+        if nan_run is not None:
+            grad[nan_run] = float("nan")
+        p.grad = grad
+
+
+@pytest.mark.parametrize("clip", [None, [0.5, 1.0, 100.0]])
+def test_triton_tail_equals_plain_tail_over_steps(clip):
+    plain, fused = stack_params(0), stack_params(0)
+    lr = [1e-2, 3e-3, 0.0]
+    opts = [StackedAdam(p, lr=lr, max_grad_norm=clip, unit_rows="W_dec", tail=tail)
+            for p, tail in ((plain, "torch"), (fused, "triton"))]
+    assert opts[1].tail == "triton"
+    for step in range(6):
+        skip = torch.tensor([False, step == 3, False])
+        norms = []
+        for params, opt in zip((plain, fused), opts):
+            set_grads(params, step, nan_run=1 if step == 3 else None)
+            norms.append(opt.step(skip=skip))
+        finite = torch.tensor([True, step != 3, True])
+        torch.testing.assert_close(norms[1][finite], norms[0][finite], rtol=1e-6, atol=1e-9)
+        for name in plain:
+            torch.testing.assert_close(fused[name].detach(), plain[name].detach(), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(opts[1].exp_avg[name], opts[0].exp_avg[name], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(opts[1].exp_avg_sq[name], opts[0].exp_avg_sq[name], rtol=1e-6, atol=1e-9)
+    # The constraint held: unit rows; the skipped run 1 kept its step-3 NaN gradient out of its weights.
+    torch.testing.assert_close(fused["W_dec"].detach().norm(dim=-1), torch.ones(3, 12, dtype=torch.float64))
+    assert all(torch.isfinite(p).all() for p in fused.values())
+
+
+def test_triton_tail_leaves_a_skipped_run_untouched():
+    params = stack_params(1)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = StackedAdam(params, lr=1e-2, max_grad_norm=1.0, unit_rows="W_dec", tail="triton")
+    set_grads(params, 0, nan_run=2)
+    opt.step(skip=torch.tensor([False, False, True]))
+    for name, p in params.items():
+        assert torch.equal(p.detach()[2], before[name][2]), name
+        assert not torch.equal(p.detach()[0], before[name][0]), name
+        assert torch.equal(opt.exp_avg[name][2], torch.zeros_like(opt.exp_avg[name][2]))
+
+
+def test_tail_auto_is_torch_on_a_cpu_and_triton_on_meta():
+    assert StackedAdam(stack_params(0), lr=1e-3).tail == "torch"
+    with torch.device("meta"):
+        meta = {"w": nn.Parameter(torch.empty(2, 4, 3))}
+    assert StackedAdam(meta, lr=1e-3, unit_rows="w").tail == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gather_dot_equals_the_plain_gathers(dtype):
+    from trainer.kernels import gather_dot
+    from trainer.kernels.chunks import CHUNKS
+    from trainer.kernels.sparse import _entry_dot, _rowwise_dot
+
+    g = torch.Generator().manual_seed(0)
+    R, S, B, k, d = 2, 40, 9, 5, 200  # d over one block of the kernel's loop
+    table = torch.randn(R * S, d, generator=g, dtype=torch.float64).to(dtype)
+    rows = torch.randn(R * B, d, generator=g, dtype=torch.float64).to(dtype)
+    codes = torch.stack([torch.randperm(S, generator=g)[:k] + (n // B) * S for n in range(R * B)])
+    plain = _rowwise_dot(codes, table, rows, CHUNKS).double()
+    fused = gather_dot.gather_dot(table, codes.reshape(-1), rows, None, k, R).view(R * B, k).double()
+    exact = torch.einsum("nkd,nd->nk", table.double()[codes], rows.double())
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fused, exact, **tol)
+    # The plain bf16 path multiplies and sums in bf16; the kernel accumulates in float32: no worse.
+    assert (fused - exact).abs().max() <= (plain - exact).abs().max()
+    if dtype == torch.float64:
+        torch.testing.assert_close(plain, exact, **tol)
+    # Variable bags (BatchTopK's entries): each entry names its token.
+    bags = torch.randint(0, R * B, (23,), generator=g).sort().values
+    ids = torch.randint(0, R * S, (23,), generator=g)
+    fused_e = gather_dot.gather_dot(table, ids, rows, bags, 0, R).double()
+    torch.testing.assert_close(fused_e, (table.double()[ids] * rows.double()[bags]).sum(-1), **tol)
+    if dtype == torch.float64:
+        torch.testing.assert_close(_entry_dot(table, ids, rows, bags, CHUNKS).double(), fused_e, **tol)
