@@ -107,3 +107,67 @@ def test_gather_dot_equals_the_plain_gathers(dtype):
     torch.testing.assert_close(fused_e, (table.double()[ids] * rows.double()[bags]).sum(-1), **tol)
     if dtype == torch.float64:
         torch.testing.assert_close(_entry_dot(table, ids, rows, bags, CHUNKS).double(), fused_e, **tol)
+
+
+def test_elementwise_gpu_step_equals_the_plain_functions():
+    from trainer.kernels.elementwise_gpu import JumpReLUStep
+    from trainer.sae_jumprelu import JumpReLUFunction, StepFunction
+
+    g = torch.Generator().manual_seed(0)
+    R, B, S = 2, 37, 150  # neither a multiple of the kernel's tiles
+    pre = torch.randn(R, B, S, generator=g, dtype=torch.float64)
+    threshold = (torch.rand(R, S, generator=g, dtype=torch.float64) * 0.5 + 0.1)
+    eps = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    g_lat = torch.randn(R, B, S, generator=g, dtype=torch.float64)
+    g_l0 = torch.tensor([0.7, -1.3], dtype=torch.float64)
+
+    def run(fused: bool):
+        p, t = pre.clone().requires_grad_(), threshold.clone().requires_grad_()
+        if fused:
+            lat, l0, fired = JumpReLUStep.apply(p, t, eps)
+        else:
+            lat = JumpReLUFunction.apply(p, t.unsqueeze(1), eps.view(-1, 1, 1))
+            l0 = StepFunction.apply(p, t.unsqueeze(1), eps.view(-1, 1, 1)).sum(dim=-1).mean(dim=-1)
+            fired = (lat.detach() > 0).sum(dim=1, dtype=torch.float64)
+        ((lat * g_lat).sum() + (l0 * g_l0).sum()).backward()
+        return lat.detach(), l0.detach(), fired, p.grad, t.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert run(False)[4].abs().sum() > 0  # the kernel's window catches some pre-activations
+
+
+def test_relu_gpu_step_equals_the_plain_standard_step():
+    from trainer.kernels.elementwise_gpu import ReLUStep
+
+    g = torch.Generator().manual_seed(1)
+    R, B, S = 2, 37, 150
+    pre = torch.randn(R, B, S, generator=g, dtype=torch.float64)
+    norms = torch.rand(R, S, generator=g, dtype=torch.float64) + 0.5
+    g_lat = torch.randn(R, B, S, generator=g, dtype=torch.float64)
+
+    def run(fused: bool):
+        p = pre.clone().requires_grad_()
+        if fused:
+            lat, sums, fired = ReLUStep.apply(p)
+        else:
+            lat = p.relu()
+            sums, fired = lat.sum(dim=1), (lat > 0).sum(dim=1, dtype=torch.float64)
+        l1 = (sums * norms).sum(dim=-1) / B
+        ((lat * g_lat).sum() + (l1 * torch.tensor([0.4, 2.0], dtype=torch.float64)).sum()).backward()
+        return lat.detach(), sums.detach(), fired, p.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_row_norms_gradient_equals_autograds():
+    from trainer.kernels.elementwise_gpu import RowNorms
+
+    W = torch.randn(2, 7, 5, dtype=torch.float64)
+    W[1, 3] = 0  # a zero row gets no gradient either way
+    g = torch.randn(2, 7, dtype=torch.float64)
+    a, b = W.clone().requires_grad_(), W.clone().requires_grad_()
+    (RowNorms.apply(a) * g).sum().backward()
+    (b.norm(dim=-1) * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from trainer.kernels import elementwise_gpu
 from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, StepOutput, per_run, shared
@@ -233,6 +234,10 @@ class JumpReLUSAE(StackedSAE):
         if self.use_fused(x):  # trainer.kernels.jumprelu: the same step, fused (latent-major, chunked)
             latents, recon, l0, fired = jumprelu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec,
                                                      self.threshold, bandwidth)
+        elif elementwise_gpu.use_triton(x.device):  # the same elementwise step in one pass each way
+            pre = self.pre_acts(x)
+            latents, l0, fired = elementwise_gpu.JumpReLUStep.apply(pre, self.threshold, bandwidth)
+            recon = self.decode(latents)
         else:
             pre = self.pre_acts(x)
             threshold, eps = self.threshold.unsqueeze(1), bandwidth.view(-1, 1, 1)  # (R, 1, d_sae), (R, 1, 1)

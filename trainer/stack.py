@@ -248,8 +248,9 @@ class StackedSAE(nn.Module):
             bias = _CentreGrad.apply(bias, centre, self.W_enc)
         if x_centred.shape[0] == 1:
             # One run: a vector bias rides in the GEMM's epilogue (cuBLASLt), where baddbmm would first
-            # copy it into the whole (batch, d_sae) output and read that back.
-            return torch.addmm(bias[0], x_centred[0], self.W_enc[0]).unsqueeze(0)
+            # copy it into the whole (batch, d_sae) output and read that back. squeeze, not [0]: its
+            # backward is a view, where select's writes W_enc's gradient into a zeroed copy.
+            return torch.addmm(bias.squeeze(0), x_centred.squeeze(0), self.W_enc.squeeze(0)).unsqueeze(0)
         return torch.baddbmm(bias.unsqueeze(1), x_centred, self.W_enc)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch.utils.flop_counter import flop_registry
 # Define the custom ops whose costs are registered below.
 import trainer.kernels.adam_tail  # noqa: F401
 import trainer.kernels.gather_dot  # noqa: F401
+import trainer.kernels.elementwise_gpu  # noqa: F401
 import trainer.kernels.sparse  # noqa: F401
 
 aten = torch.ops.aten
@@ -231,6 +232,18 @@ def _gather_dot_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
                     table_parts=max(runs, 1))
 
 
+def _streaming_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
+    # An elementwise kernel that reads each tensor argument once and writes its outputs once
+    # (trainer.kernels.elementwise_gpu; its per-tile sums are small outputs, summed after).
+    partial_sums = sum(nbytes(t) for t in _tensors(out)[1:])
+    return OpRecord("", read=sum(nbytes(t) for t in _tensors(args)),
+                    written=sum(nbytes(t) for t in _tensors(out)) + partial_sums * 8)
+
+
+register_cost(torch.ops.sae.jumprelu_forward)(_streaming_cost)
+register_cost(torch.ops.sae.jumprelu_backward)(_streaming_cost)
+register_cost(torch.ops.sae.relu_forward)(_streaming_cost)
+register_cost(torch.ops.sae.relu_backward)(_streaming_cost)
 register_cost(torch.ops.sae.gather_dot)(_gather_dot_cost)
 register_cost(torch.ops.sae.bag_sum)(_bag_sum_cost)
 register_cost(torch.ops.sae.decoder_row_stats)(_decoder_row_stats_cost)
