@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from tests.cli import run_pipeline
+
 # Triton kernels (trainer/kernels/adam_tail.py) are checked on a CPU in Triton's interpreter; it is
 # chosen when the kernels are made, so before any test imports them.
 if not torch.cuda.is_available():
@@ -21,3 +23,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def cli():
+    """`cli(*args)`: `pipeline ARGS` in this process (tests.cli.run_pipeline)."""
+    return run_pipeline
