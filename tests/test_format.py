@@ -158,6 +158,7 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # a child process killed at each point
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
 @pytest.mark.parametrize("point,k", [("stage", 7), ("rename", 9), ("manifest", 4), ("stage", 1)])
 def test_sigkill_leaves_verifiable_resumable_cache(tmp_path, uninterrupted, fmt, point, k):
