@@ -47,15 +47,20 @@ sweep: cache-ready
 tiny-model: setup
 	$(BIN)/python -m cache_writer.train_tiny_model
 
+# One pytest worker per core (pytest-xdist): the tests run one torch thread each, so two workers on
+# two cores about halve the wall time. TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= auto
+TEST_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # ruff (pyproject.toml [tool.ruff]): pyflakes and pycodestyle errors, lines of 120 columns.
 lint: setup
 	$(BIN)/ruff check pipeline cache_writer trainer analysis tests benchmarks
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_writer.py

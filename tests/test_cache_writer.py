@@ -22,6 +22,7 @@ from pipeline.manifest import read_manifest
 from pipeline.reader import Cache
 from pipeline.verify import verify_cache
 from tests.builders import small_corpus, tiny_opt
+from tests.cli import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
@@ -29,13 +30,12 @@ TOL = {"float32": dict(atol=1e-4, rtol=1e-4), "float16": dict(atol=2e-2, rtol=2e
        "bfloat16": dict(atol=1e-1, rtol=1e-2)}
 
 
-def cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300, **kwargs)
-    if check and out.returncode != 0:
-        raise AssertionError(out.stderr[-2000:])
-    return out
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`pipeline ARGS` in this process (tests.cli.run_pipeline), as a finished process's record."""
+    code, err, out = run_pipeline(*args)
+    if check and code != 0:
+        raise AssertionError(err[-2000:])
+    return subprocess.CompletedProcess(["pipeline", *args], code, out, err)
 
 
 def sample_rows(cache: Cache, split: str, n: int, seed: int = 0):
@@ -79,21 +79,29 @@ def test_rows_equal_run_with_cache(tmp_path, fmt, dtype):
     assert_rows_match_model(tmp_path / "c", hooks)
 
 
-def test_cli_default_command_and_info(tmp_path):
-    out = cli("cache", "--model", "tiny", "--tokens", "20000", "--format", "zarr", "--out", str(tmp_path / "c"))
-    assert "wrote" in out.stdout
-    m = read_manifest(tmp_path / "c")
+@pytest.fixture(scope="module")
+def readme_cache(tmp_path_factory) -> tuple[Path, str]:
+    """The README's small cache, written once for the tests that read it: (path, what the command printed)."""
+    path = tmp_path_factory.mktemp("readme") / "small"
+    out = cli("cache", "--model", "tiny", "--tokens", "20000", "--format", "zarr", "--out", str(path))
+    return path, out.stdout
+
+
+def test_cli_default_command_and_info(readme_cache):
+    path, stdout = readme_cache
+    assert "wrote" in stdout
+    m = read_manifest(path)
     assert list(m["hooks"]) == [HOOK]  # the middle layer's residual stream by default
     assert m["provenance"]["dataset"]["name"] == "python-stdlib"
     assert m["provenance"]["dataset"]["revision"]["python_version"] == platform.python_version()
     assert m["hooks"][HOOK]["shape"] == [128]
     assert m["progress"]["units"] * 128 >= 20000
     # BOS positions hold no rows by default
-    t = Cache(tmp_path / "c").tokens("train", 0)
+    t = Cache(path).tokens("train", 0)
     assert (t[:, 0] != 256).all() and (t[:, 2] > 0).all()
-    info = cli("info", str(tmp_path / "c"))
+    info = cli("info", str(path))
     assert HOOK in info.stdout and "train" in info.stdout
-    assert cli("verify", str(tmp_path / "c")).stdout.startswith("OK")
+    assert cli("verify", str(path)).stdout.startswith("OK")
 
 
 def test_attention_hooks_flattened_and_per_head(tmp_path):
@@ -242,9 +250,9 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_extend_complete_cache(tmp_path):
     base = dict(shard_mb=0.25, batch_size=8)
-    run_cache(CacheConfig(out=str(tmp_path / "ref"), tokens=30_000, **base), progress=False)
-    run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=13_000, **base), progress=False)
-    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=30_000, resume=True, **base), progress=False)
+    run_cache(CacheConfig(out=str(tmp_path / "ref"), tokens=16_000, **base), progress=False)
+    run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=7_000, **base), progress=False)
+    m = run_cache(CacheConfig(out=str(tmp_path / "c"), tokens=16_000, resume=True, **base), progress=False)
     assert m["complete"]
     _assert_same_cache(tmp_path / "ref", tmp_path / "c")
     assert m["hooks"] == read_manifest(tmp_path / "ref")["hooks"]  # statistics bit for bit
@@ -339,12 +347,12 @@ def test_pieces_of_one_split_pack_as_the_whole_document():
     assert _sequences(None, 0.0, 3000, context_size=64) == [("train", row) for row in whole]
 
 
-def test_readme_small_cache_has_eval_rows_and_says_tokens_count_both(tmp_path):
-    out = cli("cache", "--model", "tiny", "--tokens", "20000", "--format", "zarr", "--out", str(tmp_path / "small"))
-    m = read_manifest(tmp_path / "small")
+def test_readme_small_cache_has_eval_rows_and_says_tokens_count_both(readme_cache):
+    path, stdout = readme_cache
+    m = read_manifest(path)
     train, held = m["splits"]["train"]["rows"], m["splits"]["eval"]["rows"]
     assert abs(held / (train + held) - 0.05) < 0.01
-    assert f"{train:,} train rows + {held:,} eval rows (--tokens counts both)" in out.stdout
+    assert f"{train:,} train rows + {held:,} eval rows (--tokens counts both)" in stdout
     import inspect
 
     from pipeline.cli import cache

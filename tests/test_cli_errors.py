@@ -3,7 +3,6 @@ and the fix: never a traceback, never a usage box, never a value silently accept
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pytest
@@ -16,21 +15,6 @@ def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("clierr") / "c"
     sparse_cache(path, rows=2000, eval_rows=400, d=16)
     return path
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """`cli(*args)` runs `pipeline ARGS` in this process: (exit status, stderr, stdout)."""
-    from pipeline.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["pipeline", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-        captured = capsys.readouterr()
-        return e.value.code, captured.err, captured.out
-
-    return run
 
 
 def one_line(result: tuple[int, str, str], *fragments: str) -> None:

@@ -143,12 +143,27 @@ def all_rows(cache: Path) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """`uninterrupted(fmt)`: the cache the killed writers are compared with, written once per format
+    (in this process: nothing kills it, so a child process would only add its imports)."""
+    made: dict[str, Path] = {}
+
+    def get(fmt: str) -> Path:
+        if fmt not in made:
+            made[fmt] = tmp_path_factory.mktemp(f"uninterrupted-{fmt}") / "ref"
+            write_synthetic(made[fmt], 30, WriterConfig(format=fmt, shard_mb=0.002))
+        return made[fmt]
+
+    return get
+
+
+@pytest.mark.slow  # a child process killed at each point
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
 @pytest.mark.parametrize("point,k", [("stage", 7), ("rename", 9), ("manifest", 4), ("stage", 1)])
-def test_sigkill_leaves_verifiable_resumable_cache(tmp_path, fmt, point, k):
-    n_steps = 30
-    ref = tmp_path / "ref"
-    assert run_child(ref, fmt, "none", 0, n_steps) == 0
+def test_sigkill_leaves_verifiable_resumable_cache(tmp_path, uninterrupted, fmt, point, k):
+    n_steps = 30  # as the uninterrupted cache
+    ref = uninterrupted(fmt)
     crashed = tmp_path / "crashed"
     assert run_child(crashed, fmt, point, k, n_steps) == -9  # SIGKILL
     problems, m = verify_cache(crashed)
@@ -193,7 +208,7 @@ def test_extend_complete_cache_equals_longer_run(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
-def test_verify_names_flipped_byte(tmp_path, fmt):
+def test_verify_names_flipped_byte(tmp_path, cli, fmt):
     m = write_synthetic(tmp_path / "c", 12, WriterConfig(format=fmt, shard_mb=0.002))
     shard = m["splits"]["train"]["shards"][1]
     rel = max(shard["files"], key=lambda r: shard["files"][r]["bytes"])
@@ -203,9 +218,8 @@ def test_verify_names_flipped_byte(tmp_path, fmt):
     f.write_bytes(bytes(data))
     problems, _ = verify_cache(tmp_path / "c")
     assert len(problems) == 1 and "train/shard-00001" in problems[0] and "checksum" in problems[0]
-    out = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(tmp_path / "c")], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert out.returncode == 1 and "train/shard-00001" in out.stderr
+    code, err, _ = cli("verify", tmp_path / "c")
+    assert code == 1 and "train/shard-00001" in err
 
 
 # ----------------------------------------------------------------- disk space

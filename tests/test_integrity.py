@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +22,7 @@ from pipeline.verify import verify_cache
 from pipeline.writer import ActivationBlock, CacheWriter, WriterConfig
 from tests.synthetic import CONTEXT, HOOKS, write_synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_post"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 def id_cache(path: Path, fmt: str, rows: int = 2400) -> dict:
@@ -133,21 +124,21 @@ def test_train_fails_naming_a_corrupt_shard_or_skips_it(tmp_path, fmt):
     assert (Path(metrics["run_dir"]) / "sae_weights.safetensors").is_file()
 
 
-def test_cli_train_one_line_on_a_corrupt_shard(tmp_path):
+def test_cli_train_one_line_on_a_corrupt_shard(tmp_path, cli):
     m = write_synthetic(tmp_path / "c", 30, WriterConfig(format="arrow", shard_mb=0.004))
     flip_byte(tmp_path / "c", m["splits"]["train"]["shards"][0], f"hooks/{HOOK}/train")
     args = ["train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "runs"), "--hook", HOOK, "--d-sae", "32",
             "--k", "4", "--batch-size", "64", "--tokens", "512", "--no-wandb", "--device", "cpu"]
-    out = cli(*args)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
-    assert out.stderr.startswith("error: shard train/shard-00000") and "pipeline verify" in out.stderr
-    out = cli(*args, "--skip-bad-shards")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "exported to" in out.stdout
+    code, err, _ = cli(*args)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert err.startswith("error: shard train/shard-00000") and "pipeline verify" in err
+    code, err, out = cli(*args, "--skip-bad-shards")
+    assert code == 0, err[-2000:]
+    assert "exported to" in out
     # One plain line, not Python's warnings format (file:line, category, the source line).
-    skips = [line for line in out.stderr.splitlines() if "skipping shard" in line]
-    assert len(skips) == 1 and skips[0].startswith("warning: skipping shard train/shard-00000 of "), out.stderr
-    assert "BadShardWarning" not in out.stderr and "warnings.warn" not in out.stderr
+    skips = [line for line in err.splitlines() if "skipping shard" in line]
+    assert len(skips) == 1 and skips[0].startswith("warning: skipping shard train/shard-00000 of "), err
+    assert "BadShardWarning" not in err and "warnings.warn" not in err
 
 
 # ----------------------------------------------------------------- 2. verify checks the manifest too
@@ -250,11 +241,11 @@ def test_manifest_schema_is_checked_on_open(tmp_path, edit, message):
         Cache(tmp_path / "c")
 
 
-def test_wrong_manifests_and_corrupt_zarr_json_give_one_line(tmp_path):
+def test_wrong_manifests_and_corrupt_zarr_json_give_one_line(tmp_path, cli):
     write_synthetic(tmp_path / "c", 3)
     (tmp_path / "c" / "manifest.json").write_text("[]")
-    out = cli("verify", str(tmp_path / "c"))
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not an object" in out.stderr, out.stderr
+    code, err, _ = cli("verify", str(tmp_path / "c"))
+    assert code == 2 and err.count("\n") == 1 and "not an object" in err, err
     m = write_synthetic(tmp_path / "d", 6)
     meta = tmp_path / "d" / f"hooks/{HOOK}/train/shard-00000/zarr.json"
     data = bytearray(meta.read_bytes())
@@ -262,9 +253,9 @@ def test_wrong_manifests_and_corrupt_zarr_json_give_one_line(tmp_path):
     meta.write_bytes(bytes(data))
     with pytest.raises(CacheFormatError, match="zarr.json is unreadable"):
         ActivationLoader(tmp_path / "d", hooks=HOOK, batch_size=16)
-    out = cli("train", "--cache", str(tmp_path / "d"), "--out", str(tmp_path / "runs"), "--hook", HOOK,
-              "--batch-size", "16", "--tokens", "64", "--no-wandb", "--device", "cpu")
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "zarr.json is unreadable" in out.stderr, out.stderr
+    code, err, _ = cli("train", "--cache", str(tmp_path / "d"), "--out", str(tmp_path / "runs"), "--hook", HOOK,
+                       "--batch-size", "16", "--tokens", "64", "--no-wandb", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "zarr.json is unreadable" in err, err
     assert m["complete"]
 
 

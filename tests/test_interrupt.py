@@ -49,15 +49,15 @@ def steps(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
 
 
-def test_ctrl_c_checkpoints_and_the_resumed_run_equals_a_straight_one(tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_the_resumed_run_equals_a_straight_one(tmp_path, cli):
     sparse_cache(tmp_path / "c", rows=8000)
     env = cli_env(tmp_path)
     base = [sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--d-sae", "2048", "--k", "3",
             "--lr", "3e-3", "--batch-size", "1000", "--tokens", str(1000 * 200), "--log-every", "5",
             "--checkpoint-every", "1000"]
-    straight = subprocess.run(base + ["--out", str(tmp_path / "a"), "--no-wandb"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    code, err, _ = cli(*base[3:], "--out", tmp_path / "a", "--no-wandb")  # no signal: in this process
+    assert code == 0, err[-2000:]
 
     run = tmp_path / "b" / "topk-d2048-k3"
     code, err = signal_after_first_line(base + ["--out", str(tmp_path / "b")], run / "metrics.jsonl",
@@ -85,7 +85,8 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_equals_a_straight_one(tmp_path):
     assert sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")) == [run_id, run_id]
 
 
-def test_sigterm_stops_a_sweep_with_a_checkpoint_and_it_resumes(tmp_path):
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_with_a_checkpoint_and_it_resumes(tmp_path, cli):
     sparse_cache(tmp_path / "c", rows=8000, eval_rows=1000)
     toml = tmp_path / "sweep.toml"
     toml.write_text(f'[base]\ncache = "{tmp_path / "c"}"\nout = "{tmp_path / "s"}"\nd_sae = 1024\nbatch_size = 1000\n'
@@ -97,9 +98,10 @@ def test_sigterm_stops_a_sweep_with_a_checkpoint_and_it_resumes(tmp_path):
     assert code == 143, err[-2000:]
     assert "interrupted (SIGTERM) after step " in err and f"checkpoint in {tmp_path / 's' / '_sweep' / 'checkpoint'}" in err
     assert not (tmp_path / "s" / "_sweep" / LOCK_FILE).exists()
-    more = subprocess.run(resume_command(err), cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
-    assert more.returncode == 0, more.stderr[-2000:]
+    command = resume_command(err)
+    assert command[:3] == [sys.executable, "-m", "pipeline"], command
+    code, err, _ = cli(*command[3:])  # the resume takes no signal: in this process
+    assert code == 0, err[-2000:]
     for name in ("topk-d1024-k3", "standard-d1024-l1_0.5"):
         assert steps(tmp_path / "s" / name / "metrics.jsonl") == list(range(5, 151, 5)), name
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.cli import ROOT, cli_env
 from tests.builders import sparse_cache
 
@@ -20,6 +22,7 @@ def run_logged(args: list[str], tmp_path, name: str) -> list[str]:
     return text.splitlines()
 
 
+@pytest.mark.slow  # a process writing to a file is what is tested
 def test_train_and_sweep_logs_in_a_file_fit_100_columns_with_whole_tables_and_quiet_wandb(tmp_path):
     sparse_cache(tmp_path / "c", rows=8000, eval_rows=1000)
     lines = run_logged([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--d-sae", "64",
@@ -71,6 +74,7 @@ def test_metric_lines_of_a_large_run_fit_100_columns():
     assert "stopped: loss NaN/Inf" in lines[3 + 1 + 2 * 3]
 
 
+@pytest.mark.slow  # a process writing to a file is what is tested
 def test_cache_log_in_a_file_is_whole_lines(tmp_path):
     """`pipeline cache` into a file: a line at every tenth of the way, not a bar of carriage returns."""
     (tmp_path / "docs.txt").write_text("\n".join(f"line {i} of a small document about caching" for i in range(2000)))

@@ -9,13 +9,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import build_config
 from tests.builders import sparse_cache
-from tests.cli import ROOT, cli_env
+from tests.cli import ROOT, cli_env, run_pipeline
 from trainer.run import TrainConfig
 
 # Commands this test does not run, each with why (every entry must match a README command).
@@ -61,17 +64,17 @@ def readme_commands() -> list[str]:
 
 
 def small(command: str) -> list[str]:
-    """The command as run here: our Python for .venv/bin, optional [flags] given (the first of
-    [a | b]), tokens and contexts small."""
+    """The command as run here: `pipeline` for the script, our Python for .venv/bin/python, optional
+    [flags] given (the first of [a | b]), tokens and contexts small."""
     command = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split("|")[0].strip(), command)
     for pattern, repl in SMALL:
         command = re.sub(pattern, repl, command)
     args = shlex.split(command)
-    if args[0] in (".venv/bin/pipeline", "pipeline"):
-        args = [sys.executable, "-m", "pipeline"] + args[1:]
+    if args[0] == ".venv/bin/pipeline":
+        args[0] = "pipeline"
     elif args[0] == ".venv/bin/python":
         args[0] = sys.executable
-    stage = args[3] if args[1:3] == ["-m", "pipeline"] else None
+    stage = args[1] if args[0] == "pipeline" else args[3] if args[1:3] == ["-m", "pipeline"] else None
     if stage in ("train", "sweep"):
         if "--tokens" in args:
             args[args.index("--tokens") + 1] = SMALL_TOKENS
@@ -83,10 +86,30 @@ def small(command: str) -> list[str]:
     return args
 
 
+def run_command(args: list[str], cwd: Path, env: dict) -> tuple[int, str]:
+    """(exit status, stderr). The `pipeline` script runs in this process, through the function it
+    calls (pyproject's [project.scripts]), in `cwd` with `env` set: a process per command cost ~2-5 s
+    of imports each, most of this test's time. A `python ...` command runs as a process, as written."""
+    if args[0] != "pipeline":
+        out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        return out.returncode, out.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        for name in ("HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE"):
+            mp.setenv(name, env[name])
+        try:
+            code, err, _ = run_pipeline(*args[1:])
+        except Exception:  # a traceback is a failure of this command, not of the ones after it
+            return 1, traceback.format_exc()
+    return code, err
+
+
 @pytest.mark.slow
-def test_every_readme_command_runs(tmp_path):
+def test_every_readme_command_runs(tmp_path, importable):
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["pipeline"] == "pipeline.cli:main"
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     (tmp_path / "mymodule.py").write_text(MYMODULE)
+    importable(tmp_path)  # the PYTHONPATH below, for the commands run in this process
     (tmp_path / "corpus").mkdir()
     for i, paragraph in enumerate((ROOT / "README.md").read_text().split("\n\n")):
         (tmp_path / "corpus" / f"{i:03d}.txt").write_text(paragraph)
@@ -98,9 +121,9 @@ def test_every_readme_command_runs(tmp_path):
     assert len(run) >= 13, run  # the extraction found the blocks
     failed = []
     for command in SETUP + run:
-        out = subprocess.run(small(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            failed.append(f"{command}\n  -> exit {out.returncode}: {out.stderr.strip()[-600:]}")
+        code, err = run_command(small(command), tmp_path, env)
+        if code != 0:
+            failed.append(f"{command}\n  -> exit {code}: {err.strip()[-600:]}")
     assert not failed, "README commands that fail:\n" + "\n".join(failed)
     assert (tmp_path / "runs" / "default" / "topk-d1024-k32" / "cfg.json").is_file()
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "eval.json").is_file()
@@ -158,8 +181,13 @@ def test_make_train_and_sweep_write_the_cache_first_when_it_is_missing_or_incomp
     # cache when the manifest is missing or says complete: false, and leaves a complete one alone.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
 
+    # The Python running this test reads the manifest, and `setup` is taken as done: with no .venv in
+    # this checkout (a worktree using another's), make would build one, a minute of pip install.
+    bin_dir = Path(sys.executable).parent
+
     def writes_cache() -> bool:
-        out = subprocess.run(["make", "-s", "-C", str(ROOT), "cache-ready", f"CACHE={cache}", "CACHE_CMD=echo WRITE"],
+        out = subprocess.run(["make", "-s", "-C", str(ROOT), "-o", f"{bin_dir}/.installed", "cache-ready",
+                              f"BIN={bin_dir}", f"CACHE={cache}", "CACHE_CMD=echo WRITE"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         return "WRITE" in out.stdout

@@ -157,20 +157,13 @@ def test_non_positive_sizes_are_refused_by_train_and_sweep(cache, tmp_path, fiel
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 
 
-def test_cli_train_and_sweep_refuse_zero_tokens_in_one_line(cache, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+def test_cli_train_and_sweep_refuse_zero_tokens_in_one_line(cache, tmp_path, cli):
     toml = tmp_path / "sweep.toml"
     toml.write_text(f'[base]\ncache = "{cache}"\nd_sae = 64\n[sweep]\nk = [3, 6]\n')
     for args in (["train", "--cache", str(cache), "--tokens", "0", "--out", str(tmp_path / "t")],
                  ["sweep", "--config", str(toml), "--tokens", "0", "--out", str(tmp_path / "s")]):
-        out = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 2 and out.stderr == "error: --tokens must be a number > 0, got 0\n", out.stderr
+        code, err, _ = cli(*args)
+        assert code == 2 and err == "error: --tokens must be a number > 0, got 0\n", err
     assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
 
 

@@ -80,48 +80,44 @@ def test_export_loads_in_saelens(tmp_path, arch):
     assert np.isclose(json.loads((tmp_path / "sae" / "cfg.json").read_text())["d_sae"], 48)
 
 
-def test_pipeline_train_cli_exports(tmp_path):
+def test_pipeline_train_cli_exports(tmp_path, cli, importable):
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    from tests.cli import ROOT
+
     sparse_cache(tmp_path / "c")
     (tmp_path / "mine.py").write_text(
         "from trainer.registry import register_architecture\n"
         "from trainer.sae_topk import TopKSAE\n"
         "@register_architecture('mine')\n"
         "class Mine(TopKSAE):\n    pass\n")
-    env = {"PYTHONPATH": f"{root}:{tmp_path}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-           "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "mine",
-                          "--import", "mine", "--d-sae", "128", "--k", "3", "--lr", "3e-3", "--tokens", "60000",
-                          "--batch-size", "256", "--out", str(tmp_path / "run"), "--no-wandb"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "exported to" in out.stdout
+    importable(tmp_path)
+    args = ["train", "--cache", tmp_path / "c", "--arch", "mine", "--import", "mine", "--d-sae", "128", "--k", "3",
+            "--lr", "3e-3", "--batch-size", "256", "--out", tmp_path / "run"]
+    code, err, out = cli(*args, "--tokens", "60000", "--no-wandb")
+    assert code == 0, err[-2000:]
+    assert "exported to" in out
     run = tmp_path / "run" / "mine-d128-k3"
     cfg = json.loads((run / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["metadata"]["hook_name"] == "x"
     assert cfg["metadata"]["cache_manifest_hash"] and cfg["metadata"]["training_architecture"] == "mine"
-    args = [sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "mine", "--import",
-            "mine", "--d-sae", "128", "--k", "3", "--lr", "3e-3", "--batch-size", "256", "--out", str(tmp_path / "run")]
-    again = subprocess.run(args + ["--tokens", "60000"], cwd=root, env=env, capture_output=True, text=True)
-    assert again.returncode == 2 and "holds a checkpoint of an earlier run; pass --resume" in again.stderr
-    # W&B with no key runs offline: its files land in the run's folder, nothing is sent.
-    more = subprocess.run(args + ["--tokens", "90000", "--resume"], cwd=root, env=env,
-                          capture_output=True, text=True)
+    code, err, _ = cli(*args, "--tokens", "60000")
+    assert code == 2 and "holds a checkpoint of an earlier run; pass --resume" in err
+    # W&B with no key runs offline: its files land in the run's folder, nothing is sent. A process of its
+    # own, W&B's service and output hooks stay out of the test's.
+    env = {"PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    more = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args), "--tokens", "90000", "--resume"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
     assert list((run / "wandb").glob("offline-run-*")), sorted(p.name for p in run.iterdir())
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 352 and steps == sorted(steps)  # ceil(90000 / 256): continued, not restarted
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--arch", "topkk",
-                          "--out", str(tmp_path / "r2")], cwd=root, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown architecture 'topkk'; registered:" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "train", "--cache", str(tmp_path / "c"), "--k", "500",
-                          "--d-sae", "128", "--batch-size", "256", "--out", str(tmp_path / "r3")], cwd=root, env=env,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "k = 500 must be between 1 and d_sae = 128" in bad.stderr
+    code, err, _ = cli("train", "--cache", tmp_path / "c", "--arch", "topkk", "--out", tmp_path / "r2")
+    assert code == 2 and "unknown architecture 'topkk'; registered:" in err
+    code, err, _ = cli("train", "--cache", tmp_path / "c", "--k", "500", "--d-sae", "128", "--batch-size", "256",
+                       "--out", tmp_path / "r3")
+    assert code == 2 and "k = 500 must be between 1 and d_sae = 128" in err
 
 
 @pytest.mark.parametrize("arch", ["topk", "standard", "standard-target"])
