@@ -57,6 +57,8 @@ STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "
 # took 564 ms a step as one stack against 342 ms as four, while four runs of one k stack at
 # 220 ms against 263 ms.
 STACK_BY_COST = ("k", "initial_k")
+# Defaults of a sweep over `pipeline train`'s: its runs' folders apart from `make train`'s runs/default.
+SWEEP_DEFAULTS = {"out": "runs/sweep"}
 # Fields that name a run when they vary across the sweep, with their short labels.
 LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "l0": "l0_", "lr": "lr", "seed": "s",
           "tokens": "t", "initial_k": "k0_", "target_l0": "l0target"}
@@ -82,7 +84,7 @@ def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainCon
     """Base config and the run configs of a sweep spec (the parsed TOML); `overrides` (command-line
     values that are not None) apply to the base and to every run."""
     pairs = exclusive_fields(TrainConfig)
-    base_data = dict(spec.get("base", {}))
+    base_data = SWEEP_DEFAULTS | dict(spec.get("base", {}))
     lists = dict(spec.get("sweep", {}))
     explicit = spec.get("runs", [])
     check_fields(base_data, TrainConfig, "[base]")
