@@ -47,7 +47,7 @@ IMPORT = inspect.Parameter("import_module", inspect.Parameter.KEYWORD_ONLY, anno
               [CONFIG_FILE])
 def cache(**options) -> None:
     """Stage 1: run a model once over a dataset and write hook activations to a cache."""
-    from cache_writer.run import CacheConfig, run_cache
+    from cache_writer.run import CacheConfig, run_cache, written_line
     from pipeline.config import build_config, parse_kwargs
 
     overrides = dict(options)
@@ -58,9 +58,7 @@ def cache(**options) -> None:
         overrides["compression"] = None
     cfg = build_config(CacheConfig, config, overrides, section="cache")
     manifest = run_cache(cfg, command=" ".join(["pipeline"] + sys.argv[1:]))
-    rows = {s: v["rows"] for s, v in manifest["splits"].items()}
-    _finished(f"wrote {cfg.out}: {rows['train']:,} train rows + {rows['eval']:,} eval rows (--tokens counts both), "
-               f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
+    _finished(written_line(cfg, manifest))
 
 
 @app.command(cls=HelpCommand)
