@@ -283,6 +283,8 @@ def core_eval(cfg: EvalConfig, adapter: Any = None, sae: LoadedSAE | None = None
                                                      default_chunk_rows(sae.d_sae), device, progress)
     per_latent.update(weight_metrics(sae))
     bench = ce.pop("saebench") if ce else None
+    if ce:  # what SAEBench's CE averages over, for the screen to say beside it
+        ce["saebench_predictions"] = bench["predictions"]
     metrics = model_metrics(bench)
     metrics["reconstruction_quality"] = {k: scalars[k] for k in CATEGORIES["reconstruction_quality"]}
     metrics["shrinkage"] = {k: scalars[k] for k in CATEGORIES["shrinkage"]}
@@ -336,18 +338,23 @@ def core_eval(cfg: EvalConfig, adapter: Any = None, sae: LoadedSAE | None = None
 # ------------------------------------------------------------------------------ the command
 
 def print_core(res: dict) -> None:
-    """The core metrics as a rich table, category by category."""
+    """The core metrics as a rich table, category by category; the spliced-model ones where they
+    were computed are shown beside `pipeline eval`'s own (print_results), not here again."""
     from rich.table import Table
 
     from pipeline.console import log_console
 
     console = log_console()
     un = res["eval_result_unstructured"]
-    table = Table(title=f"SAEBench {un['saebench_version']} core metrics ({un['split']} split: "
-                        f"{res['eval_result_metrics']['token_stats']['total_tokens_eval_sparsity_variance']:,} rows)")
+    beside = "; KL and CE: the SAEBench column above" if un["pipeline_eval"] else ""
+    table = Table(title=f"SAEBench {un['saebench_version']} core metrics on the cached rows ({un['split']} split: "
+                        f"{res['eval_result_metrics']['token_stats']['total_tokens_eval_sparsity_variance']:,} rows"
+                        f"{beside})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for cat, fields in res["eval_result_metrics"].items():
+        if cat in MODEL_CATEGORIES and un["pipeline_eval"]:
+            continue
         table.add_row(f"[bold]{cat}[/bold]", "" if cat not in un["not_computed"] else "(not computed)")
         if cat in un["not_computed"]:
             continue
@@ -365,7 +372,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     with Heartbeat(status.line):  # minutes of forward passes otherwise print nothing
         res = core_eval(cfg, progress=status.set)
     if res["eval_result_unstructured"]["pipeline_eval"]:
-        print_results(res["eval_result_unstructured"]["pipeline_eval"])
+        metrics = res["eval_result_metrics"]
+        print_results(res["eval_result_unstructured"]["pipeline_eval"],
+                      {k: v for c in MODEL_CATEGORIES for k, v in metrics[c].items()})
     print_core(res)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -441,8 +441,29 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
     return out
 
 
-def print_results(res: dict) -> None:
-    """The results as a rich table."""
+# (label, the key in `evaluate_ce`'s results or None, SAEBench's field of the same measure or None, format)
+SPLICED_ROWS = (("CE clean (no SAE)", "ce_clean", "ce_loss_without_sae", ".4f"),
+                ("CE with SAE", "ce_spliced", "ce_loss_with_sae", ".4f"),
+                ("CE zero-ablated", "ce_zero_ablation", "ce_loss_with_ablation", ".4f"),
+                ("CE mean-ablated", "ce_mean_ablation", None, ".4f"),
+                ("CE loss recovered (zero)", "ce_recovered_zero", "ce_loss_score", ".4f"),
+                ("CE loss recovered (mean)", "ce_recovered_mean", None, ".4f"),
+                ("CE increase", "ce_delta", None, ".4f"),
+                ("KL(clean || SAE)", "kl_spliced", "kl_div_with_sae", ".5f"),
+                ("KL(clean || zero-ablated)", "kl_zero_ablation", "kl_div_with_ablation", ".5f"),
+                ("KL score", None, "kl_div_score", ".4f"),
+                ("explained variance", "explained_variance", None, ".4f"), ("L0", "l0", None, ".1f"))
+# Where SAEBench's numbers sit beside these, the core table shows explained variance and L0 (on
+# every cached row of the split): these two rows, on the replaced positions only, would be a second,
+# different pair of the same names.
+CORE_SHOWS = ("explained_variance", "l0")
+
+
+def print_results(res: dict, saebench: dict[str, float] | None = None) -> None:
+    """The results as a rich table; with `saebench` (field -> value of SAEBench's two spliced-model
+    categories, from the same passes; `res["saebench_predictions"]` their count), its numbers in a
+    column beside ours, each measure on one row and each column saying which predictions it
+    averages: the two differ (see the note printed)."""
     from rich.table import Table
 
     from pipeline.console import log_console
@@ -452,23 +473,29 @@ def print_results(res: dict) -> None:
     console.print(f"SAE {res['sae']} ({res['architecture']}) {where} of model {res['model']}: "
                   f"{res['contexts']} {res['split']} contexts of {res['cache']}, {res['predictions']:,} predictions, "
                   f"{res['spliced_positions']:,} positions replaced", highlight=False, soft_wrap=True)
-    table = Table()
+    table = Table(title="the SAE spliced into the model" if saebench else None)
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [("CE clean", "ce_clean", ".4f"), ("CE with SAE", "ce_spliced", ".4f"),
-            ("CE zero-ablated", "ce_zero_ablation", ".4f"), ("CE mean-ablated", "ce_mean_ablation", ".4f"),
-            ("CE loss recovered (zero)", "ce_recovered_zero", ".4f"),
-            ("CE loss recovered (mean)", "ce_recovered_mean", ".4f"), ("CE increase", "ce_delta", ".4f"),
-            ("KL(clean || SAE)", "kl_spliced", ".5f"), ("explained variance", "explained_variance", ".4f"),
-            ("L0", "l0", ".1f")]
-    for label, key, fmt in rows:
-        flagged = res.get(f"{key}_meaningful") is False
-        table.add_row(label, format(res[key], fmt) + (" (not meaningful)" if flagged else ""))
+    table.add_column(f"all {res['predictions']:,} predictions" if saebench else "value", justify="right")
+    if saebench:
+        table.add_column(f"SAEBench: the {res['saebench_predictions']:,} at non-special tokens", justify="right")
+        table.add_column("SAEBench field")
+    for label, key, field, fmt in SPLICED_ROWS:
+        if saebench and key in CORE_SHOWS or not saebench and key is None:
+            continue
+        ours = "" if key is None else format(res[key], fmt) + (
+            " (not meaningful)" if res.get(f"{key}_meaningful") is False else "")
+        theirs = ([format(saebench[field], fmt), field] if field else ["", ""]) if saebench else []
+        table.add_row(label, ours, *theirs)
     console.print(table)
     for ablation in ("zero", "mean"):
         if res.get(f"ce_recovered_{ablation}_note"):
             console.print(f"note: CE loss recovered ({ablation}) is not meaningful: "
                           f"{res[f'ce_recovered_{ablation}_note']}", highlight=False, soft_wrap=True)
+    if saebench:
+        console.print("note: the columns average different predictions, so their CE and KL differ: SAEBench's "
+                      "leaves out the predictions made at special tokens (BOS, separators) and zero-ablates every "
+                      "position, BOS included; the first counts every prediction and replaces only the positions "
+                      "the cache stores rows for (docs/METRICS.md).", highlight=False, soft_wrap=True)
 
 
 def ce_columns(cache: str, contexts: int) -> Callable[[list[dict], Path, str], None]:

@@ -11,14 +11,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
-# matplotlib's tab10: distinguishable colours for architectures and runs.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
-
-
-def color(i: int) -> str:
-    return PALETTE[i % len(PALETTE)]
-
+from trainer.plots import color, log_range, log_ticks
 
 def ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     """About n round tick values in [lo, hi]."""
@@ -38,15 +31,6 @@ def tick_label(v: float) -> str:
     if abs(v) >= 1e4:
         return f"{v / 1e3:.4g}k"
     return f"{v:.4g}"
-
-
-def log_ticks(lo: float, hi: float) -> list[float]:
-    """1, 2, 5 x 10^k values in [lo, hi] (lo > 0); only powers of ten when the range spans many."""
-    if lo <= 0 or hi <= lo:
-        return [lo]
-    mults = (1, 2, 5) if math.log10(hi / lo) < 3 else (1,)
-    out = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in mults]
-    return [v for v in out if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)] or [lo, hi]
 
 
 @dataclass
@@ -131,8 +115,7 @@ def svg_bars(counts: list[float], edges: list[float], xlabel: str, ylabel: str =
 def _padded(lo: float, hi: float, log: bool = False) -> tuple[float, float]:
     """A data range with a margin, so points do not sit on the axes."""
     if log:
-        lo, hi = max(lo, 1e-12), max(hi, 1e-12)
-        return (lo / 1.25, hi * 1.25) if hi > lo else (lo / 2, hi * 2)
+        return log_range(lo, hi)
     pad = (hi - lo) * 0.06 or abs(hi) * 0.1 or 1.0
     return lo - pad, hi + pad
 
@@ -151,9 +134,11 @@ class Point:
 
 
 def svg_scatter(points: list[Point], xlabel: str, ylabel: str, elem_id: str, log_x: bool = True,
-                width: int = 560, height: int = 340) -> str:
-    """Points coloured by group (legend on the right); the frontier points joined by a line."""
+                width: int = 560, height: int = 340, colors: dict[str, str] | None = None) -> str:
+    """Points coloured by group (`colors`, else by the group's order; legend on the right); the
+    frontier points joined by a line."""
     groups = list(dict.fromkeys(p.group for p in points))
+    colors = {g: (colors or {}).get(g) or color(i) for i, g in enumerate(groups)}
     legend_w = 16 + 7 * max((len(g) for g in groups), default=0)
     ax = Axes(_padded(min(p.x for p in points), max(p.x for p in points), log_x),
               _padded(min(p.y for p in points), max(p.y for p in points)), width, height, log_x,
@@ -165,14 +150,14 @@ def svg_scatter(points: list[Point], xlabel: str, ylabel: str, elem_id: str, log
         parts.append(f'<polyline class="frontier" points="{pts}"><title>frontier: no run has a lower {xlabel} '
                      f'and a higher {ylabel}</title></polyline>')
     for p in points:
-        c = color(groups.index(p.group))
+        c = colors[p.group]
         parts.append(f'<circle class="point{" on-frontier" if p.on_frontier else ""}" data-run="{html.escape(p.label)}" '
                      f'cx="{ax.sx(p.x):.1f}" cy="{ax.sy(p.y):.1f}" r="{5 if p.on_frontier else 4}" fill="{c}">'
                      f'<title>{html.escape(p.label)} ({html.escape(p.group)})&#10;{html.escape(xlabel)} {p.x:.4g}&#10;'
                      f'{html.escape(ylabel)} {p.y:.4g}</title></circle>')
     lx = width - legend_w
     for i, g in enumerate(groups):
-        parts.append(f'<circle cx="{lx + 4}" cy="{20 + 16 * i}" r="4" fill="{color(i)}"/>'
+        parts.append(f'<circle cx="{lx + 4}" cy="{20 + 16 * i}" r="4" fill="{colors[g]}"/>'
                      f'<text class="legend" x="{lx + 12}" y="{24 + 16 * i}">{html.escape(g)}</text>')
     return "".join(parts) + "</svg>"
 
@@ -188,7 +173,9 @@ class Series:
 
 def svg_lines(series: list[Series], xlabel: str, ylabel: str, elem_id: str, width: int = 380,
               height: int = 240) -> str:
-    """One polyline per series (class `curve`, `data-run` its name), in `color(i)` of its index."""
+    """One polyline per series (class `curve`, `data-run` its name), in `color(i)` of its index; a
+    point logged alone (one log step, or between gaps) is a dot, as a polyline of one point draws
+    nothing."""
     vals = [(x, y) for s in series for x, y in zip(s.xs, s.ys) if y is not None and math.isfinite(y)]
     parts = [_open(elem_id, "chart lines", width, height)]
     if not vals:
@@ -206,6 +193,11 @@ def svg_lines(series: list[Series], xlabel: str, ylabel: str, elem_id: str, widt
                 cur.append(f"{ax.sx(x):.1f},{ax.sy(y):.1f}")
         segments += [cur] if cur else []
         for seg in segments:
-            parts.append(f'<polyline class="curve" data-run="{html.escape(s.name)}" stroke="{color(i)}" '
-                         f'points="{" ".join(seg)}"><title>{html.escape(s.name)}</title></polyline>')
+            if len(seg) == 1:
+                x, y = seg[0].split(",")
+                parts.append(f'<circle class="curve dot" data-run="{html.escape(s.name)}" fill="{color(i)}" '
+                             f'cx="{x}" cy="{y}" r="3"><title>{html.escape(s.name)}</title></circle>')
+            else:
+                parts.append(f'<polyline class="curve" data-run="{html.escape(s.name)}" stroke="{color(i)}" '
+                             f'points="{" ".join(seg)}"><title>{html.escape(s.name)}</title></polyline>')
     return "".join(parts) + "</svg>"

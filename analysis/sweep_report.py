@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from analysis.svg import Point, Series, color, svg_lines, svg_scatter
-from trainer.plots import CURVES_PNG, read_curves
+from trainer.plots import CURVES_PNG, arch_color, read_curves
 
 FEATURES_DIR = "report"
 """A run's feature report goes to RUN/report/index.html."""
@@ -108,7 +108,9 @@ def scatter(rows: list[dict], y: str, ylabel: str, elem_id: str) -> tuple[str, s
         return "", set()
     front = frontier([(r["l0"], r[y]) for r in ok])
     points = [Point(r["l0"], r[y], str(r.get("arch")), r["run"], f) for r, f in zip(ok, front)]
-    return svg_scatter(points, "L0 (eval split)", ylabel, elem_id), {p.label for p in points if p.on_frontier}
+    colors = {p.group: arch_color(p.group) for p in points}  # as pareto.png colours them
+    return (svg_scatter(points, "L0 (eval split)", ylabel, elem_id, colors=colors),
+            {p.label for p in points if p.on_frontier})
 
 
 def curves(sweep: Path, runs: list[str]) -> tuple[str, str]:
@@ -129,13 +131,16 @@ def curves(sweep: Path, runs: list[str]) -> tuple[str, str]:
     return "".join(charts), f'<div id="curve-legend">{legend}</div>'
 
 
-COLUMNS = {"run": "run", "arch": "arch", "hook": "hook", "d_sae": "d_sae", "k_or_coefficient": "k / coef",
+COLUMNS = {"run": "run", "arch": "arch", "hook": "hook", "d_sae": "d_sae", "target_l0": "target L0",
+           "k_or_coefficient": "k / coef",
            "lr": "lr", "l0": "L0", "explained_variance": "EV", "ce_recovered_zero": "CE rec. (zero)",
            "ce_recovered_mean": "CE rec. (mean)", "kl": "KL", "dead_fraction": "dead", "tokens_per_s": "tokens/s",
            "status": "status"}
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
+    if isinstance(value, float) and column == "tokens_per_s":
+        return f'<td class="num" data-v="{value!r}">{value:,.0f}</td>'
     if isinstance(value, float):
         return f'<td class="num" data-v="{value!r}">{value:.4g}</td>'
     if isinstance(value, int):
@@ -146,10 +151,17 @@ def _cell(value: Any) -> str:
 def runs_table(rows: list[dict], links: dict[str, str], commands: dict[str, str], fronts: dict[str, set[str]]) -> str:
     """The sortable table: summary.csv's columns (known ones first), the frontiers a run is on, and
     its feature report (a link, or the command that writes it)."""
-    # A column every run has the same value in (the hook, usually) is said once, above the table.
-    same = {c for c in ("hook",) if len({r.get(c) for r in rows if r.get("status") == "ok"}) == 1}
+    # A column every finished run has the same value in (the hook, d_sae, lr, usually) is said once,
+    # above the table: the table then fits a window.
+    ok = [r for r in rows if r.get("status") == "ok"]
+    same = {c: ok[0].get(c) for c in {k for r in rows for k in r} - {"run", "status"}
+            if len(ok) > 1 and len({json.dumps(r.get(c)) for r in ok}) == 1}
     cols = [c for c in COLUMNS if any(c in r for r in rows) and c not in same] + sorted(
-        {k for r in rows for k in r} - set(COLUMNS))
+        {k for r in rows for k in r} - set(COLUMNS) - set(same))
+    every = ", ".join(f"{COLUMNS.get(c, c)} {v:.4g}" if isinstance(v, float) else f"{COLUMNS.get(c, c)} {v}"
+                      for c, v in sorted(same.items(), key=lambda kv: list(COLUMNS).index(kv[0])
+                                         if kv[0] in COLUMNS else len(COLUMNS))
+                      if c != "hook" and v is not None)  # the hook: in the page's first line
     head = "".join(f'<th title="click to sort">{html.escape(COLUMNS.get(c, c))}</th>' for c in cols)
     body = []
     for r in rows:
@@ -164,15 +176,19 @@ def runs_table(rows: list[dict], links: dict[str, str], commands: dict[str, str]
                 status = str(r.get("status") or "")
                 cells.append(f'<td class="status" title="{html.escape(status)}">{html.escape(status.split(":")[0])}</td>')
             else:
-                cells.append(_cell(r.get(c)))
+                cells.append(_cell(r.get(c), c))
         on = [label for label, members in fronts.items() if name in members]
         cells.append(f'<td class="front">{html.escape(", ".join(on))}</td>')
+        # Not the command itself in the cell (~90 characters: the table ran past the page's right
+        # edge): it is the cell's hover text, and the line above the table says how to write them all.
         report = (f'<a class="feature-link" href="{html.escape(links[name])}">features</a>' if name in links
-                  else f'<code class="feature-command">{html.escape(commands[name])}</code>' if name in commands else "")
+                  else f'<span class="feature-command" title="{html.escape(commands[name])}">not written</span>'
+                  if name in commands else "")
         cells.append(f"<td>{report}</td>")
         body.append(f'<tr data-run="{html.escape(name)}">{"".join(cells)}</tr>')
-    return (f'<table id="runs-table"><thead><tr>{head}<th title="click to sort">frontier</th><th>feature report</th>'
-            f'</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    return ((f'<p class="meta" id="every-run">Every run: {html.escape(every)}</p>' if every else "")
+            + f'<div class="table-wrap"><table id="runs-table"><thead><tr>{head}<th title="click to sort">frontier</th><th>feature report</th>'
+            f'</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
 CSS = """
@@ -187,12 +203,12 @@ svg .frontier{fill:none;stroke:#000;stroke-width:1;stroke-dasharray:4 3}
 svg .curve{fill:none;stroke-width:1.5;opacity:.85}svg .hl{stroke-width:3.5;opacity:1}svg .point.hl{r:7}
 .hidden{display:none}
 table#runs-table{border-collapse:collapse;font-size:13px}
-#runs-table th{cursor:pointer;text-align:left;border-bottom:2px solid #999;padding:3px 8px;white-space:nowrap;
-  user-select:none}
+#runs-table th{cursor:pointer;text-align:left;border-bottom:2px solid #999;padding:3px 8px;user-select:none;
+  vertical-align:bottom}
 #runs-table th.asc::after{content:" \\25B2"}#runs-table th.desc::after{content:" \\25BC"}
 #runs-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap}#runs-table td.num{text-align:right}
 #runs-table tr:hover td,#runs-table tr.hl td{background:#fff6d8}#runs-table td.front{color:#555;font-size:12px}
-code.feature-command{font-size:11px;color:#555}
+.feature-command{font-size:12px;color:#777;cursor:help}.table-wrap{overflow-x:auto;max-width:100%}
 #curve-legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:8px 0;font-size:12px}
 #curve-legend .swatch{display:inline-block;width:14px;height:3px;margin:0 4px 3px 2px;vertical-align:middle}
 .note{color:#a33}
@@ -294,7 +310,10 @@ def build_sweep_report(cfg: SweepReportConfig, feature_options: dict | None = No
         + '</p><h2>Which run is best at each L0</h2><p class="meta">Dashed: the frontier, runs that no other run '
         'beats on both L0 (lower) and the score (higher). Hover a table row to find its run.</p>'
         f'<div class="charts">{ev_svg}{ce_svg}</div>'
-        f'<h2>Runs</h2><p class="meta">Click a column to sort.</p>{runs_table(rows, links, commands, {"EV": ev_front, "CE": ce_front})}'
+        f'<h2>Runs</h2><p class="meta">Click a column to sort.'
+        + (f' Feature reports: <code>{html.escape(shlex.join(["pipeline", "report", str(sweep), "--features"]))}</code> '
+           'writes every run\'s (hover "not written" for one run\'s command).' if commands else "")
+        + f'</p>{runs_table(rows, links, commands, {"EV": ev_front, "CE": ce_front})}'
         f'<h2>Training curves</h2><p class="meta">From each run\'s metrics.jsonl ({len(pngs)} of the runs also have '
         f'{CURVES_PNG} in their folder). Untick a run to hide it.</p>{legend}<div class="charts">{curve_charts}</div>'
         f'<script>{JS}</script></body></html>')

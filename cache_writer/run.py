@@ -47,7 +47,8 @@ class CacheConfig:
     context_size: int = 128
     """Tokens per packed sequence."""
     tokens: int = 2_000_000
-    """Token positions to run through the model (sequences x context size), train and eval together."""
+    """Token positions to run through the model, train and eval together; rounded up to whole
+    sequences of context_size."""
     batch_size: int = 32
     """Sequences per forward pass (part of the layout a resume must match)."""
     eval_fraction: float = 0.05
@@ -213,6 +214,8 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
             if rank == 0:
                 assemble(out, world, complete=False, batch_size=cfg.batch_size)
         special_ids_np = np.array(sorted(special), dtype=np.int64) if cfg.exclude_special_tokens else None
+        if progress and rank == 0 and n_target * cfg.context_size != cfg.tokens:  # the bar counts whole sequences
+            print(f"caching {n_target:,} sequences of {cfg.context_size} tokens: {_rounded(cfg, n_target)}")
         bar = _progress_bar(n_target * cfg.context_size // world, done * cfg.context_size, progress and rank == 0)
         clock = {"tokenize": 0.0, "forward": 0.0}
         try:
@@ -267,6 +270,28 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         if timings is not None:
             timings.update(clock, **writer.seconds)
         return manifest
+
+
+def _rounded(cfg: CacheConfig, sequences: int) -> str:
+    """`20,096 tokens (--tokens 20,000 rounded up to whole sequences)`: what `sequences` whole
+    contexts hold against what --tokens asked for."""
+    tokens = sequences * cfg.context_size
+    if tokens == cfg.tokens:
+        return f"{tokens:,} tokens"
+    why = "rounded up to whole sequences" if tokens > cfg.tokens else "the dataset ended before"
+    return f"{tokens:,} tokens (--tokens {cfg.tokens:,} {why})"
+
+
+def written_line(cfg: CacheConfig, manifest: dict) -> str:
+    """`pipeline cache`'s last line: the sequences and tokens run (against --tokens), the rows stored
+    per split, the hooks."""
+    splits = manifest["splits"]
+    sequences = sum(s["sequences"] for s in splits.values())
+    rows = {s: v["rows"] for s, v in splits.items()}
+    left_out = " (special-token positions store none)" if cfg.exclude_special_tokens else ""
+    return (f"wrote {cfg.out}: {sequences:,} sequences of {cfg.context_size} tokens = {_rounded(cfg, sequences)}, "
+            f"train and eval together: {rows['train']:,} train rows + {rows['eval']:,} eval rows{left_out}; "
+            f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
 
 
 def _complete(out: Path, n_target: int) -> dict | None:

@@ -47,7 +47,7 @@ IMPORT = inspect.Parameter("import_module", inspect.Parameter.KEYWORD_ONLY, anno
               [CONFIG_FILE])
 def cache(**options) -> None:
     """Stage 1: run a model once over a dataset and write hook activations to a cache."""
-    from cache_writer.run import CacheConfig, run_cache
+    from cache_writer.run import CacheConfig, run_cache, written_line
     from pipeline.config import build_config, parse_kwargs
 
     overrides = dict(options)
@@ -58,9 +58,7 @@ def cache(**options) -> None:
         overrides["compression"] = None
     cfg = build_config(CacheConfig, config, overrides, section="cache")
     manifest = run_cache(cfg, command=" ".join(["pipeline"] + sys.argv[1:]))
-    rows = {s: v["rows"] for s, v in manifest["splits"].items()}
-    _finished(f"wrote {cfg.out}: {rows['train']:,} train rows + {rows['eval']:,} eval rows (--tokens counts both), "
-               f"hooks {', '.join(manifest['hooks'])}; complete={manifest['complete']}")
+    _finished(written_line(cfg, manifest))
 
 
 @app.command(cls=HelpCommand)
@@ -125,10 +123,10 @@ def sweep(**options) -> None:
     """
     from pathlib import Path
 
-    from trainer.sweep import load_sweep_spec, run_sweep
+    from trainer.sweep import expand_runs, load_sweep_spec, run_sweep
 
     _import(options["import_module"])
-    config, cache, out = options["config"], options["cache"], options["out"]
+    config, cache = options["config"], options["cache"]
     spec = load_sweep_spec(config)
     overrides = {k: options[k] for k in SWEEP_OPTIONS if options[k] is not None}
     name, memory_gb, eval_contexts = options["name"], options["memory_gb"], options["eval_contexts"]
@@ -141,7 +139,7 @@ def sweep(**options) -> None:
     rows = run_sweep(spec, overrides, name=name or spec.get("name") or Path(config).stem,
                      memory_budget=int(memory_gb * 2**30) if memory_gb else None, evaluate_runs=evaluate_runs)
     ok = sum(r["status"] == "ok" for r in rows)
-    summary = Path(out or spec.get("base", {}).get("out", "runs/default")) / "summary.csv"
+    summary = Path(expand_runs(spec, overrides)[0].out) / "summary.csv"
     _finished(f"sweep done: {ok} of {len(rows)} runs ok; summary in {summary}")
 
 

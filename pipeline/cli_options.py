@@ -47,6 +47,16 @@ def config_fields(module: str, class_name: str) -> tuple[ConfigField, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=None)
+def module_constant(module: str, name: str) -> Any:
+    """The literal value of a module-level `NAME = ...` in `module`'s source, not imported."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(open(spec.origin).read())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == name
+                                                                              for t in n.targets))
+    return ast.literal_eval(node.value)
+
+
 def _default(value: ast.expr | None) -> Any:
     if value is None:
         return None

@@ -348,16 +348,23 @@ def test_pieces_of_one_split_pack_as_the_whole_document():
 
 
 def test_readme_small_cache_has_eval_rows_and_says_tokens_count_both(readme_cache):
+    """`--tokens 20000` runs 157 whole contexts of 128, 20,096 tokens: said where the count is printed
+    (before the progress that counts them, in the last line) and in --help."""
     path, stdout = readme_cache
     m = read_manifest(path)
     train, held = m["splits"]["train"]["rows"], m["splits"]["eval"]["rows"]
     assert abs(held / (train + held) - 0.05) < 0.01
-    assert f"{train:,} train rows + {held:,} eval rows (--tokens counts both)" in stdout
+    assert m["progress"]["units"] == 157 and sum(s["sequences"] for s in m["splits"].values()) == 157
+    rounded = "20,096 tokens (--tokens 20,000 rounded up to whole sequences)"
+    assert f"caching 157 sequences of 128 tokens: {rounded}" in stdout
+    assert (f"157 sequences of 128 tokens = {rounded}, train and eval together: {train:,} train rows + {held:,} "
+            "eval rows (special-token positions store none)") in stdout.splitlines()[-1]
     import inspect
 
     from pipeline.cli import cache
 
-    assert "train and eval together" in inspect.signature(cache).parameters["tokens"].default.help
+    help_text = inspect.signature(cache).parameters["tokens"].default.help
+    assert "train and eval together" in help_text and "rounded up to whole sequences" in help_text
 
 
 # ----------------------------------------------------------------- bad input, one line each

@@ -111,6 +111,43 @@ def test_boolean_options_parse_as_flags_both_ways():
     assert res.exit_code == 2 and "unexpected extra argument(s) (true)" in res.output
 
 
+
+def test_help_gives_the_texts_the_width_and_names_arguments_in_capitals():
+    """At 110 columns the option names and value types took ~50 columns and every help text wrapped
+    after 3-5 words; usage showed `{sae}`, `{SAE_OR_SWEEP}`, `{path}`."""
+    import typer
+
+    from pipeline.cli import app
+
+    commands = typer.main.get_command(app).commands
+    for name in commands:
+        res = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "110", "TERMINAL_WIDTH": "110", "NO_COLOR": "1"})
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        assert max(len(line) for line in lines) <= 110
+        # Where each option's help text starts: the names and the value type leave it most of the line.
+        starts = [len(m.group(1)) for line in lines if (m := re.match(r"(│ --\S+(?:, -\w)? +(?:[A-Z.]+ +)?)\S", line))]
+        assert starts and max(starts) <= 40, (name, max(starts))
+        usage = next(line.strip() for line in lines if line.strip().startswith("Usage:"))
+        assert re.fullmatch(r"Usage: .*? \[OPTIONS\]( [A-Z_]+| \[[A-Z_]+\])*", usage), usage
+    assert "[OPTIONS] SAE" in invoke("eval", "--help").output
+    assert "[OPTIONS] SAE_OR_SWEEP" in invoke("report", "--help").output
+    assert "[OPTIONS] PATH REPO_ID" in invoke("push", "--help").output
+    # An error names an argument as the usage does.
+    assert "Missing argument 'SAE'" in invoke("eval").output
+
+
+def test_sweep_help_shows_the_out_folder_a_sweep_uses():
+    """`sweep --help` said `--out` defaults to runs/default (a `pipeline train`'s folder) while `make
+    sweep` writes runs/sweep: a sweep with no --out and no [base] out now writes runs/sweep, as shown."""
+    from trainer.sweep import expand_runs
+
+    assert "[default: runs/sweep]" in help_lines("sweep")["--out"]
+    assert expand_runs({"sweep": {"k": [4, 8]}}, {})[0].out == "runs/sweep"
+    assert expand_runs({"base": {"out": "elsewhere"}}, {})[0].out == "elsewhere"
+    assert expand_runs({}, {"out": "flag"})[1][0].out == "flag"
+    assert "[default: runs/default]" in help_lines("train")["--out"]
+
 # ------------------------------------------------------------------------------ --expansion-factor
 
 

@@ -131,7 +131,7 @@ def test_resume_with_nothing_to_resume_says_it_starts_fresh(cli, cache, tmp_path
     (["report", "x", "--n-latents", "many"], "Invalid value for '--n-latents': "),
     (["train", "--nope"], "No such option: --nope"),
     (["nope"], "No such command 'nope'"),
-    (["info"], "Missing argument 'path'"),
+    (["info"], "Missing argument 'PATH'"),
 ])
 def test_a_wrong_type_or_unknown_option_is_one_line_not_a_usage_box(cli, args, says):
     code, err, out = cli(*args)

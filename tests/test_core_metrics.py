@@ -262,3 +262,26 @@ def test_cache_without_a_model_gets_the_activation_metrics(tmp_path):
     cah = [r["consistent_activation_heuristic"] for r in res["eval_result_details"]]
     assert all(v == -1 or v >= 1 for v in cah) and any(v >= 1 for v in cah)
     assert not math.isnan(got["average_max_decoder_cosine_sim"])
+
+
+def test_eval_prints_each_ce_once_beside_saebench_s_with_what_each_averages(caches, sae_dir, capsys):
+    """Two tables printed `CE clean 1.7567` and `ce_loss_without_sae 1.7224` apart, a contradiction to
+    a reader: now one row per measure, ours and SAEBench's side by side, each column saying which
+    predictions it averages, and the core table does not repeat them."""
+    capsys.readouterr()
+    res = run_eval(EvalConfig(sae=str(sae_dir), cache=str(caches["plain"]), contexts=4, device="cpu", max_rows=500))
+    out = capsys.readouterr().out
+    ours = res["eval_result_unstructured"]["pipeline_eval"]
+    bench = res["eval_result_metrics"]["model_performance_preservation"]
+    clean, without = f"{ours['ce_clean']:.4f}", f"{bench['ce_loss_without_sae']:.4f}"
+    assert clean != without  # the predictions at BOS: counted in ours, left out of SAEBench's
+    rows = [line for line in out.splitlines() if clean in line or without in line]
+    assert len(rows) == 1 and "CE clean" in rows[0] and "ce_loss_without_sae" in rows[0], out
+    assert rows[0].index(clean) < rows[0].index(without)
+    assert f"all {ours['predictions']:,} predictions" in out
+    assert f"SAEBench: the {ours['saebench_predictions']:,} at non-special tokens" in out
+    assert ours["saebench_predictions"] < ours["predictions"]
+    assert "leaves out the predictions made at special tokens" in out
+    for field in ("ce_loss_with_sae", "kl_div_with_sae", "kl_div_score"):
+        assert sum(field in line for line in out.splitlines()) == 1, field  # not again in the core table
+    assert "model_performance_preservation" not in out and "reconstruction_quality" in out

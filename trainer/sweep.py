@@ -35,6 +35,7 @@ from trainer.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, tru
 from trainer.distributed import spread_stacks
 from pipeline.console import log_console
 from trainer.logs import ConsoleLog, WandbLog
+from trainer.plots import write_pareto
 from trainer.registry import get_architecture
 from trainer.memory import available_bytes, resident_budget, size, stack_bytes, stacks_bytes
 from trainer.run import (ARCH_FIELDS, SplitRows, TrainConfig, arch_fields, calibrate, controlled_target, evaluate,
@@ -57,6 +58,8 @@ STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "
 # took 564 ms a step as one stack against 342 ms as four, while four runs of one k stack at
 # 220 ms against 263 ms.
 STACK_BY_COST = ("k", "initial_k")
+# Defaults of a sweep over `pipeline train`'s: its runs' folders apart from `make train`'s runs/default.
+SWEEP_DEFAULTS = {"out": "runs/sweep"}
 # Fields that name a run when they vary across the sweep, with their short labels.
 LABELS = {"arch": "", "hook": "", "d_sae": "d", "k": "k", "l1": "l1_", "l0": "l0_", "lr": "lr", "seed": "s",
           "tokens": "t", "initial_k": "k0_", "target_l0": "l0target"}
@@ -82,7 +85,7 @@ def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainCon
     """Base config and the run configs of a sweep spec (the parsed TOML); `overrides` (command-line
     values that are not None) apply to the base and to every run."""
     pairs = exclusive_fields(TrainConfig)
-    base_data = dict(spec.get("base", {}))
+    base_data = SWEEP_DEFAULTS | dict(spec.get("base", {}))
     lists = dict(spec.get("sweep", {}))
     explicit = spec.get("runs", [])
     check_fields(base_data, TrainConfig, "[base]")
@@ -416,44 +419,49 @@ COLUMNS = ["run", "arch", "hook", "d_sae", "target_l0", "k_or_coefficient", "lr"
 EVAL_COLUMNS = ["ce_recovered_zero", "ce_recovered_mean", "kl"]
 
 
-def write_summary(rows: list[dict], out: Path) -> None:
-    """OUT/summary.csv, a printed table, and OUT/pareto.png (explained variance against L0 by architecture)."""
+# The printed table's headers, short: the table fits a 110-column terminal or log line.
+HEADERS = {"d_sae": "d_sae", "target_l0": "target L0", "k_or_coefficient": "k/coef", "l0": "L0",
+           "explained_variance": "EV", "dead_fraction": "dead", "tokens_per_s": "tok/s",
+           "ce_recovered_zero": "CE rec (zero)", "ce_recovered_mean": "CE rec (mean)", "kl": "KL"}
+
+
+def summary_table(rows: list[dict], columns: list[str], title: str):
+    """The printed summary (a rich Table): a column every run has the same value in is said once in
+    the caption, an empty one is left out, a refused run's reason stays in the CSV."""
+    from rich import box
     from rich.table import Table
 
+    ran = [r for r in rows if not str(r.get("status", "")).startswith("refused")] or rows
+    same = {c: ran[0].get(c) for c in columns if c not in ("run", "status") and len(ran) > 1
+            and len({json.dumps(r.get(c)) for r in ran}) == 1}
+    shown = [c for c in columns if c not in same and any(r.get(c) is not None for r in rows)]
+    def cell(c: str, v) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:,.0f}" if c == "tokens_per_s" else f"{v:.4g}"
+        return str(v).split(":")[0]
+
+    caption = ", ".join(f"{HEADERS.get(c, c)} {cell(c, v)}" for c, v in same.items() if v is not None)
+    table = Table(title=title, caption=f"every run: {caption}" if caption else None, box=box.SIMPLE_HEAD,
+                  caption_justify="left", title_justify="left", pad_edge=False)
+    for c in shown:
+        table.add_column(HEADERS.get(c, c), justify="right" if c not in ("run", "arch", "hook", "status") else "left")
+    for r in rows:
+        table.add_row(*[cell(c, r.get(c)) for c in shown])
+    return table
+
+
+def write_summary(rows: list[dict], out: Path) -> None:
+    """OUT/summary.csv, a printed table, and OUT/pareto.png (explained variance against L0 by architecture)."""
     columns = COLUMNS + [c for c in EVAL_COLUMNS if any(c in r for r in rows)]
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c) for c in columns})
-    table = Table(title=f"sweep summary ({out / 'summary.csv'})")
-    for c in columns:
-        table.add_column(c.replace("_", " "))
-    for r in rows:  # the CSV keeps a refused run's reason; the table only says so
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")).split(":")[0]
-                        for c in columns])
-    log_console().print(table)
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ok = [r for r in rows if r.get("l0") is not None and r.get("explained_variance") is not None]
-    for arch in sorted({r["arch"] for r in ok}):
-        pts = sorted((r for r in ok if r["arch"] == arch), key=lambda r: r["l0"])
-        # Joined: an architecture's frontier reads as one curve (a target_l0 sweep: all at the same L0s).
-        ax.plot([r["l0"] for r in pts], [r["explained_variance"] for r in pts], marker="o", label=arch)
-    ax.set_xlabel("L0 (eval split)")
-    ax.set_ylabel("explained variance (eval split)")
-    ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(title="architecture")
-    ax.set_title("Sparsity / reconstruction frontier")
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
-    plt.close(fig)
+    log_console().print(summary_table(rows, columns, f"sweep summary ({out / 'summary.csv'})"))
+    write_pareto(rows, out)
 
 
 def load_sweep_spec(path: str | Path) -> dict:
