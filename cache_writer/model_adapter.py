@@ -265,7 +265,9 @@ def preset_hooks(adapter: ModelAdapter, preset: str) -> list[str]:
     output, (`blocks.{l}.ln2.hook_normalized`, `blocks.{l}.hook_mlp_out`) in TransformerLens, as
     circuit-tracer's transcoder sets name them (`blocks.{l}.hook_resid_mid` where a model has no
     normalisation); a Hugging Face model's (`<blocks>.{l}.ln_2` or `.post_attention_layernorm`,
-    `<blocks>.{l}.mlp`) by module path."""
+    `<blocks>.{l}.mlp`) by module path. TransformerLens's hook_normalized is the normalised residual
+    before the norm's elementwise scale and bias (which a transcoder's encoder absorbs): what
+    circuit-tracer's ReplacementModel reads there, with its norms folded or not."""
     if preset not in PRESETS:
         raise PipelineError(f"unknown hook preset {preset!r}; presets: "
                             + "; ".join(f"{k} ({v})" for k, v in PRESETS.items()))
