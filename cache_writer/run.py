@@ -209,8 +209,9 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         )
         if writer.disk_plan is not None and rank == 0:
             need, free = writer.disk_plan
-            print(f"the cache will take about {size(need)} on disk ({len(hooks)} hooks, {sum(dims.values()):,} values "
-                  f"a row in {cfg.dtype}); {size(free)} free there", flush=True)
+            # One line of at most 100 columns, as the progress lines (a log file's).
+            print(f"the cache needs about {size(need)} of disk ({len(hooks)} hook{'s' * (len(hooks) > 1)}, "
+                  f"{sum(dims.values()):,} values a row, {cfg.dtype}); {size(free)} free", flush=True)
         sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
         done = writer.resume_units
         # Where this rank starts in the source: one process right after what it committed; rank r of W

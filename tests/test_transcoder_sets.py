@@ -55,7 +55,7 @@ def test_the_cache_says_its_size_before_writing_and_refuses_a_full_disk(tmp_path
                       eval_fraction=0.2, preset="mlp")
     run_cache(cfg, progress=False)
     said = capsys.readouterr().out
-    assert "the cache will take about 1.3 MiB on disk (4 hooks, 512 values a row in float32);" in said, said
+    assert "the cache needs about 1.3 MiB of disk (4 hooks, 512 values a row, float32); " in said, said
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**10, 2**10))
     with pytest.raises(PipelineError, match=r"^not enough disk space for the cache in .*: it needs ~0\.00 GiB, "
