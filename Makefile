@@ -12,7 +12,8 @@ TRAIN_TOKENS ?=
 export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: setup cache cache-ready train sweep tiny-model test test-fast lint bench bench-gpu gpu-wheels clean
+.PHONY: setup cache cache-ready train sweep mlp-cache sweep-transcoders tiny-model test test-fast lint bench bench-gpu \
+	gpu-wheels clean
 
 setup: $(BIN)/.installed
 
@@ -22,6 +23,10 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, pinned: a plain requirement would pull a multi-GB CUDA build on a CPU machine.
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e ".[test]"
+	# circuit-tracer's loaders, for the tests that load our transcoder sets with them: without its
+	# dependencies, whose pins (huggingface-hub<1.0, transformers<=4.57.3) conflict with ours; the
+	# loaders run in our environment, its ReplacementModel does not (docs/FORMAT.md).
+	$(BIN)/pip install -q --no-deps circuit-tracer==0.5.0
 	touch $@
 
 cache: setup
@@ -43,6 +48,18 @@ train: cache-ready
 # runs/sweep/summary.csv and pareto.png compare them at equal L0 (about 7 minutes on 2 CPU cores).
 sweep: cache-ready
 	$(BIN)/pipeline sweep --config configs/sweep_default.toml --cache $(CACHE) --out runs/sweep --resume
+
+# Every layer's MLP input and output (`--preset mlp`) of the tiny model, in one pass (about 1 GiB).
+MLP_CACHE ?= caches/mlp
+MLP_TOKENS ?= 500000
+mlp-cache: setup
+	$(BIN)/pipeline cache --preset mlp --tokens $(MLP_TOKENS) --out $(MLP_CACHE) --resume
+
+# Four per-layer sets of skip-transcoders (L0 8, 16, 32, 64; one per layer) from one pass over the MLP
+# cache, each also in circuit-tracer's format (runs/skip_transcoders/<set>/; about 2.5 minutes on 2 CPU cores).
+sweep-transcoders: mlp-cache
+	$(BIN)/pipeline sweep --config configs/sweep_skip_transcoders.toml --cache $(MLP_CACHE) \
+		--out runs/skip_transcoders --resume
 
 tiny-model: setup
 	$(BIN)/python -m cache_writer.train_tiny_model

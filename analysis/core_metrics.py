@@ -130,7 +130,7 @@ def activation_metrics(cache: Cache, sae: LoadedSAE, hook: str, hook_out: str, s
             count_prompts()
             last_shard = shard
         lat = sae.encode(x_in)
-        xh = sae.model.decode(lat.unsqueeze(0))[0]
+        xh = sae.model.decode(lat.unsqueeze(0), x_in)[0]
         resid = (x - xh).pow(2).sum(-1)
         n_in, n_out = x.norm(dim=-1), xh.norm(dim=-1)
         # As SAEBench: tiny input norms divide by 1; cosine is NaN where a norm is 0 (SAEBench's -1).

@@ -366,7 +366,7 @@ def evaluate_ce(cfg: EvalConfig, adapter: ModelAdapter | None = None, sae: Loade
             nonlocal sq_err, act_sq, l0
             target = own.float()
             latents = sae.encode(read.float())
-            recon = sae.model.decode(latents.unsqueeze(0))[0]
+            recon = sae.model.decode(latents.unsqueeze(0), read.float())[0]
             sq_err += float((recon - target).pow(2).sum())
             act_sum.add_(target.double().sum(0).cpu())
             act_sq += float(target.double().pow(2).sum())

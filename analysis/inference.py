@@ -21,8 +21,10 @@ from trainer.registry import get_architecture
 
 # SAELens inference architectures -> ours. BatchTopK and Matryoshka export as `jumprelu`.
 INFERENCE_ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
-# Transcoders (read one hook, reconstruct another) -> the architecture that trains them.
-TRANSCODERS = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu", "topk_transcoder": "topk"}
+# Transcoders (read one hook, reconstruct another) -> the architecture that trains them; the skip kinds
+# (a linear path from input to output beside the latents) are the same with skip = True.
+TRANSCODERS = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu", "topk_transcoder": "topk",
+               "skip_transcoder": "standard", "jumprelu_skip_transcoder": "jumprelu", "topk_skip_transcoder": "topk"}
 
 
 @dataclass
@@ -78,7 +80,7 @@ class LoadedSAE:
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction (n, d_out) of rows x (n, d_in), in x's dtype (a transcoder: its output hook's)."""
-        return self.model.decode(self.model.encode(x.float()))[0].to(x.dtype)
+        return self.model.decode(self.model.encode(x.float()), x.float())[0].to(x.dtype)
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
@@ -103,6 +105,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> LoadedSAE:
         fields["k"] = int(cfg["k"])
     if arch in TRANSCODERS:
         fields["d_out"] = int(cfg["d_out"])
+        fields["skip"] = "skip_transcoder" in arch
     model = cls([cls.config_class(**fields)])
     model.load_run(0, weights, cfg)
     return LoadedSAE(model=model.to(device).eval(), cfg=cfg, path=Path(path))

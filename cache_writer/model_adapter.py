@@ -250,6 +250,43 @@ def _load_hf(path: str, device: str, dtype: str, kwargs: dict, trust_remote_code
                         valid_hooks=[n for n in modules if n])
 
 
+# ------------------------------------------------------------------------------ hook presets
+
+PRESETS = {"mlp": "every layer's MLP input (as circuit-tracer's transcoders read it) and output"}
+"""Named sets of hooks that expand to a model's layers (`pipeline cache --preset`)."""
+
+# A Hugging Face block's MLP input is the output of its second norm: GPT-2's ln_2, Llama's and most
+# others' post_attention_layernorm; its output is the block's `mlp` module.
+HF_MLP_INPUT = re.compile(r"^(?P<blocks>.+)\.(?P<layer>\d+)\.(?:ln_2|post_attention_layernorm)$")
+
+
+def preset_hooks(adapter: ModelAdapter, preset: str) -> list[str]:
+    """The hooks `preset` names on this model, layer by layer. `mlp`: each layer's MLP input and
+    output, (`blocks.{l}.ln2.hook_normalized`, `blocks.{l}.hook_mlp_out`) in TransformerLens, as
+    circuit-tracer's transcoder sets name them (`blocks.{l}.hook_resid_mid` where a model has no
+    normalisation); a Hugging Face model's (`<blocks>.{l}.ln_2` or `.post_attention_layernorm`,
+    `<blocks>.{l}.mlp`) by module path. TransformerLens's hook_normalized is the normalised residual
+    before the norm's elementwise scale and bias (which a transcoder's encoder absorbs): what
+    circuit-tracer's ReplacementModel reads there, with its norms folded or not."""
+    if preset not in PRESETS:
+        raise PipelineError(f"unknown hook preset {preset!r}; presets: "
+                            + "; ".join(f"{k} ({v})" for k, v in PRESETS.items()))
+    if adapter.kind == "transformer_lens":
+        valid = set(adapter.valid_hooks)
+        hooks = []
+        for layer in range(adapter.model.cfg.n_layers):
+            mlp_in = f"blocks.{layer}.ln2.hook_normalized"
+            hooks += [mlp_in if mlp_in in valid else f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"]
+        return hooks
+    found = sorted(((int(m["layer"]), m[0], f"{m['blocks']}.{m['layer']}.mlp") for m in map(HF_MLP_INPUT.match,
+                    adapter.valid_hooks) if m and f"{m['blocks']}.{m['layer']}.mlp" in adapter.valid_hooks))
+    if not found:
+        raise PipelineError(f"model {adapter.name} has no modules named like <blocks>.<layer>.ln_2 or "
+                            ".post_attention_layernorm beside <blocks>.<layer>.mlp: name its MLP inputs and outputs "
+                            "with --hook instead of --preset mlp")
+    return [hook for _, mlp_in, mlp_out in found for hook in (mlp_in, mlp_out)]
+
+
 # ------------------------------------------------------------------------------ entry point
 
 

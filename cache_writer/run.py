@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from cache_writer.eval_split import RULE as EVAL_SPLIT_RULE
-from cache_writer.model_adapter import ModelAdapter, load_model
+from cache_writer.model_adapter import ModelAdapter, load_model, preset_hooks
 from cache_writer.text_source import iter_sequences, open_documents
 from pipeline import distributed
 from pipeline.config import check_fraction, check_sizes
 from pipeline.errors import PipelineError
+from pipeline.files import size
 from pipeline.lock import DirLock, refuse_inside_cache
 from pipeline.manifest import MANIFEST_FILE, read_manifest
 from pipeline.transfer import to_device
@@ -36,6 +37,9 @@ class CacheConfig:
     """'tiny' (shipped), a TransformerLens model name, a local HF checkpoint dir, or 'hf:<id>'."""
     hooks: list[str] = field(default_factory=list)
     """Hook names (TransformerLens) or module paths (HF); default: the middle layer's residual stream."""
+    preset: str | None = None
+    """Hooks named for every layer, added to --hook: 'mlp' (each layer's MLP input, as circuit-tracer's
+    transcoders read it, and output)."""
     dataset: str | None = None
     """None/'stdlib' (embedded corpus), a local datasets dir or text files, or a HF dataset id."""
     dataset_split: str = "train"
@@ -169,7 +173,8 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
         if adapter is None:
             adapter = load_model(cfg.model, device=device, dtype=cfg.model_dtype, model_kwargs=cfg.model_kwargs,
                                  trust_remote_code=cfg.trust_remote_code)
-        hooks = list(cfg.hooks) or [default_hook(adapter)]
+        hooks = list(dict.fromkeys(list(cfg.hooks) + (preset_hooks(adapter, cfg.preset) if cfg.preset else [])))
+        hooks = hooks or [default_hook(adapter)]
         adapter.check_hooks(hooks)
         if adapter.n_ctx is not None and cfg.context_size > adapter.n_ctx:
             raise PipelineError(
@@ -203,6 +208,11 @@ def run_cache(cfg: CacheConfig, command: str | None = None, progress: bool = Tru
             resume=cfg.resume, overwrite=cfg.overwrite, expected_rows=n_target * cfg.context_size // world,
             part=(rank, world) if world > 1 else None, on_commit=uploader.on_commit if uploader else None,
         )
+        if writer.disk_plan is not None and rank == 0:
+            need, free = writer.disk_plan
+            # One line of at most 100 columns, as the progress lines (a log file's).
+            print(f"the cache needs about {size(need)} of disk ({len(hooks)} hook{'s' * (len(hooks) > 1)}, "
+                  f"{sum(dims.values()):,} values a row, {cfg.dtype}); {size(free)} free", flush=True)
         sequences = iter_sequences(source, tokenizer, cfg.context_size, cfg.eval_fraction, bos, sep)
         done = writer.resume_units
         # Where this rank starts in the source: one process right after what it committed; rank r of W

@@ -33,3 +33,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     """`safetensors.torch.save_file`, then the mode a new file gets under the umask."""
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, new_file_mode())
+
+
+def size(n: int) -> str:
+    """Bytes for a person: GiB or MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -115,9 +115,9 @@ def estimate_bytes(rows: int, hooks: dict[str, int], dtype: str, has_tokens: boo
     return rows * per_row + sequences
 
 
-def check_disk_space(path: Path, needed: int, freed: int = 0) -> None:
+def check_disk_space(path: Path, needed: int, freed: int = 0) -> tuple[int, int]:
     """Refuse before writing when the disk cannot hold the cache (5% margin); `freed`: bytes the
-    write deletes first (the cache an --overwrite replaces)."""
+    write deletes first (the cache an --overwrite replaces). Returns (bytes needed, bytes free)."""
     probe = path if path.exists() else path.parent
     while not probe.exists():
         probe = probe.parent
@@ -127,6 +127,7 @@ def check_disk_space(path: Path, needed: int, freed: int = 0) -> None:
             f"not enough disk space for the cache in {path}: it needs ~{needed / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB are free; free space, choose another --out, or cache fewer --tokens"
         )
+    return needed, free
 
 
 class CacheWriter:
@@ -175,6 +176,8 @@ class CacheWriter:
         content_config = {"layout": self.config.layout(), "hooks": self.hooks, "has_tokens": has_tokens,
                           "source": source_config or {}}
         self._space_needed = (expected_rows, provenance.get("context_size"))
+        self.disk_plan: tuple[int, int] | None = None
+        """(bytes still to write, bytes free on the disk), checked before the first write (None: no estimate)."""
         try:
             self.manifest = self._open(content_config, provenance, resume, overwrite)
         except OSError as e:  # a read-only cache or mount, permissions: one line, not a traceback
@@ -279,8 +282,9 @@ class CacheWriter:
         if expected_rows is None:
             return
         done = sum(s["rows"] for s in manifest["splits"].values()) if manifest else 0
-        check_disk_space(self.path, estimate_bytes(max(0, expected_rows - done), self.hooks, self.config.dtype,
-                                                   self.has_tokens, context_size), freed)
+        self.disk_plan = check_disk_space(self.path, estimate_bytes(max(0, expected_rows - done), self.hooks,
+                                                                    self.config.dtype, self.has_tokens, context_size),
+                                          freed)
 
     def _wipe(self) -> None:
         wipe_cache(self.path)

@@ -27,9 +27,11 @@ from tests.builders import sparse_batches, stack_configs
 TOL64 = dict(rtol=1e-9, atol=1e-11)
 
 
-def configs(arch: str, d_in: int = 16, d_sae: int = 64, d_out: int | None = None) -> list:
+def configs(arch: str, d_in: int = 16, d_sae: int = 64, d_out: int | None = None, skip: bool = False) -> list:
     """Two or three runs with per-run hyper-parameters; low dead thresholds so AuxK takes part."""
-    extra = {"d_out": d_out} if d_out else {}
+    extra = {"d_out": d_out, "skip": skip} if d_out else {}
+    if arch == "batchtopk" and d_out:
+        return [dataclasses.replace(c, **extra) for c in stack_configs(arch, d_in, d_sae)]
     if arch == "topk":
         return [TopKConfig(d_in=d_in, d_sae=d_sae, k=k, seed=s, dead_tokens_threshold=64, aux_k=5, **extra)
                 for s, k in enumerate((3, 7))]
@@ -88,13 +90,17 @@ def test_fused_equals_plain(arch):
     assert_fused_equals_plain(model, batches)
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
 @pytest.mark.parametrize("arch", [a for a in registered_architectures()
                                   if get_architecture(a).supports_transcoder and get_architecture(a).fused_transcoder])
-def test_fused_equals_plain_transcoder(arch):
-    model = with_dead_latents(get_architecture(arch)(configs(arch, d_out=8)).double())
+def test_fused_equals_plain_transcoder(arch, skip):
+    model = with_dead_latents(get_architecture(arch)(configs(arch, d_out=8, skip=skip)).double())
     batches = [b.double() for b in sparse_batches(3, 48, d=16, n_feat=32)]
     proj = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     model.init_b_dec(batches[0], target=batches[0] @ proj)
+    if skip:  # a skip path already part-way learnt: its gradient and its share of the output take part
+        with torch.no_grad():
+            model.W_skip.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
     assert_fused_equals_plain(model, batches, target_of=lambda x: x @ proj)
 
 

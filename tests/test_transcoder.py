@@ -1,4 +1,5 @@
-"""Transcoders: an architecture reads one hook and reconstructs another."""
+"""Transcoders: an architecture reads one hook and reconstructs another; skip-transcoders add a linear path
+W_skip from one to the other (Paulo et al. 2025)."""
 
 from __future__ import annotations
 
@@ -30,55 +31,100 @@ def pairs(n_batches=150, batch=256, d_in=32, d_out=24, n_feat=24, k=3, seed=0):
     return out
 
 
+def with_linear_part(data, seed=5):
+    """`pairs` whose output also has a dense linear image of the input (what a skip path is for)."""
+    A = 0.3 * torch.randn(32, 24, generator=torch.Generator().manual_seed(seed))
+    return [(x, y + (x - 1.0) @ A) for x, y in data]
+
+
 def make(arch, R=1, **kw):
     cls = get_architecture(arch)
-    extra = {"topk": {"k": 3}, "standard": {"l1_coefficient": 0.05}, "jumprelu": {"l0_coefficient": 0.01}}[arch]
+    extra = {"topk": {"k": 3}, "batchtopk": {"k": 3}, "standard": {"l1_coefficient": 0.05},
+             "jumprelu": {"l0_coefficient": 0.01}}[arch]
     return cls([cls.config_class(d_in=32, d_sae=96, d_out=24, **{"seed": s, **extra, **kw}) for s in range(R)])
 
 
-@pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu"])
-def test_transcoder_learns_the_map_and_exports(tmp_path, arch):
-    model = make(arch)
-    data = pairs()
+KINDS = {"topk": "topk_transcoder", "batchtopk": "jumprelu_transcoder", "standard": "transcoder",
+         "jumprelu": "jumprelu_transcoder"}
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "standard", "jumprelu"])
+def test_transcoder_learns_the_map_and_exports(tmp_path, arch, skip):
+    model = make(arch, skip=skip)
+    assert (model.W_skip is not None) == skip and (not skip or not model.W_skip.any())  # a skip path starts at 0
+    data = with_linear_part(pairs()) if skip else pairs()
     last = train_stack(model, data, LoopConfig(lr=3e-3, log_every=50, total_steps=len(data)), log=None)
     assert model.W_dec.shape == (1, 96, 24) and model.W_enc.shape == (1, 32, 96)
-    assert last["explained_variance"][0] > 0.7, last
+    assert last["explained_variance"][0] > (0.9 if skip else 0.7), last
     export_saelens(model, 0, tmp_path / "tc", {"hook_name": "a", "hook_name_out": "b"})
     cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
     assert cfg["d_in"] == 32 and cfg["d_out"] == 24 and cfg["apply_b_dec_to_input"] is False
-    assert cfg["architecture"] == {"topk": "topk_transcoder", "standard": "transcoder",
-                                   "jumprelu": "jumprelu_transcoder"}[arch]
-    again = make(arch, seed=7)
+    assert cfg["architecture"] == KINDS[arch].replace("transcoder", "skip_transcoder" if skip else "transcoder")
+    again = make(arch, seed=7, skip=skip)
     init_from(again, tmp_path / "tc")
-    x, _ = pairs(n_batches=1, seed=3)[0]
+    x, _ = (with_linear_part if skip else list)(pairs(n_batches=1, seed=3))[0]
     with torch.no_grad():
-        torch.testing.assert_close(again.decode(again.encode(x)), model.decode(model.encode(x)))
+        torch.testing.assert_close(again.decode(again.encode(x), x), model.decode(model.encode(x), x))
     sae_lens = pytest.importorskip("sae_lens")
-    if arch == "topk":  # SAELens has ReLU and JumpReLU transcoders; ours adds the TopK one to its registry
+    if arch == "topk":  # SAELens has ReLU and JumpReLU transcoders; ours adds the TopK ones to its registry
         from trainer.saelens_compat import register_topk_transcoder
 
         register_topk_transcoder()
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "tc"), device="cpu")
     assert theirs.cfg.architecture() == cfg["architecture"]
-    with torch.no_grad():
+    with torch.no_grad():  # SAELens's skip-transcoders add W_skip x in forward (decode is the latents' part)
         torch.testing.assert_close(theirs.encode(x), model.encode(x)[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(theirs.decode(theirs.encode(x)), model.decode(model.encode(x))[0],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs(x), model.decode(model.encode(x), x)[0], rtol=1e-4, atol=1e-5)
+    if skip:  # trained on 2 x and 0.5 y (the loader's normalisation): the export reads and writes raw ones
+        export_saelens(model, 0, tmp_path / "scaled", {"hook_name": "a", "hook_name_out": "b"}, input_scale=2.0,
+                       output_scale=0.5)
+        theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "scaled"), device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), model.decode(model.encode(2 * x), 2 * x)[0] / 0.5, rtol=1e-4,
+                                       atol=1e-5)
 
 
-def test_transcoder_stack_equals_single_runs():
-    data = pairs(n_batches=20)
-    stack = make("topk", R=2)
+def test_skip_path_beats_a_plain_transcoder_at_the_same_l0():
+    data = with_linear_part(pairs())
+    ev = {}
+    for skip in (False, True):
+        last = train_stack(make("topk", skip=skip), data, LoopConfig(lr=3e-3, log_every=50, total_steps=len(data)),
+                           log=None)
+        ev[skip] = last["explained_variance"][0]
+    assert ev[True] > ev[False] + 0.05, ev
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_transcoder_stack_equals_single_runs(skip):
+    data = with_linear_part(pairs(n_batches=20))
+    stack = make("topk", R=2, skip=skip)
     train_stack(stack, data, LoopConfig(lr=3e-3, log_every=100), log=None)
     for r in range(2):
         single = get_architecture("topk")([stack.cfgs[r]])
         train_stack(single, data, LoopConfig(lr=3e-3, log_every=100), log=None)
         torch.testing.assert_close(stack.W_dec[r], single.W_dec[0], rtol=1e-5, atol=1e-6)
+        if skip:
+            torch.testing.assert_close(stack.W_skip[r], single.W_skip[0], rtol=1e-5, atol=1e-6)
+
+
+def test_skip_needs_a_transcoder_and_its_weights():
+    from trainer.run import TrainConfig, run_config
+
+    with pytest.raises(PipelineError, match="skip = true needs a transcoder"):
+        get_architecture("topk")([get_architecture("topk").config_class(d_in=8, d_sae=16, k=2, skip=True)])
+    with pytest.raises(PipelineError, match="--skip adds a path from the input hook to the output hook"):
+        run_config(TrainConfig(skip=True), 8)
+    plain, skip = make("standard"), make("standard", skip=True)
+    with pytest.raises(PipelineError, match="needs W_skip, which the saved weights lack .* drop skip"):
+        skip.load_run(0, plain.export_run(0)[0], {"architecture": "transcoder"})
+    with pytest.raises(PipelineError, match=r"decode\(latents, x\)"):
+        skip.decode(skip.encode(torch.zeros(2, 32)))
 
 
 def test_architectures_without_a_transcoder_form_say_so():
-    cls = get_architecture("batchtopk")
-    with pytest.raises(PipelineError, match="cannot be trained as a transcoder; use topk, standard or jumprelu"):
+    cls = get_architecture("matryoshka")
+    with pytest.raises(PipelineError, match="cannot be trained as a transcoder; use topk, batchtopk, standard or jumprelu"):
         cls([cls.config_class(d_in=16, d_sae=32, k=2, d_out=8)])
 
 

@@ -2,7 +2,8 @@
 
 `DIR/cfg.json` + `DIR/sae_weights.safetensors` (+ `DIR/sparsity.safetensors`), as SAELens's
 `SAE.save_inference_model` writes and `SAE.load_from_disk` reads: `W_enc (d_in, d_sae)`,
-`W_dec (d_sae, d_in)`, `b_enc (d_sae)`, `b_dec (d_in)` (+ `threshold` for JumpReLU), float32.
+`W_dec (d_sae, d_in)`, `b_enc (d_sae)`, `b_dec (d_in)` (+ `threshold` for JumpReLU, `W_skip (d_out, d_in)`
+for a skip-transcoder), float32.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ def export_saelens(model, run: int, out: str | Path, metadata: dict, sparsity: t
 
 def fold_input_scale(weights: dict[str, torch.Tensor], c: float, c_out: float | None = None) -> dict[str, torch.Tensor]:
     """Weights of an SAE for inputs x from those of one trained on c * x (in place; 1 / c undoes it).
-    A transcoder trained to map c * x to c_out * y: W_enc * c, and its output divided by c_out."""
+    A transcoder trained to map c * x to c_out * y: W_enc * c, and its output divided by c_out (a
+    skip-transcoder's W_skip, from c * x to c_out * y, both: times c / c_out)."""
     c_out = c if c_out is None else c_out
     if c != 1.0:
         weights["W_enc"] *= c
     if c_out != 1.0:
         weights["W_dec"] /= c_out
         weights["b_dec"] /= c_out
+    if "W_skip" in weights and c != c_out:
+        weights["W_skip"] *= c / c_out
     return weights
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from pipeline.files import size  # noqa: F401 (trainer.memory.size: what its callers import)
 from trainer.precision import resolve_precision
 
 RESIDENT_MARGIN = 0.8
@@ -59,11 +60,6 @@ def stacks_bytes(plans: Sequence[tuple[int, int]]) -> int:
     """Bytes of several stacks trained on the same batches, one step after another: everything each
     holds, plus the largest step's own live memory on top."""
     return sum(h for h, _ in plans) + max((p - h for h, p in plans), default=0)
-
-
-def size(n: int) -> str:
-    """Bytes for a person: GiB or MiB."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def available_bytes(device: torch.device) -> int:

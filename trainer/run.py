@@ -51,6 +51,11 @@ class TrainConfig:
     """Hook to read; default: the cache's only hook."""
     hook_out: str | None = None
     """Transcoder: the hook to reconstruct from `hook` (the cache holds both); None: an SAE."""
+    skip: bool = False
+    """Transcoder: add a linear skip path W_skip (d_in x d_out) from input to output (a skip-transcoder)."""
+    layers: list[int] | str | None = None
+    """Sweeps: a per-layer set, one transcoder per layer, hook and hook_out naming each layer's with
+    {layer}: "all" (every layer the cache has) or a list."""
     arch: str = "topk"
     """Registered architecture name."""
     d_sae: int = 1024
@@ -154,7 +159,8 @@ class TrainConfig:
             return self.name
         controlled = controlled_target(self) is not None
         knob = ("l0target", self.target_l0) if controlled else sparsity_knob(resolve_target(self))
-        return "-".join(p for p in (self.arch, f"d{self.d_sae}", f"{knob[0]}{knob[1]:g}" if knob else "") if p)
+        return "-".join(p for p in (self.arch, "skip" if self.skip else "", f"d{self.d_sae}",
+                                    f"{knob[0]}{knob[1]:g}" if knob else "") if p)
 
 
 # TrainConfig field -> the architecture config's field it sets, where the architecture has it.
@@ -208,8 +214,13 @@ def run_config(cfg: TrainConfig, d_in: int, d_out: int | None = None):
     if d_out is not None:
         if "d_out" not in names:
             raise PipelineError(f"architecture {cfg.arch!r} cannot be trained as a transcoder (--hook-out); "
-                                "use topk, standard or jumprelu")
+                                "use topk, batchtopk, standard or jumprelu")
         fields["d_out"] = d_out
+    if cfg.skip:
+        if d_out is None:
+            raise PipelineError("--skip adds a path from the input hook to the output hook: it needs a transcoder "
+                                "(--hook-out)")
+        fields["skip"] = True
     for ours, theirs in ARCH_FIELDS.items():
         if theirs in names and getattr(cfg, ours) is not None:
             fields[theirs] = getattr(cfg, ours)
@@ -264,7 +275,7 @@ def evaluate(model: StackedSAE, batches, dense_threshold: float = 0.1) -> tuple[
     for b in batches:
         x, y = b if isinstance(b, (tuple, list)) else (b, b)
         latents = model.encode(x)
-        recon = model.decode(latents)
+        recon = model.decode(latents, x)
         err = (y.unsqueeze(0) - recon).pow(2).sum(dim=(1, 2), dtype=torch.float64)
         # 0/1 floats straight from the comparison: a bool tensor's sum converts it to int64 first
         # (several times slower on CPU); exact up to 2**24 rows a batch.
@@ -399,8 +410,10 @@ def export_metadata(cfg: TrainConfig, source, hook: str, name: str) -> dict:
 def relevant_field(cfg: TrainConfig, key: str) -> bool:
     """Whether TrainConfig field `key` changes what `cfg` trains (k means nothing to a standard SAE,
     l1 to a TopK one, hook_out to an SAE)."""
-    if key == "hook_out":
+    if key in ("hook_out", "skip"):
         return cfg.hook_out is not None
+    if key == "layers":
+        return cfg.layers is not None
     if key in ARCH_FIELDS:
         try:
             # A target L0 sets a TopK-family run's k.
@@ -455,6 +468,9 @@ def run_train(cfg: TrainConfig) -> dict:
     device = distributed.device_for(cfg.device)
     ddp = data_parallel(cfg.ddp, world)  # None for one process
     main = ddp is None or ddp.rank == 0
+    if cfg.layers is not None:
+        raise PipelineError("a per-layer set (layers) is trained by `pipeline sweep`, every layer in one pass over the "
+                            "cache: put these fields in a sweep TOML's [base] (configs/sweep_skip_transcoders.toml)")
     refuse_inconsistent(cfg.cache)
     refuse_inside_cache(cfg.out)
     refuse_file_in_way(cfg.out)

@@ -4,7 +4,7 @@ Training, per run and batch of B rows:
 
     pre     = W_enc^T (x - b_dec) + b_enc                              (B, d_sae)
     latents = the top k*B entries of ReLU(pre) over the whole batch, zeros elsewhere
-    recon   = W_dec^T latents + b_dec
+    recon   = W_dec^T latents + b_dec          (+ W_skip^T (x - b_in): a skip-transcoder)
     loss    = mse + aux_k_coef * auxk                                  (AuxK as in TopK)
 
 so a token may use more or fewer than k latents, k on average over the batch. Keeping the top k*B
@@ -73,9 +73,9 @@ class BatchTopKSAE(TopKSAE):
     TopK's k annealing, dead-latent counts and AuxK loss apply unchanged (inherited)."""
 
     config_class = BatchTopKConfig
-    supports_transcoder = False  # its forward reconstructs its input only
+    supports_transcoder = True
     unit_norm_decoder = True
-    fused_transcoder = False
+    fused_transcoder = True
     selection: str = "auto"
     """How the fused step finds the batch's top k*B: "threshold" (`BatchTopKSelector`: a compare pass
     and an order statistic over the candidates, faster on a CPU, but it reads counts back: a few host
@@ -105,8 +105,9 @@ class BatchTopKSAE(TopKSAE):
         self._move_threshold(out["batch_threshold"].view(-1))
 
     def export_run(self, run: int) -> tuple[dict[str, torch.Tensor], dict]:
-        weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
-        return weights, {"architecture": "jumprelu"}
+        weights = {**self.export_weights(run), "threshold": self.threshold[run]}
+        arch = self.transcoder_cfg("jumprelu_transcoder") if self.is_transcoder else {"architecture": "jumprelu"}
+        return weights, arch
 
     @torch.no_grad()
     def load_run(self, run: int, weights: dict[str, torch.Tensor], cfg: dict) -> None:
@@ -222,25 +223,27 @@ class BatchTopKSAE(TopKSAE):
         return {"l0": fired.sum(dim=-1) / B, "threshold": self.threshold.mean(dim=-1), "fired": fired,
                 "batch_threshold": batch_threshold.unsqueeze(1)}
 
-    def forward(self, x: torch.Tensor) -> StepOutput:
-        """Everything a training step needs, per run.
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> StepOutput:
+        """Everything a training step needs, per run. `target`: what a transcoder reconstructs (None:
+        x itself).
 
         Returns `loss`, `mse`, `aux_loss`, `l0`, `threshold` (each (R,); `threshold` is the
-        inference threshold so far, logged), `recon` (R, batch, d_in), `fired` (R, d_sae) and
+        inference threshold so far, logged), `recon` (R, batch, d_out), `fired` (R, d_sae) and
         `batch_threshold` (R, 1). loss = mse + aux_loss, with aux_loss = aux_k_coef * AuxK.
         Backpropagate `loss.sum()`."""
         self._check_input(x)
-        target = x if x.dim() == 3 else x.unsqueeze(0)
+        target = x if target is None else target
+        target = target if target.dim() == 3 else target.unsqueeze(0)
         if self.use_fused(x):
             w = self.fused_weights()
             pre, codes, latents, kept = self.sparse_step(x, w)
             R, B, _ = pre.shape
-            recon = segment_decode(kept, w.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1)
+            recon = self.add_skip(segment_decode(kept, w.W_dec, codes).view(R, B, -1) + self.b_dec.unsqueeze(1), x)
             aux_x = x
         else:
             pre = self.pre_acts(x)
             codes, latents = None, self.select(pre, self.k, self.k_max)
-            recon = self.decode(latents)
+            recon = self.decode(latents, x)
             aux_x = w = None
         residual = target - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)

@@ -2,7 +2,7 @@
 
     pre     = W_enc^T (x - b_dec) + b_enc
     latents = JumpReLU_theta(pre) = pre * H(pre - theta),   theta = exp(log_threshold) > 0
-    recon   = W_dec^T latents + b_dec
+    recon   = W_dec^T latents + b_dec          (+ W_skip^T (x - b_in): a skip-transcoder)
     loss    = mse + l0_scale * l0_coefficient * sum_i H(pre_i - theta_i)
 
 H (the Heaviside step) has zero derivative almost everywhere, so theta would never learn from the
@@ -76,6 +76,8 @@ class JumpReLUConfig:
     """Norm of each decoder row at init (the decoder is kept unit-norm during training)."""
     d_out: int | None = None
     """Transcoder: width of the other hook it reconstructs (None: an SAE, reconstructing its input)."""
+    skip: bool = False
+    """Transcoder: add a linear skip path W_skip (d_in x d_out) from input to output (a skip-transcoder)."""
 
     def l0_scale(self, step: int) -> float:
         """The warm-up factor min(1, step / l0_warmup_steps) to pass to forward."""
@@ -242,7 +244,7 @@ class JumpReLUSAE(StackedSAE):
             pre = self.pre_acts(x)
             threshold, eps = self.threshold.unsqueeze(1), bandwidth.view(-1, 1, 1)  # (R, 1, d_sae), (R, 1, 1)
             latents = JumpReLUFunction.apply(pre, threshold, eps)
-            recon = self.decode(latents)
+            recon = self.decode(latents, x)
             l0 = StepFunction.apply(pre, threshold, eps).sum(dim=-1, dtype=self.W_dec.dtype).mean(dim=-1)  # (R,)
             fired = (latents.detach() > 0).sum(dim=1, dtype=self.W_dec.dtype)
         mse = self.mse(x if target is None else target, recon)

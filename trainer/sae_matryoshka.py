@@ -56,6 +56,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     config_class = MatryoshkaConfig
     unit_norm_decoder = True
+    supports_transcoder = False  # its prefixes reconstruct its input only
 
     def __init__(self, cfgs: MatryoshkaConfig | Sequence[MatryoshkaConfig]):
         super().__init__(cfgs)

@@ -1,7 +1,7 @@
 """Standard ReLU SAE with an L1 penalty weighted by decoder norms, for a stack of R runs.
 
     latents = ReLU(W_enc^T (x - b_dec) + b_enc)
-    recon   = W_dec^T latents + b_dec
+    recon   = W_dec^T latents + b_dec          (+ W_skip^T (x - b_in): a skip-transcoder)
     loss    = mse + l1_scale * l1_coefficient * sum_i latents_i * ||W_dec_i||
 
 Weighting each latent's L1 by its decoder row norm (Anthropic's April 2024 update; SAELens's
@@ -41,6 +41,8 @@ class StandardConfig:
     """Norm of each decoder row at init (SAELens's default decoder_init_norm)."""
     d_out: int | None = None
     """Transcoder: width of the other hook it reconstructs (None: an SAE, reconstructing its input)."""
+    skip: bool = False
+    """Transcoder: add a linear skip path W_skip (d_in x d_out) from input to output (a skip-transcoder)."""
 
     def l1_scale(self, step: int) -> float:
         """The warm-up factor min(1, step / l1_warmup_steps) to pass to forward."""
@@ -103,7 +105,7 @@ class StandardSAE(StackedSAE):
             l0 = fired.sum(dim=-1) / x.shape[-2]
         else:
             latents = self.pre_acts(x).relu()
-            recon = self.decode(latents)
+            recon = self.decode(latents, x)
             # mean_b sum_s latents[b, s] * ||W_dec[s]|| needs only each latent's batch sum.
             l1 = (latents.sum(dim=1, dtype=self.W_dec.dtype) * self.W_dec.norm(dim=-1)).sum(dim=-1) / x.shape[-2]
             fired = (latents > 0).sum(dim=1, dtype=self.W_dec.dtype).detach()

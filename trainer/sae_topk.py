@@ -1,7 +1,7 @@
 """TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), for a stack of R runs.
 
     latents = scatter(TopK_k(W_enc^T (x - b_dec) + b_enc)), ReLU'd
-    recon   = W_dec^T latents + b_dec
+    recon   = W_dec^T latents + b_dec          (+ W_skip^T (x - b_in): a skip-transcoder)
     loss    = mse + aux_k_coef * auxk
 
 Sparsity is set by k, so there is no L1 term; the AuxK loss revives dead latents by asking the
@@ -54,6 +54,8 @@ class TopKConfig:
     """k annealing: start at this larger k and decrease linearly to k (None: no annealing)."""
     k_anneal_steps: int = 0
     """Steps over which k goes from initial_k to k."""
+    skip: bool = False
+    """Transcoder: add a linear skip path W_skip (d_in x d_out) from input to output (a skip-transcoder)."""
 
     def k_at(self, step: int) -> int:
         """k in use at `step` (annealed linearly from initial_k)."""
@@ -412,14 +414,14 @@ class TopKSAE(StackedSAE):
                 pre = self.pre_acts(x)
                 top, idx = pre.topk(self.k_max, dim=-1, sorted=k is not None)
             vals = relu_first_k(sparse_pre_acts(top, idx, x, w.W_enc, w.b_enc, self.input_bias), k)
-            recon = sparse_decode(idx, vals, w.W_dec) + self.b_dec.unsqueeze(1)
+            recon = self.add_skip(sparse_decode(idx, vals, w.W_dec) + self.b_dec.unsqueeze(1), x)
         else:
             w = None
             pre = self.pre_acts(x)
             vals, idx = pre.topk(self.k_max, dim=-1, sorted=k is not None)
             vals = relu_first_k(vals, k)
             latents = torch.zeros_like(pre).scatter(-1, idx, vals)
-            recon = self.decode(latents)
+            recon = self.decode(latents, x)
         residual = y - recon
         mse = residual.pow(2).sum(dim=-1).mean(dim=-1)
         loss, aux_loss = self.add_auxk(mse, pre, residual, x if fused else None, w)

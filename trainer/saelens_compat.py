@@ -1,14 +1,15 @@
-"""What SAELens lacks to load every export: our `topk_transcoder` (docs/FORMAT.md).
+"""What SAELens lacks to load every export: our `topk_transcoder` and `topk_skip_transcoder` (docs/FORMAT.md).
 
-SAELens 6.x has ReLU and JumpReLU transcoders and TopK SAEs, but no TopK transcoder: its
-`SAE.load_from_disk` fails on one with `KeyError: 'topk_transcoder'`. `register_topk_transcoder()`
-adds it to SAELens's registry (SAELens's own `Transcoder` with its `TopK` activation), after which
+SAELens 6.x has ReLU and JumpReLU transcoders (with and without a skip path) and TopK SAEs, but no
+TopK transcoder: its `SAE.load_from_disk` fails on one with `KeyError: 'topk_transcoder'`.
+`register_topk_transcoder()` adds both TopK kinds to SAELens's registry (SAELens's own `Transcoder`
+and `SkipTranscoder` with its `TopK` activation), after which
 
     from trainer.saelens_compat import register_topk_transcoder
     register_topk_transcoder()
     sae = sae_lens.SAE.load_from_disk("runs/tc/topk-d1024-k32")
 
-loads it with our encode and decode. Imports sae_lens only when called (it is not a dependency).
+loads them with our encode and decode. Imports sae_lens only when called (it is not a dependency).
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 ARCHITECTURE = "topk_transcoder"
+SKIP_ARCHITECTURE = "topk_skip_transcoder"
 
 
 def register_topk_transcoder() -> type:
-    """Register our `topk_transcoder` export format with SAELens (once); returns its SAE class."""
+    """Register our `topk_transcoder` and `topk_skip_transcoder` export formats with SAELens (once);
+    returns the first's SAE class."""
     from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 
     if ARCHITECTURE in SAE_CLASS_REGISTRY:
         return SAE_CLASS_REGISTRY[ARCHITECTURE][0]
     from sae_lens.saes.topk_sae import TopK
-    from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+    from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig
 
     @dataclass
     class TopKTranscoderConfig(TranscoderConfig):
@@ -49,5 +52,27 @@ def register_topk_transcoder() -> type:
         def from_dict(cls, config_dict: dict[str, Any]) -> "TopKTranscoder":
             return cls(TopKTranscoderConfig.from_dict(config_dict))
 
+    @dataclass
+    class TopKSkipTranscoderConfig(SkipTranscoderConfig):
+        """SAELens's skip-transcoder config with TopK's `k` (and its flag, always false in our exports)."""
+
+        k: int = 100
+        rescale_acts_by_decoder_norm: bool = False
+
+        @classmethod
+        def architecture(cls) -> str:
+            return SKIP_ARCHITECTURE
+
+    class TopKSkipTranscoder(SkipTranscoder):
+        """A skip-transcoder (W_skip x added to the output) whose latents are each row's top k, ReLU'd."""
+
+        def get_activation_fn(self):
+            return TopK(self.cfg.k)
+
+        @classmethod
+        def from_dict(cls, config_dict: dict[str, Any]) -> "TopKSkipTranscoder":
+            return cls(TopKSkipTranscoderConfig.from_dict(config_dict))
+
     register_sae_class(ARCHITECTURE, TopKTranscoder, TopKTranscoderConfig)
+    register_sae_class(SKIP_ARCHITECTURE, TopKSkipTranscoder, TopKSkipTranscoderConfig)
     return TopKTranscoder

@@ -91,7 +91,8 @@ class StackedSAE(nn.Module):
 
     config_class: type = object
     supports_transcoder: bool = False
-    """Whether a config's `d_out` may make it a transcoder (its forward takes a `target`)."""
+    """Whether a config's `d_out` may make it a transcoder (its forward takes a `target`); such an
+    architecture's config may also set `skip` (a skip-transcoder: `skip_path`)."""
     dense_matmuls: int = 5
     """(batch x d_in x d_sae) matmuls a dense step of this architecture needs (forward and
     backward): encoder, decoder, and the decoder's and encoder's gradients. The benchmark's bound."""
@@ -120,7 +121,7 @@ class StackedSAE(nn.Module):
         d_out = shared(self.cfgs, "d_out") if hasattr(self.cfgs[0], "d_out") else None
         if d_out is not None and not self.supports_transcoder:
             raise PipelineError(f"architecture {getattr(self, 'architecture_name', type(self).__name__)!r} cannot be "
-                                "trained as a transcoder; use topk, standard or jumprelu")
+                                "trained as a transcoder; use topk, batchtopk, standard or jumprelu")
         # A transcoder reads d_in and reconstructs another hook of width d_out; an SAE has d_out = d_in.
         self.is_transcoder = d_out is not None
         self.d_out = d_out = d_out if d_out is not None else d_in
@@ -135,6 +136,13 @@ class StackedSAE(nn.Module):
         # space (SAELens's Transcoder has no input bias); it centres its input on a fixed b_in set from
         # the data at the start (training is slow without), folded into b_enc on export.
         self.register_buffer("b_in", torch.zeros(R, d_in) if self.is_transcoder else None)
+        # A skip-transcoder (Paulo et al. 2025) adds a linear path from input to output, (x - b_in) @ W_skip;
+        # zero at init (as theirs, sparsify's and SAELens's), so training starts as a plain transcoder.
+        self.has_skip = bool(shared(self.cfgs, "skip")) if hasattr(self.cfgs[0], "skip") else False
+        if self.has_skip and not self.is_transcoder:
+            raise PipelineError("skip = true needs a transcoder (d_out, --hook-out): the skip path maps the input "
+                                "hook to another one; drop skip for an SAE")
+        self.W_skip = nn.Parameter(torch.zeros(R, d_in, d_out)) if self.has_skip else None
         init_tied_weights_(self.W_enc.data, self.W_dec.data, self.b_enc.data, [c.seed for c in self.cfgs],
                            per_run(self.cfgs, "dec_init_norm", torch.float32), tied=not self.is_transcoder)
 
@@ -148,7 +156,11 @@ class StackedSAE(nn.Module):
         return self.b_in if self.is_transcoder else self.b_dec
 
     def transcoder_cfg(self, architecture: str) -> dict:
-        """cfg.json fields of a transcoder export (SAELens's Transcoder: no b_dec on the input)."""
+        """cfg.json fields of a transcoder export (SAELens's Transcoder: no b_dec on the input); a
+        skip-transcoder's kind names it (`transcoder` -> `skip_transcoder`, `jumprelu_transcoder` ->
+        `jumprelu_skip_transcoder`, as SAELens's)."""
+        if self.has_skip:
+            architecture = architecture.replace("transcoder", "skip_transcoder")
         return {"architecture": architecture, "d_out": self.d_out, "apply_b_dec_to_input": False}
 
     def use_fused(self, x: torch.Tensor) -> bool:
@@ -189,10 +201,20 @@ class StackedSAE(nn.Module):
 
         The base gives a ReLU SAE ("standard"); an architecture with another inference form
         (TopK, JumpReLU, ...) overrides it. Weights are this run's slice; the caller copies them."""
-        weights = {name: getattr(self, name)[run] for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        weights = self.export_weights(run)
+        return weights, self.transcoder_cfg("transcoder") if self.is_transcoder else {"architecture": "standard"}
+
+    def export_weights(self, run: int, names: Sequence[str] = ("W_enc", "W_dec", "b_enc", "b_dec")) -> dict:
+        """Run `run`'s slices of the named parameters as an export reads raw inputs: a transcoder's input
+        centring b_in folded into b_enc, and a skip-transcoder's `W_skip` (d_out, d_in), as SAELens and
+        circuit-tracer apply it (x @ W_skip.T), with its share of the centring folded into b_dec."""
+        weights = {name: getattr(self, name)[run] for name in names}
         if self.is_transcoder:  # (x - b_in) @ W_enc + b_enc = x @ W_enc + (b_enc - b_in @ W_enc)
             weights["b_enc"] = weights["b_enc"] - self.b_in[run] @ weights["W_enc"]
-        return weights, self.transcoder_cfg("transcoder") if self.is_transcoder else {"architecture": "standard"}
+        if self.has_skip:  # (x - b_in) @ W_skip + b_dec = x @ W_skip + (b_dec - b_in @ W_skip)
+            weights["b_dec"] = weights["b_dec"] - self.b_in[run] @ self.W_skip[run]
+            weights["W_skip"] = self.W_skip[run].T
+        return weights
 
     @torch.no_grad()
     def copy_weights(self, run: int, weights: dict[str, torch.Tensor], names: Sequence[str]) -> None:
@@ -211,7 +233,12 @@ class StackedSAE(nn.Module):
         """Set run `run` from an export (`export_run`'s format, ours or SAELens's): continue training it."""
         self.copy_weights(run, weights, ("W_enc", "W_dec", "b_enc", "b_dec"))
         if self.is_transcoder:
-            self.b_in[run].zero_()  # an export has its input centring folded into b_enc
+            self.b_in[run].zero_()  # an export has its input centring folded into b_enc (and b_dec)
+        if self.has_skip:
+            if "W_skip" not in weights:
+                raise PipelineError(f"this skip-transcoder needs W_skip, which the saved weights lack (a "
+                                    f"{cfg.get('architecture', 'transcoder')!r} export); drop skip to load it")
+            self.copy_weights(run, {"W_skip": weights["W_skip"].T}, ("W_skip",))
 
     def init_b_dec(self, sample: torch.Tensor, method: str = "mean", target: torch.Tensor | None = None) -> None:
         """b_dec from a sample batch: "mean" or "geometric_median" (see trainer.init.init_b_dec_).
@@ -253,9 +280,20 @@ class StackedSAE(nn.Module):
             return torch.addmm(bias.squeeze(0), x_centred.squeeze(0), self.W_enc.squeeze(0)).unsqueeze(0)
         return torch.baddbmm(bias.unsqueeze(1), x_centred, self.W_enc)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (R, batch, d_out) from latents (R, batch, d_sae)."""
-        return torch.einsum("rbs,rsi->rbi", latents, self.W_dec) + self.b_dec.unsqueeze(1)
+    def decode(self, latents: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction (R, batch, d_out) from latents (R, batch, d_sae); a skip-transcoder also needs
+        the input `x` the latents were encoded from (`add_skip`)."""
+        return self.add_skip(torch.einsum("rbs,rsi->rbi", latents, self.W_dec) + self.b_dec.unsqueeze(1), x)
+
+    def add_skip(self, recon: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """`recon` plus a skip-transcoder's linear path from its input, (x - b_in) @ W_skip (Paulo et al.
+        2025, "Transcoders beat sparse autoencoders for interpretability"); `recon` itself otherwise."""
+        if not self.has_skip:
+            return recon
+        if x is None:
+            raise PipelineError("a skip-transcoder's reconstruction needs its input: call decode(latents, x)")
+        x_centred = x - self.b_in.unsqueeze(1)  # (R, batch, d_in), as `project`'s
+        return recon + torch.bmm(x_centred, self.W_skip)
 
     @staticmethod
     def mse(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

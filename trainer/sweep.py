@@ -9,6 +9,8 @@ fails (bad config, NaN/Inf) is reported and the others go on, and the whole swee
 resumes as one.
 
     OUT/<run>/            the run's export (cfg.json, sae_weights, sparsity), summary.json, metrics.jsonl
+    OUT/<set>/layer_<l>/  a per-layer transcoder set's runs (`layers`), one per layer, as any run's;
+    OUT/<set>/            and the set in circuit-tracer's format (config.yaml, layer_<l>.safetensors)
     OUT/_sweep/checkpoint every stack, the loader position and the step, written atomically
     OUT/summary.csv       one row per run; OUT/pareto.png: explained variance against L0
 """
@@ -50,8 +52,8 @@ SWEEP_WIDE = ("cache", "out", "batch_size", "device", "resident", "normalize", "
               "wandb", "wandb_project", "eval_every", "eval_tokens", "n_snapshots", "snapshot_spacing", "ddp",
               "skip_bad_shards")
 # Fields a stack's runs must share (its shape and the loop's schedule); others may differ per run.
-STACK_SHARED = ("arch", "hook", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay", "b_dec_init",
-                "init_scale_search", "k_anneal_steps", "init_from", "precision", "kernels")
+STACK_SHARED = ("arch", "hook", "hook_out", "skip", "d_sae", "l1_warmup_steps", "lr_warmup_steps", "lr_decay",
+                "b_dec_init", "init_scale_search", "k_anneal_steps", "init_from", "precision", "kernels")
 # Fields a stack pays its largest value of for every run (the TopK family selects and decodes the
 # stack's largest k for all of its runs), so runs that differ in them are not stacked where the
 # architecture has them: on the 2-core CPU of BENCHMARKS.md, 4 TopK runs of k = 16..128 (d_sae 1024)
@@ -79,6 +81,8 @@ class SweepPlan:
     """Indices into `runs`, one list per stack."""
     refused: dict[str, str] = field(default_factory=dict)
     """Run name -> why it cannot run (a bad config)."""
+    sets: dict[str, dict[int, str]] = field(default_factory=dict)
+    """Per-layer transcoder sets: set name -> {layer: its run's name} (OUT/<set>/layer_<l>)."""
 
 
 def expand_runs(spec: dict, overrides: dict) -> tuple[TrainConfig, list[TrainConfig]]:
@@ -125,10 +129,12 @@ def name_runs(runs: list[TrainConfig]) -> list[TrainConfig]:
             continue
         seen.add(key)
         if r.name is None:
-            parts = [r.arch] + [f"{LABELS.get(k, k + '_')}{getattr(r, k):g}" if isinstance(getattr(r, k), float)
+            parts = [r.arch] + [(k if getattr(r, k) else "") if isinstance(getattr(r, k), bool)  # skip: named when on
+                                else f"{LABELS.get(k, k + '_')}{getattr(r, k):g}" if isinstance(getattr(r, k), float)
                                 else f"{LABELS.get(k, k + '_')}{getattr(r, k)}"
                                 for k in varying if k != "arch" and relevant_field(r, k)
                                 and getattr(r, k) is not None]  # unset: the architecture's default
+            parts = [p for p in parts if p]
             r = replace(r, name="-".join(str(p) for p in parts) if len(parts) > 1 else r.run_name())
         out.append(r)
     names = [r.name for r in out]
@@ -148,15 +154,19 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
     runs = [resolve_width(r, d_in.get(r.hook)) for r in runs]  # before naming: names show d_sae
     for r in name_runs(runs):
         try:
-            if r.hook_out is not None:
-                raise PipelineError("transcoders are trained with `pipeline train --hook-out`, not in sweeps yet")
-            if r.hook not in d_in:
-                raise PipelineError(f"hook {r.hook!r} is not in the cache; it has {', '.join(d_in)}")
-            get_architecture(r.arch)(run_config(r, d_in[r.hook]))  # its own checks (k <= d_sae, ...)
+            members = expand_set(r, d_in) if r.layers is not None else [r]
+            for m in members:
+                if m.hook not in d_in:
+                    raise PipelineError(f"hook {m.hook!r} is not in the cache; it has {', '.join(d_in)}")
+                if m.hook_out is not None and m.hook_out not in d_in:
+                    raise PipelineError(f"hook_out {m.hook_out!r} is not in the cache; it has {', '.join(d_in)}")
+                get_architecture(m.arch)(arch_config(m, d_in))  # its own checks (k <= d_sae, ...)
         except PipelineError as e:
             plan.refused[r.name] = str(e)
             continue
-        plan.runs.append(resolve_target(r))
+        if r.layers is not None:
+            plan.sets[r.name] = {int(m.name.rsplit("_", 1)[1]): m.name for m in members}
+        plan.runs.extend(resolve_target(m) for m in members)
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(plan.runs):
         # The resolved k (a target L0 sets it), where the architecture has one.
@@ -167,6 +177,59 @@ def plan_sweep(spec: dict, overrides: dict, name: str, d_in: dict[str, int]) -> 
     return plan
 
 
+def arch_config(r: TrainConfig, d_in: dict[str, int]):
+    """Run `r`'s architecture config, its widths read from the cache's hooks (`d_in`: hook -> width)."""
+    return run_config(r, d_in[r.hook], d_in[r.hook_out] if r.hook_out is not None else None)
+
+
+LAYER = "{layer}"
+"""What names each layer's hook in a per-layer set's `hook` and `hook_out`."""
+
+
+def set_layers(r: TrainConfig, d_in: dict[str, int]) -> list[int]:
+    """The layers of set `r`: its list, or for "all" every layer whose two hooks the cache holds."""
+    if r.hook is None or r.hook_out is None or LAYER not in r.hook or LAYER not in r.hook_out:
+        raise PipelineError(f"a per-layer set (layers) needs hook and hook_out naming each layer's with {LAYER}, "
+                            f"e.g. hook = \"blocks.{LAYER}.ln2.hook_normalized\", hook_out = "
+                            f"\"blocks.{LAYER}.hook_mlp_out\"; got hook {r.hook!r}, hook_out {r.hook_out!r}")
+    if r.layers == "all":
+        found = [int(h[len(pre):-len(post) or None]) for h in d_in
+                 for pre, post in [r.hook.split(LAYER, 1)] if h.startswith(pre) and h.endswith(post)
+                 and h[len(pre):len(h) - len(post)].isdigit()]
+        layers = sorted(n for n in found if r.hook_out.replace(LAYER, str(n)) in d_in)
+        if not layers:
+            raise PipelineError(f"the cache has no layer with both {r.hook} and {r.hook_out}; its hooks: "
+                                f"{', '.join(d_in)} (`pipeline cache --preset mlp` writes every layer's MLP input "
+                                "and output)")
+        return layers
+    if not (isinstance(r.layers, list) and r.layers and all(isinstance(n, int) and n >= 0 for n in r.layers)):
+        raise PipelineError(f"layers must be \"all\" or a list of layer numbers, got {r.layers!r}")
+    if r.layers != sorted(set(r.layers)):
+        raise PipelineError(f"layers {r.layers} must increase, each once; e.g. {sorted(set(r.layers))}")
+    return list(r.layers)
+
+
+def expand_set(r: TrainConfig, d_in: dict[str, int]) -> list[TrainConfig]:
+    """A per-layer set's runs, one per layer (`<set>/layer_<l>`), each reading its layer's hooks; every
+    layer's hooks must be in the cache and as wide as the first layer's (a set has one shape)."""
+    runs = []
+    for n in set_layers(r, d_in):
+        m = replace(r, name=f"{r.name}/layer_{n}", layers=None, hook=r.hook.replace(LAYER, str(n)),
+                    hook_out=r.hook_out.replace(LAYER, str(n)))
+        missing = [h for h in (m.hook, m.hook_out) if h not in d_in]
+        if missing:
+            raise PipelineError(f"layer {n}'s {' and '.join(missing)} not in the cache; it has {', '.join(d_in)}")
+        runs.append(m)
+    first = runs[0]
+    for m in runs[1:]:
+        for key, name in (("hook", "d_in"), ("hook_out", "d_out")):
+            a, b = getattr(first, key), getattr(m, key)
+            if d_in[a] != d_in[b]:
+                raise PipelineError(f"{name} differs across the set's layers: {b} is {d_in[b]} wide, {a} is "
+                                    f"{d_in[a]}; a set's layers share one shape (split it into sets of equal widths)")
+    return runs
+
+
 def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int, device: torch.device | str = "cpu") -> int:
     """Refuse a sweep whose stacks would not fit in `budget` bytes, saying how many runs would;
     returns the bytes the sweep plans for."""
@@ -174,7 +237,7 @@ def check_memory(plan: SweepPlan, d_in: dict[str, int], budget: int, device: tor
         plans = []
         for idx in stacks:
             r = plan.runs[idx[0]]
-            plans.append(stack_bytes(r.arch, [run_config(plan.runs[i], d_in[r.hook]) for i in idx],
+            plans.append(stack_bytes(r.arch, [arch_config(plan.runs[i], d_in) for i in idx],
                                      plan.base.batch_size, r.precision, device, r.kernels))
         return stacks_bytes(plans)
 
@@ -225,7 +288,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     planned = check_memory(replace(plan, stacks=mine), d_in,
                            memory_budget if memory_budget is not None else int(0.9 * available_bytes(device)), device)
 
-    hooks = sorted({plan.runs[i].hook for idx in mine for i in idx})
+    hooks = sorted({h for idx in mine for i in idx for h in (plan.runs[i].hook, plan.runs[i].hook_out) if h})
     # What the plan leaves free may hold the cache: then the disk is read once for every run and epoch.
     budget = resident_budget(device, planned)
     loader = ActivationLoader(base.cache, hooks=hooks, batch_size=base.batch_size, seed=base.seed, device=device,
@@ -237,7 +300,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
     for idx in mine:
         runs = [plan.runs[i] for i in idx]
         cls = get_architecture(runs[0].arch)
-        model = cls([run_config(r, d_in[r.hook]) for r in runs]).to(device)
+        model = cls([arch_config(r, d_in) for r in runs]).to(device)
         loop = LoopConfig(lr=[resolved_lr(r) for r in runs], max_grad_norm=[r.max_grad_norm for r in runs],
                           lr_warmup_steps=runs[0].lr_warmup_steps, lr_decay=runs[0].lr_decay,
                           b_dec_init=runs[0].b_dec_init, init_scale_search=runs[0].init_scale_search,
@@ -245,14 +308,16 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                           total_steps=max(math.ceil(r.tokens / base.batch_size) for r in runs),
                           target_l0=[controlled_target(r) for r in runs])  # per run: None where k is set
         trainer = StackTrainer(model, loop, [math.ceil(r.tokens / base.batch_size) for r in runs])
-        stacks.append(SweepStack(trainer, read=_reader(runs[0].hook), runs=runs, hook=runs[0].hook))
+        stacks.append(SweepStack(trainer, read=_reader(runs[0].hook, runs[0].hook_out), runs=runs, hook=runs[0].hook,
+                                 hook_out=runs[0].hook_out))
     if any(r.init_from for s in stacks for r in s.runs):
         from trainer.export import init_from
 
         for s in stacks:
             for j, r in enumerate(s.runs):
                 if r.init_from:
-                    init_from(s.trainer.model, r.init_from, run=j, input_scale=loader.scale[s.hook])
+                    init_from(s.trainer.model, r.init_from, run=j, input_scale=loader.scale[s.hook],
+                              output_scale=loader.scale[s.hook_out] if s.hook_out else None)
 
     sweep_dir = out / "_sweep" if world == 1 else out / "_sweep" / f"rank-{rank:05d}-of-{world:05d}"
     with DirLock(sweep_dir, "pipeline sweep"):
@@ -288,8 +353,9 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
                                                "config": identity, "stacks": [s.trainer.state() for s in stacks]},
                             {f"s{i}": s.trainer.tensors() for i, s in enumerate(stacks)})
 
-        held = ({h: SplitRows(base, h, device, loader.scale[h], base.eval_tokens, resident="auto",
-                              budget=budget // len(hooks)) for h in hooks}
+        io = {s.io for s in stacks}
+        held = ({h: SplitRows(base, h, device, io_scales(loader, h), base.eval_tokens, resident="auto",
+                              budget=budget // len(io)) for h in io}
                 if base.eval_every and loader.source.shards("eval") else None)
         start_tokens = tokens
 
@@ -298,7 +364,7 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
 
         try:
             tokens = fit(stacks, loader, log_every=base.log_every, on_log=on_log, init=not resumed, tokens=tokens,
-                         evaluator=(lambda st: evaluate(st.trainer.model, held[st.hook])[0]) if held else None,
+                         evaluator=(lambda st: evaluate(st.trainer.model, held[st.io])[0]) if held else None,
                          eval_every=base.eval_every, checkpoint=checkpoint, checkpoint_every=base.checkpoint_every,
                          checkpoint_path=sweep_dir / CHECKPOINT, max_steps=max_steps, after=console.progress)
             console.close()
@@ -314,14 +380,28 @@ def run_sweep(spec: dict, overrides: dict, name: str = "sweep", memory_budget: i
 
 @dataclass
 class SweepStack(Stack):
-    """A stack of the sweep: its runs' configs and the hook it reads."""
+    """A stack of the sweep: its runs' configs, the hook it reads and a transcoder's output hook."""
 
     runs: list = field(default_factory=list)
     hook: str = ""
+    hook_out: str | None = None
+
+    @property
+    def io(self) -> str | tuple[str, str]:
+        """What it reads and reconstructs: its hook, or a transcoder's (input, output) hooks."""
+        return self.hook if self.hook_out is None else (self.hook, self.hook_out)
 
 
-def _reader(hook: str) -> Callable:
-    """How a stack reads its hook from the loader's batches (a dict of hooks, or one hook's tensor)."""
+def io_scales(loader: ActivationLoader, io: str | tuple[str, str]) -> float | tuple[float, float]:
+    """The loader's normalisation factor of each hook of `io` (`SweepStack.io`)."""
+    return loader.scale[io] if isinstance(io, str) else tuple(loader.scale[h] for h in io)
+
+
+def _reader(hook: str, hook_out: str | None = None) -> Callable:
+    """How a stack reads its hook from the loader's batches (a dict of hooks, or one hook's tensor), with
+    a transcoder's target (its output hook) or None."""
+    if hook_out is not None:
+        return lambda batch: (batch[hook], batch[hook_out])
     return lambda batch: (batch[hook] if isinstance(batch, dict) else batch, None)
 
 
@@ -369,12 +449,13 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             tokens: int, plan: SweepPlan, evaluate_runs: Callable | None = None) -> list[dict]:
     """Eval every run on the eval split, export it, write summary.csv and pareto.png."""
     has_eval = bool(loader.source.shards("eval"))
-    held = {h: SplitRows(base, h, device, loader.scale[h], None) for h in hooks} if has_eval else None
+    held = ({io: SplitRows(base, io, device, io_scales(loader, io), None) for io in {s.io for s in stacks}}
+            if has_eval else None)
     rows = []
     for s in stacks:
         tr = s.trainer
         calibrate(tr.model, base, s.hook, device, loader.scale[s.hook])
-        metrics, density = evaluate(tr.model, held[s.hook]) if held else ({}, None)
+        metrics, density = evaluate(tr.model, held[s.io]) if held else ({}, None)
         failed = set(tr.failed.nonzero().flatten().tolist())
         for j, r in enumerate(s.runs):
             per_run = {k: (v[j] if isinstance(v, list) else v) for k, v in metrics.items()}
@@ -382,11 +463,30 @@ def _finish(stacks: list[dict], base: TrainConfig, hooks: list[str], device, loa
             per_run["status"] = "failed (NaN/Inf)" if j in failed else "ok"
             per_run.update(final_coefficients(tr.model, j))
             metadata = {**export_metadata(r, loader.source, r.hook, r.name), "sweep": name}
-            finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook])
+            if r.hook_out is not None:
+                metadata["hook_name_out"] = r.hook_out
+            finish_export(tr.model, j, out / r.name, metadata, per_run, density, loader.scale[r.hook],
+                          loader.scale[r.hook_out] if r.hook_out else None)
             rows.append(_row(r, per_run))
+    _export_sets(plan, out)
     if evaluate_runs is not None:
         evaluate_runs(rows, out, str(device))
     return _summarize(rows, plan, out)
+
+
+def _export_sets(plan: SweepPlan, out: Path) -> None:
+    """Each per-layer set whose every layer was trained here, also in circuit-tracer's format
+    (OUT/<set>/config.yaml, layer_<l>.safetensors); a set it cannot read (TopK) is said in one line."""
+    from trainer.export_circuit_tracer import write_transcoder_set
+
+    for set_name, layers in plan.sets.items():
+        if not all((out / run / "cfg.json").is_file() for run in layers.values()):
+            continue  # another rank's, or not exported
+        try:
+            write_transcoder_set(out / set_name, {n: out / run for n, run in layers.items()})
+        except PipelineError as e:
+            log_console().print(f"set {set_name}: no circuit-tracer files ({e}); its layers are in SAELens's format "
+                                f"in {out / set_name}/layer_*", markup=False, highlight=False)
 
 
 def _summarize(rows: list[dict], plan: SweepPlan, out: Path) -> list[dict]:
