@@ -239,7 +239,7 @@ class JumpReLUSAE(StackedSAE):
         elif elementwise_gpu.use_triton(x.device):  # the same elementwise step in one pass each way
             pre = self.pre_acts(x)
             latents, l0, fired = elementwise_gpu.JumpReLUStep.apply(pre, self.threshold, bandwidth)
-            recon = self.decode(latents)
+            recon = self.decode(latents, x)
         else:
             pre = self.pre_acts(x)
             threshold, eps = self.threshold.unsqueeze(1), bandwidth.view(-1, 1, 1)  # (R, 1, d_sae), (R, 1, 1)

@@ -99,7 +99,7 @@ class StandardSAE(StackedSAE):
             latents, recon, l1, l0, fired = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
         elif elementwise_gpu.use_triton(x.device):  # the same step's elementwise passes, one each way
             latents, sums, fired = elementwise_gpu.ReLUStep.apply(self.pre_acts(x))
-            recon = self.decode(latents)
+            recon = self.decode(latents, x)
             l1 = (sums.to(self.W_dec.dtype) * elementwise_gpu.RowNorms.apply(self.W_dec)).sum(dim=-1) / x.shape[-2]
             fired = fired.to(self.W_dec.dtype)
             l0 = fired.sum(dim=-1) / x.shape[-2]
