@@ -171,3 +171,21 @@ def test_row_norms_gradient_equals_autograds():
     (RowNorms.apply(a) * g).sum().backward()
     (b.norm(dim=-1) * g).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+
+
+def test_triton_check_refuses_a_cpu_and_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
+    from trainer.kernels import triton_check
+
+    assert not triton_check.use_triton(torch.device("cpu"))
+    assert triton_check.use_triton(torch.device("meta"))
+    # The check itself runs on a CPU in the interpreter: the kernels pass it there.
+    triton_check._check(torch.device("cpu"))
+
+    def broken(device):
+        raise RuntimeError("PTX compile failed\nmore detail")
+
+    triton_check._works.cache_clear()
+    monkeypatch.setattr(triton_check, "_check", broken)
+    with pytest.warns(UserWarning, match=r"Triton kernels disabled on cpu \(RuntimeError: PTX compile failed\)"):
+        assert triton_check._works(torch.device("cpu")) is False
+    triton_check._works.cache_clear()

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from trainer.kernels import adam_tail
+from trainer.kernels.triton_check import use_triton
 
 TAILS = ("auto", "triton", "torch")
 
@@ -47,7 +48,8 @@ class StackedAdam:
     component along each row is removed before the step (and from the clipping norm), and the rows are
     renormalized after it. `tail`: how the step runs: `torch` (torch's fused Adam and the constraint's
     passes, trainer.optim), `triton` (trainer.kernels.adam_tail: one pass per parameter), or `auto`
-    (triton on a GPU that has it, and on the meta device, where a replay takes CUDA's path)."""
+    (triton where trainer.kernels.triton_check allows: a GPU where the kernels pass their check, and the
+    meta device, where a replay takes CUDA's path)."""
 
     def __init__(self, params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter],
                  lr: float | Sequence[float] | torch.Tensor,
@@ -70,8 +72,7 @@ class StackedAdam:
             raise PipelineError(f"unknown optimizer tail {tail!r}; use one of {', '.join(TAILS)}")
         self.unit_rows = unit_rows
         if tail == "auto":
-            tail = "triton" if first.device.type == "meta" or (first.device.type == "cuda" and adam_tail.available()) \
-                else "torch"
+            tail = "triton" if use_triton(first.device) else "torch"
         self.tail = tail
         self.lr = _per_run(lr, R, "lr", first)
         self.max_grad_norm = None if max_grad_norm is None else _per_run(max_grad_norm, R, "max_grad_norm", first)

@@ -47,6 +47,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from trainer.kernels import elementwise_gpu
+from trainer.kernels.triton_check import use_triton
 from trainer.kernels.jumprelu import jumprelu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, StepOutput, per_run, shared
@@ -236,7 +237,7 @@ class JumpReLUSAE(StackedSAE):
         if self.use_fused(x):  # trainer.kernels.jumprelu: the same step, fused (latent-major, chunked)
             latents, recon, l0, fired = jumprelu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec,
                                                      self.threshold, bandwidth)
-        elif elementwise_gpu.use_triton(x.device):  # the same elementwise step in one pass each way
+        elif use_triton(x.device):  # the same elementwise step in one pass each way
             pre = self.pre_acts(x)
             latents, l0, fired = elementwise_gpu.JumpReLUStep.apply(pre, self.threshold, bandwidth)
             recon = self.decode(latents, x)

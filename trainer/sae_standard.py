@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from trainer.kernels import elementwise_gpu
+from trainer.kernels.triton_check import use_triton
 from trainer.kernels.relu import relu_sae
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, StepOutput, per_run, shared
@@ -97,7 +98,7 @@ class StandardSAE(StackedSAE):
         self._check_input(x)
         if self.use_fused(x):  # trainer.kernels.relu.relu_sae: the same step, fused (latent-major, chunked)
             latents, recon, l1, l0, fired = relu_sae(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec)
-        elif elementwise_gpu.use_triton(x.device):  # the same step's elementwise passes, one each way
+        elif use_triton(x.device):  # the same step's elementwise passes, one each way
             latents, sums, fired = elementwise_gpu.ReLUStep.apply(self.pre_acts(x))
             recon = self.decode(latents, x)
             l1 = (sums.to(self.W_dec.dtype) * elementwise_gpu.RowNorms.apply(self.W_dec)).sum(dim=-1) / x.shape[-2]

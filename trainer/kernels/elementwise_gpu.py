@@ -107,13 +107,6 @@ if triton is not None:
         tl.store(GPRE + offs, tl.where(pre > 0, g.to(gs.dtype) + gs[None, :], 0.0), mask=mask)
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether the dense steps take these kernels on `device` (as trainer.kernels.gather_dot)."""
-    from trainer.kernels.gather_dot import use_triton as gpu
-
-    return gpu(device)
-
-
 def _grid(R: int, B: int, S: int) -> tuple[int, int, int]:
     n_bblocks = triton.cdiv(B, BLOCK_B)
     return n_bblocks, R * n_bblocks, triton.cdiv(S, BLOCK_S)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.kernels.adam_tail import available, triton
+from trainer.kernels.adam_tail import triton
 
 if triton is not None:
     import triton.language as tl
@@ -39,12 +39,6 @@ if triton is not None:
             b = tl.load(Rows + ib[:, None] * d + offs[None, :], mask=m, other=0.0)
             acc += tl.sum(a.to(ACC) * b.to(ACC), axis=1)
         tl.store(OUT + e, acc, mask=live)
-
-
-def use_triton(device: torch.device) -> bool:
-    """Whether the sparse backward takes this kernel on `device`: a GPU with Triton, or the meta
-    device (a replay takes CUDA's path)."""
-    return device.type == "meta" or (device.type == "cuda" and available())
 
 
 @torch.library.custom_op("sae::gather_dot", mutates_args=())

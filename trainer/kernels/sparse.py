@@ -54,6 +54,7 @@ from torch.autograd import Function
 
 from trainer.kernels import gather_dot
 from trainer.kernels.chunks import CHUNKS, Chunks, counts
+from trainer.kernels.triton_check import use_triton
 from trainer.precision import autocast_dtype
 
 
@@ -106,7 +107,7 @@ def _rowwise_dot(codes: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, c
     """(N, k): entry (n, s) is table[codes[n, s]] . rows[n] (`table` holds `runs` runs' rows, the
     codes grouped by run). On a GPU one fused kernel (trainer/kernels/gather_dot.py)."""
     N, k = codes.shape
-    if gather_dot.use_triton(table.device):
+    if use_triton(table.device):
         return gather_dot.gather_dot(table, codes.reshape(-1), rows.contiguous(), None, k, runs).view(N, k)
     out = rows.new_empty(N, k)
     row_bytes = k * table.shape[1] * table.element_size()  # a row of the gathered temporary
@@ -510,7 +511,7 @@ def _entry_dot(table: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, bag
                chunks: Chunks, runs: int = 1) -> torch.Tensor:
     """(nnz,): entry e is table[codes[e]] . rows[bags[e]], gathered chunk by chunk in cache (on a GPU
     in one fused kernel; `runs` as `_rowwise_dot`)."""
-    if gather_dot.use_triton(table.device):
+    if use_triton(table.device):
         return gather_dot.gather_dot(table, codes, rows.contiguous(), bags, 0, runs)
     out = rows.new_empty(codes.numel())
     row_bytes = 2 * rows.shape[1] * rows.element_size()  # a row of each temporary
