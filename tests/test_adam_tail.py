@@ -161,6 +161,64 @@ def test_relu_gpu_step_equals_the_plain_standard_step():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_gated_gpu_step_equals_the_plain_gated_step():
+    from trainer.kernels.elementwise_gpu import GatedStep
+    from trainer.sae_gated import GatedSAE
+
+    g = torch.Generator().manual_seed(2)
+    R, B, S = 2, 37, 150
+    z = torch.randn(R, B, S, generator=g, dtype=torch.float64)
+    b_gate, r_mag, b_mag = (torch.randn(R, S, generator=g, dtype=torch.float64) * 0.5 for _ in range(3))
+    norms = torch.rand(R, S, generator=g, dtype=torch.float64) + 0.5
+    g_lat, g_gate = (torch.randn(R, B, S, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def run(fused: bool):
+        leaves = [t.clone().requires_grad_() for t in (z, b_gate, r_mag, b_mag)]
+        p, bg, rm, bm = leaves
+        if fused:
+            lat, gate, sums, fired = GatedStep.apply(p, bg, rm.exp(), bm)
+        else:  # GatedSAE.gate_and_magnitude from the product p, then gate and forward's terms
+            pi_gate, pi_mag = p + bg.unsqueeze(1), p * rm.exp().unsqueeze(1) + bm.unsqueeze(1)
+            lat, gate = GatedSAE.gate(pi_gate, pi_mag), pi_gate.relu()
+            sums, fired = gate.sum(dim=1), (lat.detach() > 0).sum(dim=1, dtype=torch.float64)
+        l1 = (sums * norms).sum(dim=-1) / B
+        ((lat * g_lat).sum() + (gate * g_gate).sum() + (l1 * torch.tensor([0.4, 2.0], dtype=torch.float64)).sum()
+         ).backward()
+        return (lat.detach(), gate.detach(), sums.detach(), fired, *(t.grad for t in leaves))
+
+    fused, plain = run(True), run(False)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Every case occurs: shut gates, open gates with a negative magnitude, firing latents.
+    assert 0 < fused[3].sum() < (plain[1] > 0).sum() < R * B * S
+
+
+def test_gated_sae_triton_branch_equals_the_plain_branch(monkeypatch):
+    import trainer.sae_gated as sae_gated
+    from trainer.sae_gated import GatedConfig, GatedSAE
+
+    torch.manual_seed(3)
+    model = GatedSAE([GatedConfig(d_in=9, d_sae=150, l1_coefficient=c, seed=i) for i, c in enumerate((0.5, 3.0))])
+    model = model.double()
+    with torch.no_grad():
+        for name in ("b_gate", "r_mag", "b_mag", "b_dec"):
+            getattr(model, name).normal_(0, 0.3)
+    x = torch.randn(37, 9, dtype=torch.float64)
+    model.kernels = "plain"
+    outs = []
+    for triton_on in (True, False):
+        monkeypatch.setattr(sae_gated, "use_triton", lambda device, on=triton_on: on)
+        model.zero_grad()
+        out = model(x)
+        out["loss"].sum().backward()
+        outs.append(({k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out_t, grads_t), (out_p, grads_p) = outs
+    for k in out_p:
+        torch.testing.assert_close(out_t[k], out_p[k], rtol=1e-12, atol=1e-12, msg=k)
+    for n in grads_p:
+        torch.testing.assert_close(grads_t[n], grads_p[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
 def test_row_norms_gradient_equals_autograds():
     from trainer.kernels.elementwise_gpu import RowNorms
 

@@ -39,7 +39,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from trainer.kernels import elementwise_gpu
 from trainer.kernels.gated import gated_sae
+from trainer.kernels.triton_check import use_triton
 from trainer.registry import register_architecture
 from trainer.stack import StackedSAE, StepOutput, per_run, shared
 
@@ -141,6 +143,15 @@ class GatedSAE(StackedSAE):
         if self.use_fused(x):  # trainer.kernels.gated: the same step, fused (latent-major, chunked)
             latents, recon, gate_recon, l1, l0, fired = gated_sae(
                 x, self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.b_dec, self.W_dec, frozen_l1_norms=True)
+        elif use_triton(x.device):  # the same step's elementwise passes, one each way, from one product
+            latents, gate_acts, sums, fired = elementwise_gpu.GatedStep.apply(
+                self.project(x, torch.zeros_like(self.b_gate)), self.b_gate, self.r_mag.exp(), self.b_mag)
+            recon = self.decode(latents)
+            W_dec_frozen = self.W_dec.detach()
+            l1 = (sums.to(self.W_dec.dtype) * W_dec_frozen.norm(dim=-1)).sum(dim=-1) / x.shape[-2]
+            gate_recon = torch.einsum("rbs,rsi->rbi", gate_acts, W_dec_frozen) + self.b_dec.detach().unsqueeze(1)
+            fired = fired.to(self.W_dec.dtype)
+            l0 = fired.sum(dim=-1) / x.shape[-2]
         else:
             pi_gate, pi_mag = self.gate_and_magnitude(x)
             latents = self.gate(pi_gate, pi_mag)

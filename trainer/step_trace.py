@@ -234,8 +234,8 @@ def _gather_dot_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
 
 def _streaming_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
     # An elementwise kernel that reads each tensor argument once and writes its outputs once
-    # (trainer.kernels.elementwise_gpu; its per-tile sums are small outputs, summed after).
-    partial_sums = sum(nbytes(t) for t in _tensors(out)[1:])
+    # (trainer.kernels.elementwise_gpu; its per-tile sums are the small (R, d_sae) outputs, summed after).
+    partial_sums = sum(nbytes(t) for t in _tensors(out) if t.dim() < 3)
     return OpRecord("", read=sum(nbytes(t) for t in _tensors(args)),
                     written=sum(nbytes(t) for t in _tensors(out)) + partial_sums * 8)
 
@@ -244,6 +244,8 @@ register_cost(torch.ops.sae.jumprelu_forward)(_streaming_cost)
 register_cost(torch.ops.sae.jumprelu_backward)(_streaming_cost)
 register_cost(torch.ops.sae.relu_forward)(_streaming_cost)
 register_cost(torch.ops.sae.relu_backward)(_streaming_cost)
+register_cost(torch.ops.sae.gated_forward)(_streaming_cost)
+register_cost(torch.ops.sae.gated_backward)(_streaming_cost)
 register_cost(torch.ops.sae.gather_dot)(_gather_dot_cost)
 register_cost(torch.ops.sae.bag_sum)(_bag_sum_cost)
 register_cost(torch.ops.sae.decoder_row_stats)(_decoder_row_stats_cost)

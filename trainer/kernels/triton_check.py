@@ -51,6 +51,7 @@ def _check(device: torch.device) -> None:
 
     from trainer.kernels import elementwise_gpu, gather_dot
     from trainer.optim import StackedAdam
+    from trainer.sae_gated import GatedSAE
     from trainer.sae_jumprelu import JumpReLUFunction, StepFunction
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -97,3 +98,20 @@ def _check(device: torch.device) -> None:
     ((ref * g_lat).sum() + ref.sum(dim=1).sum()).backward()
     _close("relu", lat.detach(), ref.detach())
     _close("relu (gradient)", p.grad, q.grad)
+    # The gated SAE's gate and magnitudes from one product, with its L1 sums and three bias-like vectors.
+    vecs, g_gate = [randn(2, 150) * 0.5 for _ in range(3)], randn(2, 9, 150)
+    outs = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (pre, *vecs)]
+        p, b_gate, r_mag, b_mag = leaves
+        if fused:
+            lat, gate, sums, _ = elementwise_gpu.GatedStep.apply(p, b_gate, r_mag.exp(), b_mag)
+        else:
+            pi_gate = p + b_gate.unsqueeze(1)
+            lat = GatedSAE.gate(pi_gate, p * r_mag.exp().unsqueeze(1) + b_mag.unsqueeze(1))
+            gate = pi_gate.relu()
+            sums = gate.sum(dim=1)
+        ((lat * g_lat).sum() + (gate * g_gate).sum() + sums.sum()).backward()
+        outs.append((lat.detach(), gate.detach(), sums.detach(), *(t.grad for t in leaves)))
+    for got, want in zip(*outs):
+        _close("gated", got, want)
