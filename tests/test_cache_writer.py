@@ -248,6 +248,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     _assert_same_cache(tmp_path / "ref", tmp_path / "c")
 
 
+@pytest.mark.slow  # a cache written, then extended
 def test_extend_complete_cache(tmp_path):
     base = dict(shard_mb=0.25, batch_size=8)
     run_cache(CacheConfig(out=str(tmp_path / "ref"), tokens=16_000, **base), progress=False)

@@ -74,6 +74,7 @@ def test_gpu_suite_smoke(tmp_path):
     assert "measured / modeled" in table and "ours / SAELens" in table
 
 
+@pytest.mark.slow  # the suite's script as a process
 def test_gpu_suite_budget_skips_with_reasons(tmp_path):
     """With no time left every item of every section is skipped, saying why, and nothing fails."""
     results = run_suite(tmp_path / "out", tmp_path / "scratch", "--budget-s", "0",

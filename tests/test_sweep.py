@@ -95,6 +95,7 @@ def test_stacked_sweep_run_equals_the_run_trained_alone(cache, tmp_path):
     assert alone["eval_l0"][0] == pytest.approx(6.0)
 
 
+@pytest.mark.slow  # a whole sweep twice, or a real training process
 def test_sweep_resume_equals_straight_sweep(cache, tmp_path):
     from safetensors.torch import load_file
 

@@ -135,6 +135,7 @@ def _open(page: Path, tmp_path: Path, shot: Path, height: int) -> HTMLDom:
     return HTMLDom(out.stdout)
 
 
+@pytest.mark.slow  # a real browser process
 def test_sweep_and_feature_pages_open_in_headless_chromium(sweep, tmp_path):
     page = build_sweep_report(SweepReportConfig(sweep=str(sweep), out=str(tmp_path / "s"), features=True,
                                                 ce_contexts=4, device="cpu"),

@@ -103,6 +103,7 @@ def test_target_sets_k_for_the_topk_family_and_names_runs():
     assert [plan.runs[i].k for i in plan.stacks[1]] == [8]
 
 
+@pytest.mark.slow  # a whole sweep twice, or a real training process
 def test_sweep_over_target_l0_records_the_coefficients(tmp_path):
     sparse_cache(tmp_path / "c", rows=8000, eval_rows=2000)
     spec = {"base": {"cache": str(tmp_path / "c"), "out": str(tmp_path / "out"), "d_sae": 64, "batch_size": 256,

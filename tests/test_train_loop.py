@@ -80,6 +80,7 @@ def test_export_loads_in_saelens(tmp_path, arch):
     assert np.isclose(json.loads((tmp_path / "sae" / "cfg.json").read_text())["d_sae"], 48)
 
 
+@pytest.mark.slow  # a whole sweep twice, or a real training process
 def test_pipeline_train_cli_exports(tmp_path, cli, importable):
     import subprocess
     import sys

@@ -94,6 +94,7 @@ def sweep_out(mlp_cache, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a whole sweep twice, or a real training process
 def test_one_sweep_trains_every_layer_of_every_set_and_resumes_bit_identical(sweep_out, mlp_cache, tmp_path):
     from trainer.sweep import run_sweep
 
