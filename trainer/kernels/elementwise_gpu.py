@@ -40,14 +40,21 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _forward(PRE, THR, LAT, FIRED, R, B, S, n_bblocks, BB: tl.constexpr, BS: tl.constexpr):
+    def _tile(B, S, n_bblocks, BB: tl.constexpr, BS: tl.constexpr):
+        # Program (run x row block, column block) of an (R, B, S) tensor: its run, row block, columns,
+        # the columns' and the tile's masks, and the tile's element offsets.
         pid = tl.program_id(0)
         run, bblock = pid // n_bblocks, pid % n_bblocks
         rows = bblock * BB + tl.arange(0, BB)
         cols = tl.program_id(1) * BS + tl.arange(0, BS)
-        rmask, cmask = rows < B, cols < S
-        mask = rmask[:, None] & cmask[None, :]
+        cmask = cols < S
+        mask = (rows < B)[:, None] & cmask[None, :]
         offs = (run.to(tl.int64) * B + rows[:, None]) * S + cols[None, :]
+        return run, bblock, cols, cmask, mask, offs
+
+    @triton.jit
+    def _forward(PRE, THR, LAT, FIRED, R, B, S, n_bblocks, BB: tl.constexpr, BS: tl.constexpr):
+        run, bblock, cols, cmask, mask, offs = _tile(B, S, n_bblocks, BB, BS)
         pre = tl.load(PRE + offs, mask=mask, other=0.0)
         thr = tl.load(THR + run * S + cols, mask=cmask, other=0.0)
         fire = (pre.to(thr.dtype) > thr[None, :]) & mask
@@ -57,13 +64,7 @@ if triton is not None:
 
     @triton.jit
     def _backward(PRE, THR, EPS, GLAT, GL0, GPRE, GTHR, R, B, S, n_bblocks, BB: tl.constexpr, BS: tl.constexpr):
-        pid = tl.program_id(0)
-        run, bblock = pid // n_bblocks, pid % n_bblocks
-        rows = bblock * BB + tl.arange(0, BB)
-        cols = tl.program_id(1) * BS + tl.arange(0, BS)
-        rmask, cmask = rows < B, cols < S
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (run.to(tl.int64) * B + rows[:, None]) * S + cols[None, :]
+        run, bblock, cols, cmask, mask, offs = _tile(B, S, n_bblocks, BB, BS)
         pre = tl.load(PRE + offs, mask=mask, other=0.0)
         g = tl.load(GLAT + offs, mask=mask, other=0.0)
         thr = tl.load(THR + run * S + cols, mask=cmask, other=0.0)
@@ -81,13 +82,7 @@ if triton is not None:
 
     @triton.jit
     def _relu_forward(PRE, LAT, SUMS, FIRED, R, B, S, n_bblocks, BB: tl.constexpr, BS: tl.constexpr):
-        pid = tl.program_id(0)
-        run, bblock = pid // n_bblocks, pid % n_bblocks
-        rows = bblock * BB + tl.arange(0, BB)
-        cols = tl.program_id(1) * BS + tl.arange(0, BS)
-        rmask, cmask = rows < B, cols < S
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (run.to(tl.int64) * B + rows[:, None]) * S + cols[None, :]
+        run, bblock, cols, cmask, mask, offs = _tile(B, S, n_bblocks, BB, BS)
         pre = tl.load(PRE + offs, mask=mask, other=0.0)
         lat = tl.where(pre > 0, pre, 0.0)
         tl.store(LAT + offs, lat, mask=mask)
@@ -97,13 +92,7 @@ if triton is not None:
 
     @triton.jit
     def _relu_backward(PRE, GLAT, GSUMS, GPRE, B, S, n_bblocks, BB: tl.constexpr, BS: tl.constexpr):
-        pid = tl.program_id(0)
-        run, bblock = pid // n_bblocks, pid % n_bblocks
-        rows = bblock * BB + tl.arange(0, BB)
-        cols = tl.program_id(1) * BS + tl.arange(0, BS)
-        rmask, cmask = rows < B, cols < S
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (run.to(tl.int64) * B + rows[:, None]) * S + cols[None, :]
+        run, bblock, cols, cmask, mask, offs = _tile(B, S, n_bblocks, BB, BS)
         pre = tl.load(PRE + offs, mask=mask, other=0.0)
         g = tl.load(GLAT + offs, mask=mask, other=0.0)
         gs = tl.load(GSUMS + run * S + cols, mask=cmask, other=0.0)
@@ -114,13 +103,7 @@ if triton is not None:
     @triton.jit
     def _gated_forward(Z, BG, SC, BM, LAT, GATE, SUMS, FIRED, R, B, S, n_bblocks,
                        BB: tl.constexpr, BS: tl.constexpr):
-        pid = tl.program_id(0)
-        run, bblock = pid // n_bblocks, pid % n_bblocks
-        rows = bblock * BB + tl.arange(0, BB)
-        cols = tl.program_id(1) * BS + tl.arange(0, BS)
-        rmask, cmask = rows < B, cols < S
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (run.to(tl.int64) * B + rows[:, None]) * S + cols[None, :]
+        run, bblock, cols, cmask, mask, offs = _tile(B, S, n_bblocks, BB, BS)
         bg = tl.load(BG + run * S + cols, mask=cmask, other=0.0)
         sc = tl.load(SC + run * S + cols, mask=cmask, other=0.0)
         bm = tl.load(BM + run * S + cols, mask=cmask, other=0.0)
@@ -139,13 +122,7 @@ if triton is not None:
     @triton.jit
     def _gated_backward(Z, BG, SC, BM, GLAT, GGATE, GSUMS, GZ, PART, R, B, S, n_bblocks,
                         BB: tl.constexpr, BS: tl.constexpr):
-        pid = tl.program_id(0)
-        run, bblock = pid // n_bblocks, pid % n_bblocks
-        rows = bblock * BB + tl.arange(0, BB)
-        cols = tl.program_id(1) * BS + tl.arange(0, BS)
-        rmask, cmask = rows < B, cols < S
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (run.to(tl.int64) * B + rows[:, None]) * S + cols[None, :]
+        run, bblock, cols, cmask, mask, offs = _tile(B, S, n_bblocks, BB, BS)
         bg = tl.load(BG + run * S + cols, mask=cmask, other=0.0)
         sc = tl.load(SC + run * S + cols, mask=cmask, other=0.0)
         bm = tl.load(BM + run * S + cols, mask=cmask, other=0.0)
