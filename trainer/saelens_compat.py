@@ -31,48 +31,34 @@ def register_topk_transcoder() -> type:
     from sae_lens.saes.topk_sae import TopK
     from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig
 
-    @dataclass
-    class TopKTranscoderConfig(TranscoderConfig):
-        """SAELens's transcoder config with TopK's `k` (and its flag, always false in our exports)."""
+    def topk_kind(base: type, base_config: type, name: str) -> type:
+        """`base` (a SAELens transcoder class) with TopK latents, registered as `name`."""
 
-        k: int = 100
-        rescale_acts_by_decoder_norm: bool = False
+        @dataclass
+        class Config(base_config):
+            """SAELens's config of `base` with TopK's `k` (and its flag, always false in our exports)."""
 
-        @classmethod
-        def architecture(cls) -> str:
-            return ARCHITECTURE
+            k: int = 100
+            rescale_acts_by_decoder_norm: bool = False
 
-    class TopKTranscoder(Transcoder):
-        """A transcoder whose latents are each row's top k pre-activations, ReLU'd."""
+            @classmethod
+            def architecture(cls) -> str:
+                return name
 
-        def get_activation_fn(self):
-            return TopK(self.cfg.k)
+        class Kind(base):
+            """`base` whose latents are each row's top k pre-activations, ReLU'd."""
 
-        @classmethod
-        def from_dict(cls, config_dict: dict[str, Any]) -> "TopKTranscoder":
-            return cls(TopKTranscoderConfig.from_dict(config_dict))
+            def get_activation_fn(self):
+                return TopK(self.cfg.k)
 
-    @dataclass
-    class TopKSkipTranscoderConfig(SkipTranscoderConfig):
-        """SAELens's skip-transcoder config with TopK's `k` (and its flag, always false in our exports)."""
+            @classmethod
+            def from_dict(cls, config_dict: dict[str, Any]) -> "Kind":
+                return cls(Config.from_dict(config_dict))
 
-        k: int = 100
-        rescale_acts_by_decoder_norm: bool = False
+        Kind.__name__ = Kind.__qualname__ = "TopK" + base.__name__
+        Config.__name__ = Config.__qualname__ = "TopK" + base_config.__name__
+        register_sae_class(name, Kind, Config)
+        return Kind
 
-        @classmethod
-        def architecture(cls) -> str:
-            return SKIP_ARCHITECTURE
-
-    class TopKSkipTranscoder(SkipTranscoder):
-        """A skip-transcoder (W_skip x added to the output) whose latents are each row's top k, ReLU'd."""
-
-        def get_activation_fn(self):
-            return TopK(self.cfg.k)
-
-        @classmethod
-        def from_dict(cls, config_dict: dict[str, Any]) -> "TopKSkipTranscoder":
-            return cls(TopKSkipTranscoderConfig.from_dict(config_dict))
-
-    register_sae_class(ARCHITECTURE, TopKTranscoder, TopKTranscoderConfig)
-    register_sae_class(SKIP_ARCHITECTURE, TopKSkipTranscoder, TopKSkipTranscoderConfig)
-    return TopKTranscoder
+    topk_kind(SkipTranscoder, SkipTranscoderConfig, SKIP_ARCHITECTURE)
+    return topk_kind(Transcoder, TranscoderConfig, ARCHITECTURE)
