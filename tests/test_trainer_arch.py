@@ -217,7 +217,6 @@ class TiedReLUConfig:
     """Latents."""
 
 
-@register_architecture("test_tied_relu")
 class TiedReLU(nn.Module):
     config_class = TiedReLUConfig
     unit_norm_decoder = True
@@ -240,7 +239,12 @@ class TiedReLU(nn.Module):
                 "fired": (latents > 0).sum(1).float()}
 
 
-def test_custom_architecture_registered_from_user_module():
+def test_custom_architecture_registered_from_user_module(monkeypatch):
+    from trainer import registry
+
+    # Registered for this test only: a test that walks every registered architecture must not meet it.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register_architecture("test_tied_relu")(TiedReLU)
     cls = get_architecture("test_tied_relu")
     assert cls is TiedReLU and "test_tied_relu" in registered_architectures()
     sae = cls([cls.config_class(d_in=8, d_sae=16)] * 2)

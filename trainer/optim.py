@@ -143,11 +143,13 @@ class StackedAdam:
         """`step` as trainer.kernels.adam_tail's passes: the decoder's row statistics (its share of the
         norm, without writing the projected gradient), the other gradients' norms, then one pass per
         parameter."""
-        named = [(n, p) for n, p in self.params.items() if p.grad is not None]
+        # Each gradient in its parameter's dense order (a view where autograd made it in that layout).
+        grads = {n: _dense_like(p.grad, p) for n, p in self.params.items() if p.grad is not None}
+        named = [(n, self.params[n]) for n in grads]
         squares, coef = [], None
         for name, p in named:
             if name == self.unit_rows:
-                coef, sq = adam_tail.decoder_row_stats(p.detach(), _dense_like(p.grad, p), adam_tail.NORM_EPS)
+                coef, sq = adam_tail.decoder_row_stats(_dense(p.detach()), grads[name], adam_tail.NORM_EPS)
                 squares.append(sq.sum(dim=1))
             else:
                 squares.append(_run_norm(p.grad).square())
@@ -158,7 +160,7 @@ class StackedAdam:
         t = self._t
         bc1, bc2_sqrt = 1 - self.beta1 ** t, math.sqrt(1 - self.beta2 ** t)
         for name, p in named:
-            adam_tail.adam_(_dense(p.detach()), _dense_like(p.grad, p), _dense(self.exp_avg[name]),
+            adam_tail.adam_(_dense(p.detach()), grads[name], _dense(self.exp_avg[name]),
                             _dense(self.exp_avg_sq[name]), self.lr, scale, skipped,
                             coef if name == self.unit_rows else None, self.beta1, self.beta2, self.eps, bc1, bc2_sqrt)
         return norm
@@ -226,7 +228,7 @@ def _dense_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def remove_parallel_grad(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
+def remove_parallel_grad(W_dec: torch.Tensor, eps: float = adam_tail.NORM_EPS) -> None:
     """Project out of W_dec.grad the component parallel to each decoder row, in place.
 
     W_dec is (R, d_sae, d_in) (rows are the last dimension, so each run is handled on its own).
@@ -243,6 +245,6 @@ def remove_parallel_grad(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
 
 
 @torch.no_grad()
-def normalize_decoder(W_dec: torch.Tensor, eps: float = 1e-12) -> None:
+def normalize_decoder(W_dec: torch.Tensor, eps: float = adam_tail.NORM_EPS) -> None:
     """Scale every decoder row of W_dec (R, d_sae, d_in) to unit norm, in place."""
     W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(eps))

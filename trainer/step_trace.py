@@ -233,11 +233,14 @@ def _gather_dot_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
 
 
 def _streaming_cost(args: tuple, kwargs: dict, out: Any) -> OpRecord:
-    # An elementwise kernel that reads each tensor argument once and writes its outputs once
-    # (trainer.kernels.elementwise_gpu; its per-tile sums are the small (R, d_sae) outputs, summed after).
-    partial_sums = sum(nbytes(t) for t in _tensors(out) if t.dim() < 3)
-    return OpRecord("", read=sum(nbytes(t) for t in _tensors(args)),
-                    written=sum(nbytes(t) for t in _tensors(out)) + partial_sums * 8)
+    # An elementwise kernel of trainer.kernels.elementwise_gpu over (R, B, d_sae): each tensor argument
+    # read once, its outputs written once; each small (R, d_sae) output is first one row per block of
+    # BLOCK_B tokens, written by the kernel and read back by their sum.
+    batch = next(t.shape[1] for t in _tensors(args) if t.dim() == 3)
+    tiles = math.ceil(batch / trainer.kernels.elementwise_gpu.BLOCK_B)
+    partials = tiles * sum(nbytes(t) for t in _tensors(out) if t.dim() < 3)
+    return OpRecord("", read=sum(nbytes(t) for t in _tensors(args)) + partials,
+                    written=sum(nbytes(t) for t in _tensors(out)) + partials, launches=2)
 
 
 register_cost(torch.ops.sae.jumprelu_forward)(_streaming_cost)

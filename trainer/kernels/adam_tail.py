@@ -24,12 +24,7 @@ from __future__ import annotations
 import torch
 
 NORM_EPS = 1e-12
-"""As trainer.optim: a row's norm is clamped to at least this (a zero row stays zero)."""
-
-
-def available() -> bool:
-    """Whether Triton can be imported (a CUDA build of torch brings it; tests install it)."""
-    return triton is not None
+"""A decoder row's norm is clamped to at least this (a zero row stays zero), here and in trainer.optim."""
 
 
 try:  # optional: a CUDA build of torch brings it; the tests install it
@@ -37,6 +32,12 @@ try:  # optional: a CUDA build of torch brings it; the tests install it
     import triton.language as tl
 except ImportError:
     triton = None
+
+
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return triton is not None
+
 
 if triton is not None:  # TRITON_INTERPRET is read when the kernels are made (the tests set it first)
     @triton.jit
@@ -130,6 +131,9 @@ def adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_av
     divided by `scale` (R,) and, with `coef` (R, S) (decoder rows, param (R, S, d)), projected off each
     row first and the row put back to unit norm after; lr (R,); runs with skip (R,) != 0 untouched.
     `bc1` = 1 - beta1^t and `bc2_sqrt` = sqrt(1 - beta2^t) for the step t."""
+    if not all(t.is_contiguous() and t.shape == param.shape for t in (grad, exp_avg, exp_avg_sq)) \
+            or not param.is_contiguous():
+        raise ValueError("adam_ reads its tensors as flat memory: pass them contiguous and of one shape")
     R = param.shape[0]
     if coef is not None:
         _, S, d = param.shape
